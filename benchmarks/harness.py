@@ -1,0 +1,239 @@
+"""Benchmark harness: device timers, interleaved CPU timing, peak memory, result files.
+
+A benchmark module (bench_<op>.py) exposes ``cases(device, quick) -> list[Case]``. A Case
+names its shape (from a real model), its candidates (callables that run one iteration) and
+which of them are baselines, plus the FLOPs and the fewest bytes one iteration must move, so
+the report can state achieved rates. Timing rules (DESIGN.md):
+  * CUDA: events around each run, after warm-up, with the L2 flushed before each run;
+  * CPU: candidates interleaved (A B A B ...) and medians taken, so drift hits all alike.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class Case:
+    name: str                      # e.g. "llama7b-q 8192x4096->4096 r16 p0.1 bf16 fwd+bwd"
+    setup: Callable[[], Dict[str, Callable[[], object]]]  # candidates, built fresh
+    subject: str                   # the candidate under test ("lrkernels")
+    baselines: List[str]           # names of the candidates it is compared with
+    flops: float = 0.0             # per iteration, of the subject
+    bytes: float = 0.0             # fewest bytes one iteration must move
+    targets: Dict[str, float] = dataclasses.field(default_factory=dict)  # baseline -> max ratio
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Result:
+    case: str
+    candidate: str
+    median_ms: float
+    iqr_ms: float
+    runs: int
+    peak_mem_mb: Optional[float] = None
+    tflops: Optional[float] = None
+    gbps: Optional[float] = None
+    skipped: str = ""
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+_L2_FLUSH = {}
+
+
+def _flush_l2():
+    buf = _L2_FLUSH.get("buf")
+    if buf is None:
+        buf = _L2_FLUSH["buf"] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
+    buf.zero_()
+
+
+def time_cuda(fn, warmup=5, reps=30):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        _flush_l2()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def time_cpu_interleaved(fns: Dict[str, Callable], warmup=2, rounds=15, max_seconds=60.0):
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    t_start = time.perf_counter()
+    for i in range(rounds):
+        order = list(fns.items()) if i % 2 == 0 else list(reversed(fns.items()))
+        for name, fn in order:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - t_start > max_seconds and i >= 4:
+            break
+    return times
+
+
+def _quartiles(xs):
+    xs = sorted(xs)
+    if len(xs) < 4:
+        return statistics.median(xs), 0.0
+    q = statistics.quantiles(xs, n=4)
+    return statistics.median(xs), q[2] - q[0]
+
+
+def cuda_peak_memory(fn):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def cpu_peak_memory(module: str, case: str, candidate: str, quick: bool) -> Optional[float]:
+    """Peak resident-memory growth of one iteration, measured in a fresh process (VmHWM minus
+    VmRSS after set-up), so every allocation counts, including the ops' internal ones."""
+    cmd = [sys.executable, "-m", "benchmarks.peak", module, case, candidate] + (["--quick"] if quick else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return None
+    for line in out.stdout.splitlines():
+        if line.startswith("PEAK_MB "):
+            return float(line.split()[1])
+    return None
+
+
+def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=True) -> List[Result]:
+    try:
+        fns = case.setup()
+    except ImportError as e:  # a peer package is missing: say so, skip the candidate
+        return [Result(case.name, "*", float("nan"), 0.0, 0, skipped=f"set-up failed: {e}")]
+    results = []
+    skipped = {k: v for k, v in fns.items() if isinstance(v, str)}
+    fns = {k: v for k, v in fns.items() if not isinstance(v, str)}
+    if device == "cuda":
+        times = {k: time_cuda(fn, warmup=3 if quick else 10, reps=10 if quick else 50) for k, fn in fns.items()}
+    else:
+        times = time_cpu_interleaved(fns, warmup=1 if quick else 2, rounds=5 if quick else 15,
+                                     max_seconds=20 if quick else 90)
+    for name, ts in times.items():
+        med, iqr = _quartiles(ts)
+        r = Result(case.name, name, med, iqr, len(ts))
+        if name == case.subject and med > 0:
+            if case.flops:
+                r.tflops = case.flops / (med * 1e-3) / 1e12
+            if case.bytes:
+                r.gbps = case.bytes / (med * 1e-3) / 1e9
+        if measure_memory:
+            r.peak_mem_mb = (cuda_peak_memory(fns[name]) if device == "cuda"
+                             else cpu_peak_memory(module, case.name, name, quick))
+        results.append(r)
+    for name, why in skipped.items():
+        results.append(Result(case.name, name, float("nan"), 0.0, 0, skipped=why))
+    return results
+
+
+def environment(device: str) -> dict:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        env["commit"] = None
+    try:
+        import lrkernels
+        env["lrkernels_build"] = {k: v for k, v in lrkernels.build_info().items() if k != "ops"}
+    except Exception as e:  # pragma: no cover
+        env["lrkernels_build"] = f"unavailable: {e}"
+    return env
+
+
+def ratios(case: Case, results: List[Result]) -> Dict[str, float]:
+    by = {r.candidate: r for r in results if not r.skipped}
+    if case.subject not in by:
+        return {}
+    out = {}
+    for b in case.baselines:
+        if b in by and by[b].median_ms > 0:
+            out[b] = by[case.subject].median_ms / by[b].median_ms
+    return out
+
+
+def markdown(env: dict, cases: List[Case], results: List[Result]) -> str:
+    lines = [f"# lrkernels benchmarks — {env['device_name']} ({env['device']})", "",
+             f"{env['date']}, torch {env['torch']}, CUDA {env['cuda']}, commit {env.get('commit')}, "
+             f"{env['cpu_threads']} CPU threads", ""]
+    for case in cases:
+        rs = [r for r in results if r.case == case.name]
+        lines += [f"## {case.name}", ""]
+        if case.note:
+            lines += [case.note, ""]
+        lines += ["| candidate | median ms | IQR ms | peak mem MB | TFLOP/s | GB/s |", "|---|---:|---:|---:|---:|---:|"]
+        for r in rs:
+            if r.skipped:
+                lines.append(f"| {r.candidate} | skipped: {r.skipped} | | | | |")
+                continue
+            f = lambda v, p=2: "" if v is None else f"{v:.{p}f}"  # noqa: E731
+            lines.append(f"| {r.candidate} | {r.median_ms:.3f} | {r.iqr_ms:.3f} | {f(r.peak_mem_mb, 1)} | "
+                         f"{f(r.tflops)} | {f(r.gbps, 0)} |")
+        rat = ratios(case, rs)
+        if rat:
+            lines.append("")
+            parts = []
+            for b, v in rat.items():
+                t = case.targets.get(b)
+                verdict = "" if t is None else (f" (target ≤ {t:.2f}: {'met' if v <= t else 'NOT met'})")
+                parts.append(f"{case.subject} / {b} = **{v:.3f}×**{verdict}")
+            lines.append("; ".join(parts))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(outdir: str, stem: str, env: dict, cases: List[Case], results: List[Result]):
+    os.makedirs(outdir, exist_ok=True)
+    payload = {
+        "environment": env,
+        "cases": [{"name": c.name, "subject": c.subject, "baselines": c.baselines, "targets": c.targets,
+                   "flops": c.flops, "bytes": c.bytes, "ratios": ratios(c, [r for r in results if r.case == c.name])}
+                  for c in cases],
+        "results": [dataclasses.asdict(r) for r in results],
+    }
+    jpath = os.path.join(outdir, stem + ".json")
+    mpath = os.path.join(outdir, stem + ".md")
+    with open(jpath, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    with open(mpath, "w") as f:
+        f.write(markdown(env, cases, results))
+    return jpath, mpath

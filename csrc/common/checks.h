@@ -1,0 +1,61 @@
+// Shared input validation for every op. Messages name the op, the argument and what was
+// expected, e.g. "lrkernels.lora_linear: lora_b must have shape (out_features, r) =
+// (4096, 16), got (16, 4096)". Shape problems raise ValueError, dtype problems TypeError.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+#include <sstream>
+#include <string>
+
+namespace lrkernels {
+
+inline std::string shape_str(c10::IntArrayRef s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << (s.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+// Floating-point dtypes each backend implements.
+inline bool dtype_supported(const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  if (t.is_cuda()) return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
+  return st == at::kFloat || st == at::kDouble || st == at::kBFloat16;
+}
+
+inline const char* supported_dtypes_str(const at::Tensor& t) {
+  return t.is_cuda() ? "float32, float16 or bfloat16" : "float32, float64 or bfloat16";
+}
+
+// A floating tensor of a supported dtype.
+inline void check_float_input(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(t.defined(), "lrkernels.", op, ": ", name, " is undefined");
+  TORCH_CHECK_TYPE(dtype_supported(t), "lrkernels.", op, ": ", name, " must be ",
+                   supported_dtypes_str(t), " on ", t.device().type(), ", got ", t.scalar_type());
+}
+
+// Same dtype and device as the reference argument (usually x).
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                       const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "lrkernels.", op, ": ", name, " is on ", t.device(),
+                    " but ", ref_name, " is on ", ref.device(), "; all tensors must be on one device");
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "lrkernels.", op, ": ", name, " has dtype ",
+                   t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type(),
+                   "; mixed dtypes are not supported");
+}
+
+inline void check_shape(const at::Tensor& t, c10::IntArrayRef expected, const char* op, const char* name,
+                        const char* what) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, "lrkernels.", op, ": ", name, " must have shape ", what, " = ",
+                    shape_str(expected), ", got ", shape_str(t.sizes()));
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* what) {
+  TORCH_CHECK_VALUE(t.dim() == dim, "lrkernels.", op, ": ", name, " must be ", dim, "-D ", what, ", got shape ",
+                    shape_str(t.sizes()));
+}
+
+}  // namespace lrkernels

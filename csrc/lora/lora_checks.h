@@ -1,0 +1,95 @@
+// Argument validation for lora_linear / lora_linear_backward, shared by the CPU and CUDA
+// kernels so both reject the same inputs with the same messages.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace lrkernels {
+
+struct LoraShapes {
+  int64_t tokens, in_features, out_features, rank;
+};
+
+inline LoraShapes check_lora_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                  const at::Tensor& lora_b, double scale,
+                                  const std::optional<at::Tensor>& rank_scale,
+                                  const std::optional<at::Tensor>& out_scale) {
+  check_float_input(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "lrkernels.", op, ": x must have shape (..., in_features), got a 0-D tensor");
+  check_dim(weight, 2, op, "weight", "(out_features, in_features)");
+  check_like(weight, x, op, "weight", "x");
+  const int64_t in = x.size(-1), out = weight.size(0);
+  check_shape(weight, {out, in}, op, "weight", "(out_features, in_features)");
+  if (bias.has_value() && bias->defined()) {
+    check_like(*bias, x, op, "bias", "x");
+    check_shape(*bias, {out}, op, "bias", "(out_features,)");
+  }
+  check_dim(lora_a, 2, op, "lora_a", "(r, in_features)");
+  check_like(lora_a, x, op, "lora_a", "x");
+  const int64_t r = lora_a.size(0);
+  TORCH_CHECK_VALUE(r >= 1, "lrkernels.", op, ": lora_a must have at least one row (rank r >= 1), got shape ",
+                    shape_str(lora_a.sizes()));
+  check_shape(lora_a, {r, in}, op, "lora_a", "(r, in_features)");
+  check_dim(lora_b, 2, op, "lora_b", "(out_features, r)");
+  check_like(lora_b, x, op, "lora_b", "x");
+  check_shape(lora_b, {out, r}, op, "lora_b", "(out_features, r)");
+  if (rank_scale.has_value() && rank_scale->defined()) {
+    check_like(*rank_scale, x, op, "rank_scale", "x");
+    check_shape(*rank_scale, {r}, op, "rank_scale", "(r,)");
+  }
+  if (out_scale.has_value() && out_scale->defined()) {
+    check_like(*out_scale, x, op, "out_scale", "x");
+    check_shape(*out_scale, {out}, op, "out_scale", "(out_features,)");
+  }
+  TORCH_CHECK_VALUE(std::isfinite(scale), "lrkernels.", op, ": scale must be finite, got ", scale);
+  int64_t tokens = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) tokens *= x.size(i);
+  return LoraShapes{tokens, in, out, r};
+}
+
+// Dtype of the saved hidden activations and of the low-rank arithmetic.
+inline at::ScalarType lora_acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline std::vector<int64_t> lora_out_shape(const at::Tensor& x, int64_t last);
+
+inline LoraShapes check_lora_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                           const at::Tensor& weight, const at::Tensor& lora_a,
+                                           const at::Tensor& lora_b, const at::Tensor& hidden, double scale,
+                                           const std::optional<at::Tensor>& rank_scale,
+                                           const std::optional<at::Tensor>& out_scale,
+                                           const std::array<bool, 7>& mask) {
+  const LoraShapes sh = check_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, scale, rank_scale, out_scale);
+  check_like(grad_out, x, op, "grad_out", "x");
+  check_shape(grad_out, lora_out_shape(x, sh.out_features), op, "grad_out", "(..., out_features)");
+  TORCH_CHECK_VALUE(hidden.device() == x.device(), "lrkernels.", op, ": hidden is on ", hidden.device(),
+                    " but x is on ", x.device());
+  TORCH_CHECK_TYPE(hidden.scalar_type() == lora_acc_dtype(x), "lrkernels.", op, ": hidden must be ",
+                   lora_acc_dtype(x), " (the forward's second output), got ", hidden.scalar_type());
+  check_shape(hidden, lora_out_shape(x, sh.rank), op, "hidden", "(..., r)");
+  TORCH_CHECK_VALUE(!mask[5] || (rank_scale.has_value() && rank_scale->defined()), "lrkernels.", op,
+                    ": output_mask asks for the gradient of rank_scale, which is None");
+  TORCH_CHECK_VALUE(!mask[6] || (out_scale.has_value() && out_scale->defined()), "lrkernels.", op,
+                    ": output_mask asks for the gradient of out_scale, which is None");
+  return sh;
+}
+
+inline std::vector<int64_t> lora_out_shape(const at::Tensor& x, int64_t last) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.back() = last;
+  return s;
+}
+
+inline const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? &*t : nullptr;
+}
+
+}  // namespace lrkernels

@@ -1,0 +1,155 @@
+// lora_linear on CUDA: base GEMMs in cuBLAS (through ATen), the low-rank path in the
+// hand-written kernels of include/lrkernels/lora.cuh. No host synchronisation: the dropout
+// seed is read by the kernels from device memory, grids depend on shapes only.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include "common/cuda_dispatch.h"
+#include "common/dropout.h"
+#include "lora/lora_checks.h"
+#include "lrkernels/lora.cuh"
+
+namespace lrkernels {
+namespace {
+
+const void* opt_data(const std::optional<at::Tensor>& t, std::optional<at::Tensor>& keep) {
+  if (!(t.has_value() && t->defined())) return nullptr;
+  keep = t->contiguous();
+  return keep->data_ptr();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                                    const at::Tensor& lora_b, double scale,
+                                                    const std::optional<at::Tensor>& rank_scale,
+                                                    const std::optional<at::Tensor>& out_scale, double dropout_p,
+                                                    const std::optional<at::Tensor>& seed) {
+  const char* op = "lora_linear";
+  const LoraShapes sh = check_lora_args(op, x, weight, bias, lora_a, lora_b, scale, rank_scale, out_scale);
+  const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
+  at::Tensor y = opt_ptr(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  at::Tensor hidden = at::empty({sh.tokens, sh.rank}, x.options().dtype(at::kFloat));
+  const at::Tensor a = lora_a.contiguous(), b = lora_b.contiguous();
+  std::optional<at::Tensor> g_keep, o_keep;
+
+  LoraShrinkParams sp;
+  sp.x = x2.data_ptr();
+  sp.a = a.data_ptr();
+  sp.hidden = hidden.data_ptr<float>();
+  sp.tokens = sh.tokens;
+  sp.in_features = sh.in_features;
+  sp.rank = sh.rank;
+  sp.dropout = d;
+
+  LoraExpandParams ep;
+  ep.hidden = hidden.data_ptr<float>();
+  ep.b = b.data_ptr();
+  ep.rank_scale = opt_data(rank_scale, g_keep);
+  ep.out_scale = opt_data(out_scale, o_keep);
+  ep.y = y.data_ptr();
+  ep.tokens = sh.tokens;
+  ep.out_features = sh.out_features;
+  ep.rank = sh.rank;
+  ep.scale = static_cast<float>(scale);
+
+  LRK_DISPATCH_CUDA_FLOAT(x.scalar_type(), op, [&] {
+    LRK_CUDA_CHECK_LAUNCH(op, "shrink", lora::launch_shrink<cuda_t>(sp, stream));
+    LRK_CUDA_CHECK_LAUNCH(op, "expand", lora::launch_expand<cuda_t>(ep, stream));
+  });
+  return {y.view(lora_out_shape(x, sh.out_features)), hidden.view(lora_out_shape(x, sh.rank))};
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+           std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+           std::optional<at::Tensor>>
+lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& hidden, double scale,
+                          const std::optional<at::Tensor>& rank_scale, const std::optional<at::Tensor>& out_scale,
+                          double dropout_p, const std::optional<at::Tensor>& seed, std::array<bool, 7> mask) {
+  const char* op = "lora_linear_backward";
+  const LoraShapes sh = check_lora_backward_args(op, grad_out, x, weight, lora_a, lora_b, hidden, scale, rank_scale,
+                                                 out_scale, mask);
+  const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto [want_x, want_w, want_bias, want_a, want_b, want_g, want_o] = mask;
+  const at::ScalarType dt = x.scalar_type();
+  const auto f32 = x.options().dtype(at::kFloat);
+
+  const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
+  const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
+  const at::Tensor hid = hidden.reshape({sh.tokens, sh.rank}).contiguous();
+  const at::Tensor a = lora_a.contiguous(), b = lora_b.contiguous();
+  std::optional<at::Tensor> g_keep, o_keep;
+  const void* g_ptr = opt_data(rank_scale, g_keep);
+  const void* o_ptr = opt_data(out_scale, o_keep);
+  std::optional<at::Tensor> gx, gw, gbias, ga, gb, gg, go;
+
+  if (want_w) gw = at::mm(dy2.t(), x2);
+  if (want_bias) gbias = dy2.sum(0);
+  const bool need_dh = want_x || want_a || want_g;
+  if (!(need_dh || want_b || want_o)) return {gx, gw, gbias, ga, gb, gg, go};
+
+  // Pass 1 over dy: ∂L/∂h and P = dyᵀ h together.
+  at::Tensor dh = at::zeros({sh.tokens, sh.rank}, f32);
+  at::Tensor p_raw = at::zeros({sh.out_features, sh.rank}, f32);
+  LoraGradOutParams gp;
+  gp.grad_out = dy2.data_ptr();
+  gp.hidden = hid.data_ptr<float>();
+  gp.b = b.data_ptr();
+  gp.rank_scale = g_ptr;
+  gp.out_scale = o_ptr;
+  gp.grad_hidden = dh.data_ptr<float>();
+  gp.grad_b_raw = p_raw.data_ptr<float>();
+  gp.tokens = sh.tokens;
+  gp.out_features = sh.out_features;
+  gp.rank = sh.rank;
+  gp.scale = static_cast<float>(scale);
+  LRK_DISPATCH_CUDA_FLOAT(dt, op, [&] { LRK_CUDA_CHECK_LAUNCH(op, "grad_out", lora::launch_grad_out<cuda_t>(gp, stream)); });
+
+  // Small (r-sized) epilogues in ATen.
+  const at::Tensor* o = opt_ptr(out_scale);
+  const at::Tensor* g = opt_ptr(rank_scale);
+  if (want_b) gb = (o ? p_raw * o->to(at::kFloat).unsqueeze(1) : p_raw).to(dt);
+  if (want_o) go = (p_raw * b.to(at::kFloat)).sum(1).to(dt);
+  if (want_g) gg = ((dh * hid).sum(0) * scale).to(dt);
+  if (!(want_x || want_a)) return {gx, gw, gbias, ga, gb, gg, go};
+  const at::Tensor gain = g ? g->to(at::kFloat) * scale : at::full({sh.rank}, scale, f32);
+  const at::Tensor du = dh * gain;
+
+  // Pass 2 over x (mask regenerated): grad_x += drop'(du A), grad_a = duᵀ drop(x).
+  at::Tensor dx, ga32;
+  if (want_x) dx = at::mm(dy2, weight);
+  if (want_a) ga32 = at::zeros({sh.rank, sh.in_features}, f32);
+  LoraGradInParams ip;
+  ip.x = x2.data_ptr();
+  ip.a = a.data_ptr();
+  ip.grad_u = du.data_ptr<float>();
+  ip.grad_x = want_x ? dx.data_ptr() : nullptr;
+  ip.grad_a = want_a ? ga32.data_ptr<float>() : nullptr;
+  ip.tokens = sh.tokens;
+  ip.in_features = sh.in_features;
+  ip.rank = sh.rank;
+  ip.dropout = d;
+  LRK_DISPATCH_CUDA_FLOAT(dt, op, [&] { LRK_CUDA_CHECK_LAUNCH(op, "grad_in", lora::launch_grad_in<cuda_t>(ip, stream)); });
+  if (want_x) gx = dx.view(x.sizes());
+  if (want_a) ga = ga32.to(dt);
+  return {gx, gw, gbias, ga, gb, gg, go};
+}
+
+TORCH_LIBRARY_IMPL(lrkernels, CUDA, m) {
+  m.impl("lora_linear", &lora_linear_cuda);
+  m.impl("lora_linear_backward", &lora_linear_backward_cuda);
+}
+
+}  // namespace lrkernels

@@ -1,0 +1,28 @@
+"""lrkernels: fast, correct kernels for low-rank methods in PyTorch.
+
+Importing the package loads the native library, which registers every op under
+``torch.ops.lrkernels``, then registers their fake (meta) kernels for ``torch.compile`` and
+their autograd formulas. Public functions are thin documented wrappers over those ops.
+"""
+
+import torch  # noqa: F401  (the native library links against torch: import it first)
+
+from . import _C  # noqa: F401  registers torch.ops.lrkernels.*
+from . import ops  # noqa: F401  fakes + autograd for every op
+from ._build import build_info, registered_ops, has_kernel
+from .ops.common import dropout_mask
+from .ops.lora import lora_linear
+from . import nn, optim, reference  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "build_info",
+    "registered_ops",
+    "has_kernel",
+    "dropout_mask",
+    "lora_linear",
+    "nn",
+    "optim",
+    "reference",
+]

@@ -1,0 +1,5 @@
+"""nn.Module layers built on the lrkernels ops."""
+
+from .lora import LoRALinear
+
+__all__ = ["LoRALinear"]

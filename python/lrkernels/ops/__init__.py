@@ -1,0 +1,3 @@
+"""Fake kernels, autograd and public wrappers, one module per op family."""
+
+from . import common, lora  # noqa: F401

@@ -1,0 +1,26 @@
+"""Ops shared by the families: the dropout mask."""
+
+import torch
+
+from ._util import new_seed, seed_tensor
+
+
+@torch.library.register_fake("lrkernels::dropout_mask")
+def _dropout_mask_fake(seed, rows, cols, p, dtype):
+    return seed.new_empty((rows, cols), dtype=dtype)
+
+
+def dropout_mask(rows: int, cols: int, p: float, seed=None, *, device="cpu", dtype=torch.float32):
+    """The inverted-dropout mask the fused ops apply to a (rows, cols) input.
+
+    Element (r, c) is 0 (dropped) or 1/(1 - p_eff) (kept), where p_eff is p rounded to a
+    multiple of 2**-16: each element gets a 16-bit Philox4x32-10 draw, so the rescale is exact
+    for the probability actually used. ``seed`` is an int or a one-element int64 tensor; the same
+    seed gives the same mask on CPU and CUDA. Materialised only for tests and debugging: the
+    fused ops never store it.
+    """
+    if seed is None:
+        seed = new_seed(device)
+    elif not isinstance(seed, torch.Tensor):
+        seed = seed_tensor(seed, device)
+    return torch.ops.lrkernels.dropout_mask.default(seed, rows, cols, float(p), dtype)

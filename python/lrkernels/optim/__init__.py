@@ -1,0 +1,3 @@
+"""Optimizers built on the lrkernels ops."""
+
+__all__ = []

@@ -1,0 +1,170 @@
+"""Build lrkernels._C with torch.utils.cpp_extension (ninja when available).
+
+Environment switches:
+  LRKERNELS_CUDA=1 / 0   force the CUDA build on or off (default: on when nvcc and a CUDA
+                         build of torch are both present)
+  CUDA_HOME              the CUDA toolkit to use (default: found from nvcc, see below)
+  TORCH_CUDA_ARCH_LIST   CUDA targets (default "9.0": the H200)
+  MAX_JOBS               parallel compile jobs (ninja)
+  LRKERNELS_DEBUG=1      -O0 -g host code, -lineinfo device code
+
+The sources are every csrc/**/*.cpp, plus csrc/**/*.cu in the CUDA build: one list, so the
+CPU-only and CUDA builds cannot drift apart. Each backend file registers its own kernels
+(TORCH_LIBRARY_IMPL), so a CPU-only build leaves a clean "no CUDA kernel" error.
+"""
+
+import glob
+import os
+import re
+import shutil
+import sys
+import sysconfig
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_toolkit(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def find_cuda_toolkit():
+    """The directory holding bin/nvcc and include/cuda_runtime.h, or None.
+
+    `nvcc` on PATH may be a small wrapper script (as on the CI machines), in which case
+    torch's guess (dirname of dirname of `which nvcc`) is wrong: follow the symlink, then
+    look inside the script for the real nvcc, then try the usual install locations.
+    """
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        if not _is_toolkit(env):
+            sys.exit(f"lrkernels setup: CUDA_HOME={env} has no bin/nvcc and include/cuda_runtime.h")
+        return env
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:
+            with open(real, "rb") as f:
+                head = f.read(4096)
+            if head.startswith(b"#!"):
+                for m in re.finditer(rb"(/[^\s\"']+)/bin/nvcc", head):
+                    candidates.append(m.group(1).decode())
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if _is_toolkit(c):
+            return os.path.realpath(c)
+    return None
+
+
+def nvidia_wheel_dirs():
+    """include/ and lib/ folders of the nvidia-* wheels (cuBLAS, cuFFT headers live there
+    when the toolkit itself is a minimal one)."""
+    incs, libs = [], []
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    for root in roots:
+        for d in sorted(glob.glob(os.path.join(root, "nvidia", "*"))):
+            if os.path.isdir(os.path.join(d, "include")):
+                incs.append(os.path.join(d, "include"))
+            if os.path.isdir(os.path.join(d, "lib")):
+                libs.append(os.path.join(d, "lib"))
+    return incs, libs
+
+
+def resolve_build():
+    want = os.environ.get("LRKERNELS_CUDA", "auto").lower()
+    if want not in ("auto", "0", "1"):
+        sys.exit(f"lrkernels setup: LRKERNELS_CUDA must be 0, 1 or unset, got {want!r}")
+    cuda_home = find_cuda_toolkit() if want != "0" else None
+    if cuda_home:
+        # must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+        os.environ["CUDA_HOME"] = cuda_home
+    import torch
+
+    torch_has_cuda = torch.version.cuda is not None
+    use_cuda = cuda_home is not None and torch_has_cuda
+    if want == "1" and not use_cuda:
+        why = "no CUDA toolkit found (set CUDA_HOME)" if cuda_home is None else \
+            f"torch {torch.__version__} is a CPU-only build"
+        sys.exit(f"lrkernels setup: LRKERNELS_CUDA=1 but {why}")
+    return use_cuda, cuda_home
+
+
+USE_CUDA, CUDA_HOME = resolve_build()
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+DEBUG = os.environ.get("LRKERNELS_DEBUG", "0") == "1"
+
+cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+include_dirs = [os.path.join(ROOT, "include"), os.path.join(ROOT, "csrc")]
+cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
+cxx_flags += ["-std=c++20", "-fopenmp"]
+define_macros = [("LRKERNELS_WITH_CUDA", "1" if USE_CUDA else "0")]
+
+if USE_CUDA:
+    wheel_incs, wheel_libs = nvidia_wheel_dirs()
+    nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--use_fast_math",
+                  "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                  "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__"]
+    if DEBUG:
+        nvcc_flags.append("-lineinfo")
+    # cuFFT is linked by soname: the wheels ship libcufft.so.N without the unversioned link.
+    cufft = None
+    for d in [os.path.join(CUDA_HOME, "lib64")] + wheel_libs:
+        hits = sorted(glob.glob(os.path.join(d, "libcufft.so*")))
+        if hits:
+            cufft = (d, os.path.basename(hits[0]))
+            break
+    extra_link = []
+    if cufft:
+        extra_link = [f"-L{cufft[0]}", f"-l:{cufft[1]}"]
+    arch = re.sub(r"[;\s]+", ",", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
+    define_macros.append(("LRKERNELS_CUDA_ARCH_LIST", arch))
+    ext = CUDAExtension(
+        "lrkernels._C",
+        cpp_sources + cu_sources,
+        # the toolkit's own headers first; the wheels only fill in what it lacks (cuBLAS, cuFFT)
+        include_dirs=include_dirs + [os.path.join(CUDA_HOME, "include")] + wheel_incs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"] + extra_link,
+    )
+else:
+    wheel_incs = []
+    ext = CppExtension(
+        "lrkernels._C",
+        cpp_sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+print("lrkernels setup: CUDA build: %s" % ("yes" if USE_CUDA else "no"))
+if USE_CUDA:
+    print(f"lrkernels setup: CUDA_HOME={CUDA_HOME}")
+    print(f"lrkernels setup: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    print(f"lrkernels setup: extra include dirs from nvidia wheels: {wheel_incs}")
+print(f"lrkernels setup: {len(cpp_sources)} C++ and {len(cu_sources) if USE_CUDA else 0} CUDA sources")
+
+setup(
+    name="lrkernels",
+    version="0.1.0",
+    description="Fast, correct kernels for low-rank methods (LoRA, multi-LoRA, GaLore, C3A) in PyTorch",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},  # uses ninja when it is installed
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy"],
+    extras_require={"nvtx": ["nvtx"], "test": ["pytest", "peft"]},
+    zip_safe=False,
+)

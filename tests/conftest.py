@@ -1,0 +1,53 @@
+import os
+
+import pytest
+import torch
+
+import lrkernels  # noqa: F401  (registers the ops)
+
+HAS_CUDA = torch.cuda.is_available() and lrkernels.build_info()["cuda"]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device and a CUDA build of lrkernels")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def cpu_dtypes():
+    return [torch.float32, torch.float64, torch.bfloat16]
+
+
+def cuda_dtypes():
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close_to_oracle(out, oracle64, low_prec, name="output", floor=None):
+    """FlashAttention's rule: the kernel's error against the float64 oracle is at most twice
+    that of the same formula evaluated in the input's low precision (plus a tiny floor for
+    exact-arithmetic cases). Prints max and mean errors on failure."""
+    out64 = out.detach().to(torch.float64).cpu()
+    ref = oracle64.detach().to(torch.float64).cpu()
+    low = low_prec.detach().to(torch.float64).cpu()
+    assert out64.shape == ref.shape, f"{name}: shape {tuple(out64.shape)} != oracle {tuple(ref.shape)}"
+    assert torch.isfinite(out64).all(), f"{name}: non-finite values"
+    err = (out64 - ref).abs()
+    ref_err = (low - ref).abs()
+    if floor is None:
+        floor = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}.get(out.dtype, 1e-6)
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    bound = 2 * ref_err.max().item() + floor * max(scale, 1.0) if ref.numel() else 0.0
+    if err.numel():
+        assert err.max().item() <= bound, (
+            f"{name}: max err {err.max().item():.3e} (mean {err.mean().item():.3e}) > bound {bound:.3e}; "
+            f"low-precision reference max err {ref_err.max().item():.3e} (mean {ref_err.mean().item():.3e})")
+
+
+def env_flag(name):
+    return os.environ.get(name, "0") == "1"

@@ -1,0 +1,504 @@
+"""lora_linear: correctness against the float64 oracle, gradients, dropout, opcheck,
+torch.compile, PEFT equivalence, bad inputs, LoRALinear, and the CUDA kernels."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lrkernels
+from lrkernels.ops._util import seed_tensor
+from lrkernels.reference import lora as ref
+from lrkernels.reference.philox import dropout_mask as ref_dropout_mask, philox4x32_10
+
+from conftest import assert_close_to_oracle, cpu_dtypes, cuda_dtypes
+
+OP = torch.ops.lrkernels.lora_linear.default
+BWD = torch.ops.lrkernels.lora_linear_backward.default
+
+
+def make_inputs(T, din, dout, r, dtype, device="cpu", *, bias=True, g=False, o=False, lead=None, requires_grad=False):
+    shape = (T, din) if lead is None else (*lead, din)
+    t = lambda *s, sc=1.0: (torch.randn(*s, dtype=torch.float64) * sc).to(dtype=dtype, device=device)  # noqa: E731
+    args = dict(
+        x=t(*shape),
+        weight=t(dout, din, sc=1 / math.sqrt(max(din, 1))),
+        bias=t(dout) if bias else None,
+        lora_a=t(r, din, sc=1 / math.sqrt(max(din, 1))),
+        lora_b=t(dout, r, sc=1 / math.sqrt(r)),
+        rank_scale=t(r) if g else None,
+        out_scale=t(dout) if o else None,
+    )
+    if requires_grad:
+        for v in args.values():
+            if v is not None:
+                v.requires_grad_(True)
+    return args
+
+
+def run_op(a, scale, p, seed):
+    seed_t = seed_tensor(seed, a["x"].device) if p > 0 else None
+    y, hidden = OP(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], scale, a["rank_scale"],
+                   a["out_scale"], p, seed_t)
+    return y, hidden
+
+
+def oracle(a, scale, p, seed, dtype=torch.float64):
+    return ref.lora_linear(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], scale=scale,
+                           rank_scale=a["rank_scale"], out_scale=a["out_scale"], dropout_p=p, seed=seed,
+                           dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- Philox / dropout
+
+def test_philox_known_answers():
+    # Random123's published known-answer vectors for philox4x32-10.
+    out = philox4x32_10(0, 0, 0, 0, 0, 0)
+    assert [int(v) for v in out] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    f = 0xFFFFFFFF
+    out = philox4x32_10(f, f, f, f, f, f)
+    assert [int(v) for v in out] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 8), (5, 13), (17, 70)])
+@pytest.mark.parametrize("seed", [0, 1234567, 2**63 + 5])
+def test_dropout_mask_matches_reference(rows, cols, seed):
+    got = lrkernels.dropout_mask(rows, cols, 0.3, seed, dtype=torch.float64)
+    want = ref_dropout_mask(seed, rows, cols, 0.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_keep_rate_and_mean(p):
+    m = lrkernels.dropout_mask(512, 512, p, 42, dtype=torch.float64)
+    keep = (m > 0).double().mean().item()
+    n = m.numel()
+    assert abs(keep - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    assert abs(m.mean().item() - 1.0) < 5 * math.sqrt(p / (1 - p) / n)  # inverted dropout is unbiased
+
+
+def test_dropout_mask_differs_across_seeds_and_rows():
+    a = lrkernels.dropout_mask(4, 64, 0.5, 1)
+    b = lrkernels.dropout_mask(4, 64, 0.5, 2)
+    assert not torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])
+
+
+# ---------------------------------------------------------------------------- forward / backward
+
+SHAPES = [  # (T, in, out, r)
+    (0, 16, 8, 4),
+    (1, 1, 1, 1),
+    (7, 13, 17, 3),
+    (33, 64, 65, 16),
+    (40, 100, 48, 19),
+]
+
+
+@pytest.mark.parametrize("dtype", cpu_dtypes())
+@pytest.mark.parametrize("T,din,dout,r", SHAPES)
+@pytest.mark.parametrize("variant", ["plain", "gates+dropout", "nobias"])
+def test_forward_matches_oracle(dtype, T, din, dout, r, variant):
+    g = o = variant == "gates+dropout"
+    p = 0.25 if variant == "gates+dropout" else 0.0
+    a = make_inputs(T, din, dout, r, dtype, bias=variant != "nobias", g=g, o=o)
+    y, hidden = run_op(a, 0.7, p, seed=99)
+    assert y.dtype == dtype and y.shape == (T, dout)
+    assert hidden.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_to_oracle(y, oracle(a, 0.7, p, 99), oracle(a, 0.7, p, 99, dtype=dtype).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", cpu_dtypes())
+@pytest.mark.parametrize("T,din,dout,r", SHAPES[1:])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_backward_matches_oracle(dtype, T, din, dout, r, p):
+    a = make_inputs(T, din, dout, r, dtype, g=True, o=True, requires_grad=True)
+    y, _ = run_op(a, 1.3, p, seed=5)
+    gy = torch.randn_like(y)
+    names = [k for k, v in a.items() if v is not None]
+    grads = torch.autograd.grad(y, [a[k] for k in names], gy)
+    # float64 oracle gradients and the same formula in the low precision
+    leaf64 = {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in a.items()}
+    y64 = oracle(leaf64, 1.3, p, 5)
+    g64 = torch.autograd.grad(y64, [leaf64[k] for k in names], gy.double())
+    leafl = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in a.items()}
+    yl = oracle(leafl, 1.3, p, 5, dtype=dtype)
+    gl = torch.autograd.grad(yl, [leafl[k] for k in names], gy.to(dtype))
+    for k, got, want, low in zip(names, grads, g64, gl):
+        assert got.dtype == dtype and got.shape == a[k].shape, k
+        assert_close_to_oracle(got, want, low, name=f"grad {k}")
+
+
+def test_leading_dims_and_noncontiguous_input():
+    a = make_inputs(0, 24, 10, 4, torch.float32, lead=(3, 5))
+    base = torch.randn(24, 5, 3).permute(2, 1, 0)  # (3, 5, 24), non-contiguous
+    a["x"] = base
+    y, hidden = run_op(a, 0.5, 0.2, seed=11)
+    assert y.shape == (3, 5, 10) and hidden.shape == (3, 5, 4)
+    want = oracle({**a, "x": base.contiguous()}, 0.5, 0.2, 11)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_only_where_needed():
+    a = make_inputs(6, 8, 5, 2, torch.float32, requires_grad=True)
+    a["weight"].requires_grad_(False)
+    a["bias"].requires_grad_(False)
+    a["x"].requires_grad_(False)
+    y, _ = run_op(a, 1.0, 0.0, 0)
+    y.sum().backward()
+    assert a["weight"].grad is None and a["x"].grad is None and a["bias"].grad is None
+    assert a["lora_a"].grad is not None and a["lora_b"].grad is not None
+
+
+def test_backward_op_output_mask():
+    a = make_inputs(5, 6, 7, 3, torch.float64, g=True, o=True)
+    y, hidden = run_op(a, 1.0, 0.0, 0)
+    out = BWD(torch.ones_like(y), a["x"], a["weight"], a["lora_a"], a["lora_b"], hidden, 1.0,
+              a["rank_scale"], a["out_scale"], 0.0, None, [False, True, False, False, True, False, True])
+    assert [t is not None for t in out] == [False, True, False, False, True, False, True]
+
+
+def test_gradcheck_float64_with_dropout():
+    a = make_inputs(4, 9, 6, 3, torch.float64, g=True, o=True, requires_grad=True)
+    seed = seed_tensor(77, "cpu")
+
+    def f(x, w, b, la, lb, g, o):
+        return OP(x, w, b, la, lb, 0.8, g, o, 0.3, seed)[0]
+
+    assert torch.autograd.gradcheck(f, tuple(a[k] for k in ("x", "weight", "bias", "lora_a", "lora_b",
+                                                              "rank_scale", "out_scale")))
+
+
+def test_same_seed_same_output_and_backward_uses_forward_mask():
+    a = make_inputs(16, 32, 8, 4, torch.float64, requires_grad=True)
+    y1, _ = run_op(a, 1.0, 0.5, 3)
+    y2, _ = run_op(a, 1.0, 0.5, 3)
+    y3, _ = run_op(a, 1.0, 0.5, 4)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    assert not torch.allclose(y1, y3)
+    # dA = s·(dy B)ᵀ drop(x): with dy = 1 the zero pattern of drop(x) shows in dA's projection.
+    (ga,) = torch.autograd.grad(y1.sum(), [a["lora_a"]])
+    mask = ref_dropout_mask(3, 16, 32, 0.5)
+    dh = torch.ones(16, 8, dtype=torch.float64) @ a["lora_b"].detach()
+    torch.testing.assert_close(ga, dh.T @ (a["x"].detach() * mask))
+
+
+def test_public_wrapper_and_generator():
+    a = make_inputs(8, 16, 12, 4, torch.float32)
+    y = lrkernels.lora_linear(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], scale=2.0)
+    torch.testing.assert_close(y.double(), oracle(a, 2.0, 0.0, 0), rtol=1e-5, atol=1e-5)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    y1 = lrkernels.lora_linear(a["x"], a["weight"], None, a["lora_a"], a["lora_b"], dropout_p=0.5, generator=g1)
+    y2 = lrkernels.lora_linear(a["x"], a["weight"], None, a["lora_a"], a["lora_b"], dropout_p=0.5, generator=g2)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- opcheck / compile
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck(p):
+    a = make_inputs(5, 12, 7, 3, torch.float32, g=True, o=True, requires_grad=True)
+    seed = seed_tensor(1, "cpu") if p > 0 else None
+    args = (a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], 0.5, a["rank_scale"], a["out_scale"], p, seed)
+    torch.library.opcheck(OP, args)
+    y, hidden = OP(*args)
+    bargs = (torch.randn_like(y), a["x"].detach(), a["weight"].detach(), a["lora_a"].detach(),
+             a["lora_b"].detach(), hidden, 0.5, a["rank_scale"].detach(), a["out_scale"].detach(), p, seed,
+             [True, True, True, True, True, True, True])
+    torch.library.opcheck(BWD, bargs)
+    torch.library.opcheck(BWD, bargs[:-1] + ([True, False, False, True, True, False, False],))
+
+
+def test_opcheck_dropout_mask():
+    torch.library.opcheck(torch.ops.lrkernels.dropout_mask.default, (seed_tensor(3, "cpu"), 5, 11, 0.4, torch.float32))
+
+
+def test_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    a = make_inputs(10, 16, 12, 4, torch.float32, g=True, requires_grad=True)
+
+    def f(x, w, b, la, lb, g):
+        return lrkernels.lora_linear(x, w, b, la, lb, scale=0.5, rank_scale=g, dropout_p=0.1)
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y = cf(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], a["rank_scale"])
+    y.sum().backward()
+    assert a["lora_a"].grad is not None and a["x"].grad is not None and a["rank_scale"].grad is not None
+
+    # without dropout the compiled result equals eager exactly
+    def f0(x, w, b, la, lb):
+        return lrkernels.lora_linear(x, w, b, la, lb, scale=0.5)
+
+    xs = (a["x"].detach(), a["weight"].detach(), a["bias"].detach(), a["lora_a"].detach(), a["lora_b"].detach())
+    torch.testing.assert_close(torch.compile(f0, fullgraph=True, backend="aot_eager")(*xs), f0(*xs))
+
+
+def test_compile_inductor_module():
+    torch._dynamo.reset()
+    m = lrkernels.nn.LoRALinear(16, 8, r=4, dropout=0.1)
+    nn.init.normal_(m.lora_b)
+    x = torch.randn(5, 16, requires_grad=True)
+    cm = torch.compile(m, fullgraph=True)
+    cm(x).sum().backward()
+    assert m.lora_b.grad is not None and x.grad is not None
+    m.eval()
+    torch.testing.assert_close(cm(x), m(x))
+
+
+# ---------------------------------------------------------------------------- PEFT equivalence
+
+peft = pytest.importorskip("peft")
+
+
+class _Tiny(nn.Module):
+    def __init__(self, din=24, dout=20):
+        super().__init__()
+        self.proj = nn.Linear(din, dout)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_matches_peft_lora(use_rslora):
+    torch.manual_seed(1)
+    model = peft.get_peft_model(_Tiny(), peft.LoraConfig(r=6, lora_alpha=12, target_modules=["proj"],
+                                                         lora_dropout=0.0, use_rslora=use_rslora))
+    layer = model.base_model.model.proj
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(9, 24, requires_grad=True)
+    y_peft = model(x)
+    gy = torch.randn_like(y_peft)
+    gx_peft, ga_peft, gb_peft = torch.autograd.grad(y_peft, [x, layer.lora_A["default"].weight,
+                                                             layer.lora_B["default"].weight], gy)
+    base = layer.base_layer
+    x2 = x.detach().clone().requires_grad_(True)
+    la = layer.lora_A["default"].weight.detach().clone().requires_grad_(True)
+    lb = layer.lora_B["default"].weight.detach().clone().requires_grad_(True)
+    y = lrkernels.lora_linear(x2, base.weight, base.bias, la, lb, scale=layer.scaling["default"])
+    torch.testing.assert_close(y, y_peft, rtol=1e-5, atol=1e-5)
+    gx, ga, gb = torch.autograd.grad(y, [x2, la, lb], gy)
+    torch.testing.assert_close(gx, gx_peft, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga, ga_peft, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb, gb_peft, rtol=1e-5, atol=1e-5)
+    # the module path: LoRALinear.from_linear on the same weights
+    m = lrkernels.nn.LoRALinear.from_linear(base, r=6, alpha=12, use_rslora=use_rslora)
+    with torch.no_grad():
+        m.lora_a.copy_(la)
+        m.lora_b.copy_(lb)
+    torch.testing.assert_close(m(x.detach()), y_peft.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_matches_peft_vera():
+    torch.manual_seed(2)
+    model = peft.get_peft_model(_Tiny(), peft.VeraConfig(r=8, target_modules=["proj"], vera_dropout=0.0))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.vera_lambda_b["default"].normal_()
+        layer.vera_lambda_d["default"].normal_()
+    a = layer.vera_A["default"][:, :24].detach()
+    b = layer.vera_B["default"][:20, :].detach()
+    ld = layer.vera_lambda_d["default"]
+    lb = layer.vera_lambda_b["default"]
+    x = torch.randn(7, 24, requires_grad=True)
+    y_peft = model(x)
+    gy = torch.randn_like(y_peft)
+    gx_peft, gd_peft, gb_peft = torch.autograd.grad(y_peft, [x, ld, lb], gy)
+    x2 = x.detach().clone().requires_grad_(True)
+    ld2 = ld.detach().clone().requires_grad_(True)
+    lb2 = lb.detach().clone().requires_grad_(True)
+    base = layer.base_layer
+    y = lrkernels.lora_linear(x2, base.weight, base.bias, a, b, scale=1.0, rank_scale=ld2, out_scale=lb2)
+    torch.testing.assert_close(y, y_peft, rtol=1e-5, atol=1e-5)
+    gx, gd, gb = torch.autograd.grad(y, [x2, ld2, lb2], gy)
+    torch.testing.assert_close(gx, gx_peft, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gd, gd_peft, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb, gb_peft, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- LoRALinear module
+
+def test_lora_linear_module_merge_unmerge():
+    base = nn.Linear(16, 12)
+    m = lrkernels.nn.LoRALinear.from_linear(base, r=4, alpha=8, dropout=0.2)
+    nn.init.normal_(m.lora_b)
+    assert m.weight is base.weight and not m.weight.requires_grad
+    m.eval()
+    x = torch.randn(3, 16)
+    y = m(x)
+    w0 = base.weight.detach().clone()
+    m.merge()
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+    m.unmerge()
+    torch.testing.assert_close(base.weight, w0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m(x), y)
+    with pytest.raises(RuntimeError, match="not merged"):
+        m.unmerge()
+    m.train()
+    assert not torch.equal(m(x), y)  # dropout active in training mode
+    assert m.scaling == 2.0
+    assert lrkernels.nn.LoRALinear(16, 12, r=4, alpha=8, use_rslora=True).scaling == pytest.approx(4.0)
+
+
+def test_lora_linear_module_trains():
+    torch.manual_seed(0)
+    m = lrkernels.nn.LoRALinear(8, 4, r=2)
+    opt = torch.optim.SGD([m.lora_a, m.lora_b], lr=0.1)
+    x, target = torch.randn(32, 8), torch.randn(32, 4)
+    first = None
+    for _ in range(30):
+        loss = ((m(x) - target) ** 2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+
+
+# ---------------------------------------------------------------------------- bad inputs
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda a: a.update(lora_b=a["lora_b"].T.contiguous()), ValueError, r"lora_b must have shape \(out_features, r\) = \(12, 4\), got \(4, 12\)"),
+    (lambda a: a.update(lora_a=torch.randn(4, 15)), ValueError, r"lora_a must have shape \(r, in_features\)"),
+    (lambda a: a.update(weight=torch.randn(12, 15)), ValueError, r"weight must have shape"),
+    (lambda a: a.update(bias=torch.randn(13)), ValueError, r"bias must have shape \(out_features,\)"),
+    (lambda a: a.update(rank_scale=torch.randn(5)), ValueError, r"rank_scale must have shape \(r,\)"),
+    (lambda a: a.update(out_scale=torch.randn(3)), ValueError, r"out_scale must have shape"),
+    (lambda a: a.update(lora_a=a["lora_a"].double()), TypeError, r"lora_a has dtype Double but x has dtype Float"),
+    (lambda a: a.update(x=a["x"].long(), weight=a["weight"].long()), TypeError, r"x must be float32, float64 or bfloat16"),
+    (lambda a: a.update(lora_a=torch.randn(0, 16), lora_b=torch.randn(12, 0)), ValueError, r"rank r >= 1"),
+    (lambda a: a.update(x=torch.tensor(1.0)), ValueError, r"x must have shape \(\.\.\., in_features\)"),
+])
+def test_bad_inputs(change, exc, match):
+    a = make_inputs(6, 16, 12, 4, torch.float32)
+    change(a)
+    with pytest.raises(exc, match=match):
+        run_op(a, 1.0, 0.0, 0)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan")])
+def test_bad_dropout_p(p):
+    a = make_inputs(6, 16, 12, 4, torch.float32)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        lrkernels.lora_linear(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], dropout_p=p)
+
+
+def test_dropout_needs_a_seed():
+    a = make_inputs(6, 16, 12, 4, torch.float32)
+    with pytest.raises(ValueError, match="needs a seed"):
+        OP(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], 1.0, None, None, 0.5, None)
+    with pytest.raises(TypeError, match="seed must be int64"):
+        OP(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], 1.0, None, None, 0.5, torch.tensor(1.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_devices():
+    a = make_inputs(6, 16, 12, 4, torch.float32)
+    a["lora_a"] = a["lora_a"].cuda()
+    with pytest.raises((ValueError, RuntimeError), match="device"):
+        run_op(a, 1.0, 0.0, 0)
+
+
+# ---------------------------------------------------------------------------- CUDA kernels
+
+CUDA_SHAPES = SHAPES + [(257, 300, 130, 40), (64, 128, 256, 64), (5, 1000, 33, 100)]
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_registered():
+    for op in ("lora_linear", "lora_linear_backward", "dropout_mask"):
+        assert lrkernels.has_kernel(op, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows,cols", [(1, 1), (33, 70), (300, 1000)])
+def test_cuda_dropout_mask_matches_cpu(rows, cols):
+    got = lrkernels.dropout_mask(rows, cols, 0.3, 2**63 + 9, device="cuda").cpu()
+    want = lrkernels.dropout_mask(rows, cols, 0.3, 2**63 + 9, device="cpu")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", cuda_dtypes())
+@pytest.mark.parametrize("T,din,dout,r", CUDA_SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cuda_forward_backward_matches_oracle(dtype, T, din, dout, r, p):
+    a = make_inputs(T, din, dout, r, dtype, device="cuda", g=True, o=True, requires_grad=True)
+    y, hidden = run_op(a, 0.9, p, seed=21)
+    torch.cuda.synchronize()
+    assert y.dtype == dtype and hidden.dtype == torch.float32
+    cpu = {k: (v.detach().cpu() if v is not None else None) for k, v in a.items()}
+    assert_close_to_oracle(y, oracle(cpu, 0.9, p, 21), oracle(cpu, 0.9, p, 21, dtype=torch.float32 if dtype == torch.float32 else dtype).to(dtype) if dtype != torch.float16 else oracle({k: (v.half().float() if v is not None else None) for k, v in cpu.items()}, 0.9, p, 21, dtype=torch.float32).half())
+    h_want = (cpu["x"].double() * ref_dropout_mask(21, T, din, p)) @ cpu["lora_a"].double().T if p > 0 else cpu["x"].double() @ cpu["lora_a"].double().T
+    torch.testing.assert_close(hidden.double().cpu(), h_want, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=2e-2 if dtype != torch.float32 else 1e-4)
+    if T == 0:
+        return
+    names = [k for k, v in a.items() if v is not None]
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [a[k] for k in names], gy)
+    leaf64 = {k: (v.double().requires_grad_(True) if v is not None else None) for k, v in cpu.items()}
+    g64 = torch.autograd.grad(oracle(leaf64, 0.9, p, 21), [leaf64[k] for k in names], gy.double().cpu())
+    lowd = torch.float32 if dtype == torch.float32 else dtype
+    leafl = {k: (v.to(lowd).requires_grad_(True) if v is not None else None) for k, v in cpu.items()}
+    if dtype == torch.float16:  # CPU has no fast fp16 matmul: evaluate the fp16 formula in fp32 on fp16 data
+        leafl = {k: (v.float().requires_grad_(True) if v is not None else None) for k, v in cpu.items()}
+        lowd = torch.float32
+    gl = torch.autograd.grad(oracle(leafl, 0.9, p, 21, dtype=lowd), [leafl[k] for k in names], gy.cpu().to(lowd))
+    for k, got, want, low in zip(names, grads, g64, gl):
+        assert got.dtype == dtype and got.shape == a[k].shape, k
+        low = low.to(dtype)
+        assert_close_to_oracle(got, want, low, name=f"cuda grad {k} ({dtype})")
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_kernel_float32():
+    a = make_inputs(50, 96, 80, 8, torch.float32, g=True, o=True)
+    ac = {k: (v.cuda() if v is not None else None) for k, v in a.items()}
+    y_cpu, h_cpu = run_op(a, 0.5, 0.2, 8)
+    y_gpu, h_gpu = run_op(ac, 0.5, 0.2, 8)
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h_gpu.cpu(), h_cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_compile():
+    a = make_inputs(9, 40, 24, 5, torch.bfloat16, device="cuda", g=True, o=True, requires_grad=True)
+    seed = seed_tensor(4, "cuda")
+    args = (a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], 0.5, a["rank_scale"], a["out_scale"], 0.1, seed)
+    torch.library.opcheck(OP, args)
+    y, hidden = OP(*args)
+    torch.library.opcheck(BWD, (torch.randn_like(y), a["x"].detach(), a["weight"].detach(), a["lora_a"].detach(),
+                                a["lora_b"].detach(), hidden, 0.5, a["rank_scale"].detach(),
+                                a["out_scale"].detach(), 0.1, seed, [True] * 7))
+    torch._dynamo.reset()
+    cf = torch.compile(lambda x, w, b, la, lb: lrkernels.lora_linear(x, w, b, la, lb, dropout_p=0.1), fullgraph=True)
+    cf(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"]).float().sum().backward()
+    assert a["lora_a"].grad is not None
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_with_fresh_seed():
+    a = make_inputs(64, 128, 96, 16, torch.bfloat16, device="cuda")
+    seed = seed_tensor(1, "cuda")
+    static_x = a["x"].clone()
+    OP(static_x, a["weight"], a["bias"], a["lora_a"], a["lora_b"], 1.0, None, None, 0.2, seed)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, _ = OP(static_x, a["weight"], a["bias"], a["lora_a"], a["lora_b"], 1.0, None, None, 0.2, seed)
+    graph.replay()
+    y1 = y.clone()
+    seed.fill_(2)  # new mask on the next replay, no re-capture
+    graph.replay()
+    y2 = y.clone()
+    want1, _ = OP(static_x, a["weight"], a["bias"], a["lora_a"], a["lora_b"], 1.0, None, None, 0.2, seed_tensor(1, "cuda"))
+    torch.testing.assert_close(y1, want1)
+    assert not torch.equal(y1, y2)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_inputs():
+    a = make_inputs(6, 16, 12, 4, torch.float64, device="cuda")
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        run_op(a, 1.0, 0.0, 0)
