@@ -48,9 +48,9 @@ bench: build
 
 # C++ unit tests of the torch-free kernel layer (include/lrkernels) with CMake + ctest.
 cpp-test: venv
-	$(VENV)/bin/cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(VENV)/bin/ninja >/dev/null
+	$(VENV)/bin/cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja >/dev/null
 	$(VENV)/bin/cmake --build build/cmake
-	cd build/cmake && $(VENV)/bin/ctest --output-on-failure
+	cd build/cmake && $(abspath $(VENV))/bin/ctest --output-on-failure
 
 clean:
 	rm -rf build python/lrkernels/_C*.so

@@ -118,7 +118,10 @@ def cpu_peak_memory(module: str, case: str, candidate: str, quick: bool) -> Opti
     VmRSS after set-up), so every allocation counts, including the ops' internal ones."""
     cmd = [sys.executable, "-m", "benchmarks.peak", module, case, candidate] + (["--quick"] if quick else [])
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+        # A fixed mmap threshold keeps glibc from caching large freed blocks in its heap, so
+        # resident memory follows the live allocations (large tensors are mmapped and unmapped).
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     except subprocess.TimeoutExpired:
         return None
     for line in out.stdout.splitlines():
@@ -157,6 +160,24 @@ def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=T
     return results
 
 
+def measure_cuda_ceilings() -> dict:
+    """The two ceilings on this device, measured (not datasheet): device-to-device copy
+    bandwidth (bytes read + written) and a large bf16 matrix product's rate."""
+    n = 512 * 2**20 // 2  # 512 MiB of bf16
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = statistics.median(time_cuda(lambda: dst.copy_(src), warmup=3, reps=10))
+    bw = 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    ms = statistics.median(time_cuda(lambda: a @ b, warmup=3, reps=10))
+    tf = 2 * m**3 / (ms * 1e-3) / 1e12
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"copy_GBps": round(bw, 1), "bf16_matmul_TFLOPs": round(tf, 1)}
+
+
 def environment(device: str) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -167,6 +188,8 @@ def environment(device: str) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
     }
+    if device == "cuda":
+        env["ceilings"] = measure_cuda_ceilings()
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
@@ -195,6 +218,10 @@ def markdown(env: dict, cases: List[Case], results: List[Result]) -> str:
     lines = [f"# lrkernels benchmarks — {env['device_name']} ({env['device']})", "",
              f"{env['date']}, torch {env['torch']}, CUDA {env['cuda']}, commit {env.get('commit')}, "
              f"{env['cpu_threads']} CPU threads", ""]
+    ceil = env.get("ceilings")
+    if ceil:
+        lines += [f"Measured ceilings: copy {ceil['copy_GBps']} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']} TFLOP/s "
+                  "(the TFLOP/s and GB/s columns are the subject's achieved rates)", ""]
     for case in cases:
         rs = [r for r in results if r.case == case.name]
         lines += [f"## {case.name}", ""]

@@ -12,47 +12,95 @@
 namespace lrkernels {
 namespace {
 
-// drop(x) in the accumulation dtype, in one pass.
-at::Tensor dropped_input(const at::Tensor& x2, const DropoutParams& d, at::ScalarType acc) {
-  if (d.threshold == 0) return x2.to(acc);
-  const int64_t rows = x2.size(0), cols = x2.size(1);
-  auto out = at::empty({rows, cols}, x2.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x2.scalar_type(), "lora_dropout_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* xp = x2.data_ptr<scalar_t>();
-    acc_t* op = out.data_ptr<acc_t>();
-    const acc_t ks = static_cast<acc_t>(d.keep_scale);
-    for_each_dropout_group(rows, cols, d, [&](int64_t r, int64_t g, uint32_t bits) {
-      const int64_t base = r * cols + g * 8;
-      const int n = static_cast<int>(std::min<int64_t>(8, cols - g * 8));
-      for (int e = 0; e < n; ++e)
-        op[base + e] = ((bits >> e) & 1u) ? static_cast<acc_t>(xp[base + e]) * ks : acc_t(0);
-    });
-  });
-  return out;
+// The dropout paths work on blocks of rows: each block's mask is drawn once, the dropped
+// rows live only in a cache-sized buffer, and the rank-r products on the block run in BLAS.
+// x is read once per pass and drop(x) is never materialised at full size.
+constexpr int64_t kRowBlock = 64;
+
+// Writes drop(x)[t0 : t0 + nb] (accumulation dtype) into xd; keep bits of each row into bits.
+template <typename scalar_t, typename acc_t>
+void dropped_rows(const scalar_t* x, int64_t t0, int64_t nb, int64_t cols, const DropoutParams& d,
+                  acc_t* xd, uint32_t* bits) {
+  const uint64_t seed = static_cast<uint64_t>(*d.seed);
+  const int64_t groups = (cols + 7) / 8;
+  const acc_t ks = static_cast<acc_t>(d.keep_scale);
+  for (int64_t i = 0; i < nb; ++i) {
+    uint32_t* rb = bits + i * groups;
+    dropout_row_keep_bits(seed, t0 + i, groups, d.threshold, rb);
+    const scalar_t* xr = x + (t0 + i) * cols;
+    acc_t* o = xd + i * cols;
+    for (int64_t k = 0; k < cols; ++k) o[k] = ((rb[k >> 3] >> (k & 7)) & 1u) ? static_cast<acc_t>(xr[k]) * ks : acc_t(0);
+  }
 }
 
-// grad_x += drop'(dl), and, when xd is given, xd = drop(x): one pass, one mask draw.
-void dropout_backward_pass(const at::Tensor& x2, const at::Tensor& dl, at::Tensor& dx, at::Tensor* xd,
-                           const DropoutParams& d) {
-  const int64_t rows = x2.size(0), cols = x2.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x2.scalar_type(), "lora_dropout_backward_cpu", [&] {
+// hidden = drop(x) Aᵀ, with a_acc = A in the accumulation dtype.
+at::Tensor shrink_with_dropout(const at::Tensor& x2, const at::Tensor& a_acc, const DropoutParams& d) {
+  const int64_t rows = x2.size(0), cols = x2.size(1), r = a_acc.size(0);
+  const auto acc_opts = x2.options().dtype(a_acc.scalar_type());
+  at::Tensor hidden = at::empty({rows, r}, acc_opts);
+  const at::Tensor at_ = a_acc.t();
+  const int64_t nblocks = (rows + kRowBlock - 1) / kRowBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x2.scalar_type(), "lora_shrink_dropout_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* xp = x2.data_ptr<scalar_t>();
-    const acc_t* lp = dl.data_ptr<acc_t>();
-    scalar_t* dxp = dx.data_ptr<scalar_t>();
-    acc_t* xdp = xd ? xd->data_ptr<acc_t>() : nullptr;
-    const acc_t ks = static_cast<acc_t>(d.keep_scale);
-    for_each_dropout_group(rows, cols, d, [&](int64_t r, int64_t g, uint32_t bits) {
-      const int64_t base = r * cols + g * 8;
-      const int n = static_cast<int>(std::min<int64_t>(8, cols - g * 8));
-      for (int e = 0; e < n; ++e) {
-        const bool keep = (bits >> e) & 1u;
-        if (keep) dxp[base + e] = static_cast<scalar_t>(static_cast<acc_t>(dxp[base + e]) + lp[base + e] * ks);
-        if (xdp) xdp[base + e] = keep ? static_cast<acc_t>(xp[base + e]) * ks : acc_t(0);
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      // worker threads do not inherit the caller's dispatch state: stay below autograd here too
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::vector<acc_t> xd(static_cast<size_t>(kRowBlock * cols));
+      std::vector<uint32_t> bits(static_cast<size_t>(kRowBlock * ((cols + 7) / 8)));
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t t0 = blk * kRowBlock, nb = std::min(kRowBlock, rows - t0);
+        dropped_rows(xp, t0, nb, cols, d, xd.data(), bits.data());
+        at::Tensor out = hidden.narrow(0, t0, nb);
+        at::mm_out(out, at::from_blob(xd.data(), {nb, cols}, acc_opts), at_);
       }
     });
   });
+  return hidden;
+}
+
+// The pass over x in backward: grad_x += drop'(du A) when dx is defined, and returns
+// grad_a = duᵀ drop(x) (accumulation dtype) when want_a. One mask draw per row.
+at::Tensor grad_in_with_dropout(const at::Tensor& x2, const at::Tensor& du, const at::Tensor& a_acc, at::Tensor* dx,
+                                bool want_a, const DropoutParams& d) {
+  const int64_t rows = x2.size(0), cols = x2.size(1), r = a_acc.size(0);
+  const auto acc_opts = x2.options().dtype(a_acc.scalar_type());
+  const int64_t nblocks = (rows + kRowBlock - 1) / kRowBlock;
+  const int nthreads = at::get_num_threads();
+  at::Tensor partial = want_a ? at::zeros({nthreads, r, cols}, acc_opts) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x2.scalar_type(), "lora_grad_in_dropout_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* xp = x2.data_ptr<scalar_t>();
+    scalar_t* dxp = dx ? dx->data_ptr<scalar_t>() : nullptr;
+    const acc_t ks = static_cast<acc_t>(d.keep_scale);
+    const int64_t groups = (cols + 7) / 8;
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      // worker threads do not inherit the caller's dispatch state: stay below autograd here too
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::vector<acc_t> xd(static_cast<size_t>(kRowBlock * cols));
+      std::vector<acc_t> dl(dxp ? static_cast<size_t>(kRowBlock * cols) : 0);
+      std::vector<uint32_t> bits(static_cast<size_t>(kRowBlock * groups));
+      at::Tensor mine = want_a ? partial[at::get_thread_num()] : at::Tensor();
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t t0 = blk * kRowBlock, nb = std::min(kRowBlock, rows - t0);
+        dropped_rows(xp, t0, nb, cols, d, xd.data(), bits.data());
+        const at::Tensor du_blk = du.narrow(0, t0, nb);
+        if (want_a) mine.addmm_(du_blk.t(), at::from_blob(xd.data(), {nb, cols}, acc_opts));
+        if (dxp) {
+          at::Tensor dlt = at::from_blob(dl.data(), {nb, cols}, acc_opts);
+          at::mm_out(dlt, du_blk, a_acc);
+          for (int64_t i = 0; i < nb; ++i) {
+            const uint32_t* rb = bits.data() + i * groups;
+            scalar_t* o = dxp + (t0 + i) * cols;
+            const acc_t* l = dl.data() + i * cols;
+            for (int64_t k = 0; k < cols; ++k)
+              if ((rb[k >> 3] >> (k & 7)) & 1u) o[k] = static_cast<scalar_t>(static_cast<acc_t>(o[k]) + l[k] * ks);
+          }
+        }
+      }
+    });
+  });
+  return want_a ? partial.sum(0) : at::Tensor();
 }
 
 // (s · g) as a (r,) vector in the accumulation dtype.
@@ -70,13 +118,16 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& out_scale, double dropout_p,
                                                    const std::optional<at::Tensor>& seed) {
   const char* op = "lora_linear";
+  // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const LoraShapes sh = check_lora_args(op, x, weight, bias, lora_a, lora_b, scale, rank_scale, out_scale);
   const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
   const auto acc = lora_acc_dtype(x);
   const auto acc_opts = x.options().dtype(acc);
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   at::Tensor y = opt_ptr(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  at::Tensor hidden = at::mm(dropped_input(x2, d, acc), lora_a.to(acc).t());
+  const at::Tensor a_acc = lora_a.to(acc);
+  at::Tensor hidden = d.threshold ? shrink_with_dropout(x2, a_acc, d) : at::mm(x2.to(acc), a_acc.t());
   const at::Tensor h = hidden * rank_gain(opt_ptr(rank_scale), scale, sh.rank, acc_opts);
   at::Tensor b_eff = lora_b.to(acc);
   // ((h Bᵀ) ⊙ o) = h (o ⊙ B)ᵀ: the output scale folds into B's rows.
@@ -97,6 +148,7 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
                          const std::optional<at::Tensor>& rank_scale, const std::optional<at::Tensor>& out_scale,
                          double dropout_p, const std::optional<at::Tensor>& seed, std::array<bool, 7> mask) {
   const char* op = "lora_linear_backward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const LoraShapes sh = check_lora_backward_args(op, grad_out, x, weight, lora_a, lora_b, hidden, scale, rank_scale,
                                                  out_scale, mask);
   const auto acc = lora_acc_dtype(x);
@@ -130,22 +182,20 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
       if (want_g && g) gg = ((dh * hid).sum(0) * scale).to(x.scalar_type());
       const at::Tensor du = dh * gain;          // ∂L/∂u
       const at::Tensor a_acc = lora_a.to(acc);
-      at::Tensor xd;
-      if (want_x) {
-        at::Tensor dx = at::mm(dy2, weight);
-        if (d.threshold == 0) {
+      at::Tensor dx;
+      if (want_x) dx = at::mm(dy2, weight);
+      if (d.threshold == 0) {
+        if (want_x) {
           if (dx.scalar_type() == acc) dx.addmm_(du, a_acc);
           else dx.add_(at::mm(du, a_acc));
-        } else {
-          if (want_a) xd = at::empty({sh.tokens, sh.in_features}, acc_opts);
-          dropout_backward_pass(x2, at::mm(du, a_acc), dx, want_a ? &xd : nullptr, d);
         }
-        gx = dx.view(x.sizes());
+        if (want_a) ga = at::mm(du.t(), x2.to(acc)).to(x.scalar_type());
+      } else {
+        at::Tensor ga_acc = grad_in_with_dropout(x2, du.contiguous(), a_acc.contiguous(), want_x ? &dx : nullptr,
+                                                 want_a, d);
+        if (want_a) ga = ga_acc.to(x.scalar_type());
       }
-      if (want_a) {
-        if (!xd.defined()) xd = dropped_input(x2, d, acc);
-        ga = at::mm(du.t(), xd).to(x.scalar_type());
-      }
+      if (want_x) gx = dx.view(x.sizes());
     }
   }
   return {gx, gw, gbias, ga, gb, gg, go};

@@ -31,6 +31,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
                                                     const std::optional<at::Tensor>& out_scale, double dropout_p,
                                                     const std::optional<at::Tensor>& seed) {
   const char* op = "lora_linear";
+  // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const LoraShapes sh = check_lora_args(op, x, weight, bias, lora_a, lora_b, scale, rank_scale, out_scale);
   const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -77,6 +79,7 @@ lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
                           const std::optional<at::Tensor>& rank_scale, const std::optional<at::Tensor>& out_scale,
                           double dropout_p, const std::optional<at::Tensor>& seed, std::array<bool, 7> mask) {
   const char* op = "lora_linear_backward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const LoraShapes sh = check_lora_backward_args(op, grad_out, x, weight, lora_a, lora_b, hidden, scale, rank_scale,
                                                  out_scale, mask);
   const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);

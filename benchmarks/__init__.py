@@ -1,0 +1,1 @@
+"""lrkernels microbenchmarks: `python -m benchmarks --help`."""

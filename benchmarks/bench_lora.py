@@ -1,0 +1,127 @@
+"""lora_linear against the base linear alone (the floor), the eager PyTorch formula, and
+PEFT's LoRA layer. Training step = forward + backward with the base weight frozen (LoRA's
+setting): gradients for x, lora_a and lora_b."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .harness import Case
+
+
+def _make(T, din, dout, r, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(dtype=dtype, device=device)  # noqa: E731
+    return dict(x=t(T, din), weight=t(dout, din, sc=1 / math.sqrt(din)), bias=t(dout),
+                lora_a=t(r, din, sc=1 / math.sqrt(din)), lora_b=t(dout, r, sc=1 / math.sqrt(r)), gy=t(T, dout))
+
+
+def _candidates(T, din, dout, r, p, dtype, device, backward):
+    def build():
+        import lrkernels
+
+        d = _make(T, din, dout, r, dtype, device)
+        x = d["x"].requires_grad_(backward)
+        la = d["lora_a"].clone().requires_grad_(backward)
+        lb = d["lora_b"].clone().requires_grad_(backward)
+        w, b, gy = d["weight"], d["bias"], d["gy"]
+        scale = 2.0
+
+        def step(fn, params):
+            def run():
+                for q in params:
+                    q.grad = None
+                y = fn()
+                if backward:
+                    torch.autograd.backward(y, gy)
+                return y
+            return run
+
+        ctx = torch.enable_grad() if backward else torch.no_grad()
+
+        def wrap(fn):
+            def run():
+                with ctx:
+                    return fn()
+            return run
+
+        c = {
+            "base_linear": wrap(step(lambda: F.linear(x, w, b), [x])),
+            "eager_formula": wrap(step(lambda: F.linear(x, w, b) + scale * F.linear(
+                F.linear(F.dropout(x, p, training=p > 0), la), lb), [x, la, lb])),
+            "lrkernels": wrap(step(lambda: lrkernels.lora_linear(x, w, b, la, lb, scale=scale, dropout_p=p),
+                                   [x, la, lb])),
+        }
+        try:
+            import peft
+
+            base = nn.Linear(din, dout, device=device, dtype=dtype)
+            with torch.no_grad():
+                base.weight.copy_(w)
+                base.bias.copy_(b)
+            holder = nn.Sequential()
+            holder.add_module("proj", base)
+            model = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"],
+                                                                lora_dropout=p))
+            model.train(backward)
+            layer = model.base_model.model.proj
+            with torch.no_grad():
+                layer.lora_A["default"].weight.copy_(la)
+                layer.lora_B["default"].weight.copy_(lb)
+            c["peft_lora"] = wrap(step(lambda: model(x), [x] + [q for q in model.parameters() if q.requires_grad]))
+        except ImportError as e:
+            c["peft_lora"] = f"peft not installed ({e})"
+        return c
+
+    return build
+
+
+def _flops(T, din, dout, r, backward):
+    base = 2 * T * din * dout * (2 if backward else 1)  # x Wᵀ (+ dy W)
+    low = 2 * T * r * (din + dout) * (3 if backward else 1)
+    return base + low
+
+
+def _bytes(T, din, dout, r, dtype, backward):
+    e = torch.tensor([], dtype=dtype).element_size()
+    fwd = (T * din + din * dout + T * dout) * e
+    bwd = (T * dout + din * dout + 2 * T * din) * e if backward else 0  # read dy, W, x; write dx
+    return fwd + bwd
+
+
+def cases(device, quick):
+    out = []
+    if device == "cpu":
+        shapes = [("issue target", 4096, 1024, 1024, 16, 0.1)]
+        if not quick:
+            shapes.append(("rank 64", 4096, 1024, 1024, 64, 0.1))
+        dtype = torch.float32
+        for label, T, din, dout, r, p in shapes:
+            for backward in (True, False):
+                pp = p if backward else 0.0
+                name = (f"{label}: {T} tok {din}->{dout} r{r} p{pp} fp32 "
+                        f"{'fwd+bwd' if backward else 'fwd (inference)'}")
+                targets = {"base_linear": 1.10, "peft_lora": 0.85} if (label == "issue target" and backward) else {}
+                out.append(Case(name, _candidates(T, din, dout, r, pp, dtype, device, backward), "lrkernels",
+                                ["base_linear", "eager_formula", "peft_lora"],
+                                flops=_flops(T, din, dout, r, backward),
+                                bytes=_bytes(T, din, dout, r, dtype, backward), targets=targets))
+    else:
+        shapes = [("issue target (LLaMA-7B q_proj)", 8192, 4096, 4096, 16, 0.1)]
+        if not quick:
+            shapes += [("LLaMA-7B up_proj", 8192, 4096, 11008, 16, 0.1),
+                       ("LLaMA-7B down_proj", 8192, 11008, 4096, 16, 0.1),
+                       ("Mistral-7B k_proj r64", 8192, 4096, 1024, 64, 0.1)]
+        for label, T, din, dout, r, p in shapes:
+            for backward in (True, False):
+                pp = p if backward else 0.0
+                name = (f"{label}: {T} tok {din}->{dout} r{r} p{pp} bf16 "
+                        f"{'fwd+bwd' if backward else 'fwd (inference)'}")
+                targets = {"base_linear": 1.08} if (label.startswith("issue target") and backward) else {}
+                out.append(Case(name, _candidates(T, din, dout, r, pp, torch.bfloat16, device, backward),
+                                "lrkernels", ["base_linear", "eager_formula", "peft_lora"],
+                                flops=_flops(T, din, dout, r, backward),
+                                bytes=_bytes(T, din, dout, r, torch.bfloat16, backward), targets=targets))
+    return out

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# GPU check, for the lent GPU machine (one H200, torch 2.11, Python 3.12, 16 cores, no
+# network): builds for sm_90 with all cores, runs every CUDA test, runs a quick benchmark
+# pass, writes logs and results under OUTDIR and prints a short summary last. Budget: 8 min.
+#
+#   bash scripts/gpu_check.sh OUTDIR
+#
+# Files written (at most 8, the device tool's limit): summary.md, build.log, cuda-tests.log,
+# bench.log, bench-quick.json, bench-quick.md, nvidia-smi.txt.
+set -uo pipefail
+OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+stamp() { echo "$(( $(date +%s) - t0 ))s"; }
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+echo "== build ($(stamp))"
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) LRKERNELS_CUDA=1 \
+  timeout 300 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+build_rc=$?
+tail -n 3 "$OUT/build.log"
+
+test_rc=skipped; bench_rc=skipped
+if [ $build_rc -eq 0 ]; then
+  echo "== CUDA tests ($(stamp))"
+  PYTHONPATH=python timeout 200 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests \
+    > "$OUT/cuda-tests.log" 2>&1
+  test_rc=$?
+  tail -n 15 "$OUT/cuda-tests.log"
+  echo "== quick benchmarks ($(stamp))"
+  PYTHONPATH=python:. timeout $(( 440 - ($(date +%s) - t0) )) "$PY" -m benchmarks --device cuda --quick \
+    --out "$OUT" --stem bench-quick > "$OUT/bench.log" 2>&1
+  bench_rc=$?
+fi
+
+{
+  echo "# GPU check summary"
+  echo
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "- device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
+  echo "- torch: $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)' 2>/dev/null)"
+  echo "- build: rc=$build_rc; CUDA tests: rc=$test_rc; benchmarks: rc=$bench_rc; wall $(stamp)"
+  echo
+  echo "## CUDA tests"
+  echo '```'
+  grep -E "passed|failed|error" "$OUT/cuda-tests.log" 2>/dev/null | tail -n 25
+  echo '```'
+  if [ -f "$OUT/bench-quick.md" ]; then echo; cat "$OUT/bench-quick.md"; fi
+} > "$OUT/summary.md"
+echo "== summary ($(stamp))"
+cat "$OUT/summary.md"
