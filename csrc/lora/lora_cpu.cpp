@@ -59,8 +59,9 @@ at::Tensor shrink_with_dropout(const at::Tensor& x2, const at::Tensor& a_acc, co
   return hidden;
 }
 
-// The pass over x in backward: grad_x += drop'(du A) when dx is defined, and returns
-// grad_a = duᵀ drop(x) (accumulation dtype) when want_a. One mask draw per row.
+// The pass over x in backward: writes dx = drop'(du A) when dx is given (the caller then
+// adds dy W with a beta = 1 GEMM), and returns grad_a = duᵀ drop(x) (accumulation dtype)
+// when want_a. One mask draw per row.
 at::Tensor grad_in_with_dropout(const at::Tensor& x2, const at::Tensor& du, const at::Tensor& a_acc, at::Tensor* dx,
                                 bool want_a, const DropoutParams& d) {
   const int64_t rows = x2.size(0), cols = x2.size(1), r = a_acc.size(0);
@@ -94,13 +95,40 @@ at::Tensor grad_in_with_dropout(const at::Tensor& x2, const at::Tensor& du, cons
             scalar_t* o = dxp + (t0 + i) * cols;
             const acc_t* l = dl.data() + i * cols;
             for (int64_t k = 0; k < cols; ++k)
-              if ((rb[k >> 3] >> (k & 7)) & 1u) o[k] = static_cast<scalar_t>(static_cast<acc_t>(o[k]) + l[k] * ks);
+              o[k] = ((rb[k >> 3] >> (k & 7)) & 1u) ? static_cast<scalar_t>(l[k] * ks) : scalar_t(0);
           }
         }
       }
     });
   });
   return want_a ? partial.sum(0) : at::Tensor();
+}
+
+// The pass over dy in backward, in row blocks so each block of dy is read from memory once
+// for both products: P = dyᵀ h (when h is defined) and dh = dy b_eff (when b_eff is).
+std::pair<at::Tensor, at::Tensor> grad_out_pass(const at::Tensor& dya, const at::Tensor& h, const at::Tensor& b_eff) {
+  const int64_t rows = dya.size(0), out = dya.size(1);
+  const int64_t r = h.defined() ? h.size(1) : b_eff.size(1);
+  const auto opts = dya.options();
+  const int nthreads = at::get_num_threads();
+  at::Tensor partial = h.defined() ? at::zeros({nthreads, out, r}, opts) : at::Tensor();
+  at::Tensor dh = b_eff.defined() ? at::empty({rows, r}, opts) : at::Tensor();
+  constexpr int64_t kBlock = 128;
+  const int64_t nblocks = (rows + kBlock - 1) / kBlock;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor mine = h.defined() ? partial[at::get_thread_num()] : at::Tensor();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * kBlock, nb = std::min(kBlock, rows - t0);
+      const at::Tensor dy_blk = dya.narrow(0, t0, nb);
+      if (h.defined()) mine.addmm_(dy_blk.t(), h.narrow(0, t0, nb));
+      if (b_eff.defined()) {
+        at::Tensor dst = dh.narrow(0, t0, nb);
+        at::mm_out(dst, dy_blk, b_eff);
+      }
+    }
+  });
+  return {h.defined() ? partial.sum(0) : at::Tensor(), dh};
 }
 
 // (s · g) as a (r,) vector in the accumulation dtype.
@@ -125,18 +153,17 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
   const auto acc = lora_acc_dtype(x);
   const auto acc_opts = x.options().dtype(acc);
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
-  at::Tensor y = opt_ptr(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   const at::Tensor a_acc = lora_a.to(acc);
   at::Tensor hidden = d.threshold ? shrink_with_dropout(x2, a_acc, d) : at::mm(x2.to(acc), a_acc.t());
   const at::Tensor h = hidden * rank_gain(opt_ptr(rank_scale), scale, sh.rank, acc_opts);
   at::Tensor b_eff = lora_b.to(acc);
   // ((h Bᵀ) ⊙ o) = h (o ⊙ B)ᵀ: the output scale folds into B's rows.
   if (const at::Tensor* o = opt_ptr(out_scale)) b_eff = b_eff * o->to(acc).unsqueeze(1);
-  if (y.scalar_type() == acc) {
-    y.addmm_(h, b_eff.t());
-  } else {
-    y.add_(at::mm(h, b_eff.t()));
-  }
+  // The rank-r term (and the bias) is written first; the base GEMM then accumulates into it
+  // with beta = 1, reading y inside its own tiles, so y takes no extra pass through memory.
+  at::Tensor y = opt_ptr(bias) ? at::addmm(bias->to(acc), h, b_eff.t()) : at::mm(h, b_eff.t());
+  if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+  y.addmm_(x2, weight.t());
   return {y.view(lora_out_shape(x, sh.out_features)), hidden.view(lora_out_shape(x, sh.rank))};
 }
 
@@ -170,32 +197,30 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
     const at::Tensor dya = dy2.to(acc);
     const at::Tensor b_acc = lora_b.to(acc);
     const at::Tensor gain = rank_gain(g, scale, sh.rank, acc_opts);
-    if (want_b || want_o) {
-      // P = dyᵀ h; ∂L/∂B = o ⊙ P (row-wise), ∂L/∂o = Σ_j B ⊙ P.
-      const at::Tensor p = at::mm(dya.t(), hid * gain);
-      if (want_b) gb = (o ? p * o->to(acc).unsqueeze(1) : p).to(x.scalar_type());
-      if (want_o && o) go = (p * b_acc).sum(1).to(x.scalar_type());
-    }
+    const at::Tensor b_eff = o ? b_acc * o->to(acc).unsqueeze(1) : b_acc;
+    // P = dyᵀ h and ∂L/∂h = dy (o ⊙ B) in one pass over dy.
+    auto [p, dh] = grad_out_pass(dya, (want_b || want_o) ? (hid * gain).contiguous() : at::Tensor(),
+                                 need_dh ? b_eff.contiguous() : at::Tensor());
+    // ∂L/∂B = o ⊙ P (row-wise), ∂L/∂o = Σ_j B ⊙ P.
+    if (want_b) gb = (o ? p * o->to(acc).unsqueeze(1) : p).to(x.scalar_type());
+    if (want_o && o) go = (p * b_acc).sum(1).to(x.scalar_type());
     if (need_dh) {
-      const at::Tensor b_eff = o ? b_acc * o->to(acc).unsqueeze(1) : b_acc;
-      const at::Tensor dh = at::mm(dya, b_eff);  // ∂L/∂h
       if (want_g && g) gg = ((dh * hid).sum(0) * scale).to(x.scalar_type());
-      const at::Tensor du = dh * gain;          // ∂L/∂u
-      const at::Tensor a_acc = lora_a.to(acc);
+      const at::Tensor du = (dh * gain).contiguous();  // ∂L/∂u
+      const at::Tensor a_acc = lora_a.to(acc).contiguous();
       at::Tensor dx;
-      if (want_x) dx = at::mm(dy2, weight);
       if (d.threshold == 0) {
-        if (want_x) {
-          if (dx.scalar_type() == acc) dx.addmm_(du, a_acc);
-          else dx.add_(at::mm(du, a_acc));
-        }
+        if (want_x) dx = at::mm(du, a_acc).to(x.scalar_type());
         if (want_a) ga = at::mm(du.t(), x2.to(acc)).to(x.scalar_type());
       } else {
-        at::Tensor ga_acc = grad_in_with_dropout(x2, du.contiguous(), a_acc.contiguous(), want_x ? &dx : nullptr,
-                                                 want_a, d);
+        if (want_x) dx = at::empty({sh.tokens, sh.in_features}, x.options());
+        at::Tensor ga_acc = grad_in_with_dropout(x2, du, a_acc, want_x ? &dx : nullptr, want_a, d);
         if (want_a) ga = ga_acc.to(x.scalar_type());
       }
-      if (want_x) gx = dx.view(x.sizes());
+      if (want_x) {
+        dx.addmm_(dy2, weight);  // the base GEMM accumulates onto the rank-r part (beta = 1)
+        gx = dx.view(x.sizes());
+      }
     }
   }
   return {gx, gw, gbias, ga, gb, gg, go};
