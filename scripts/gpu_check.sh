@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh OUTDIR
 #
 # Files written (at most 8, the device tool's limit): summary.md, build.log, cuda-tests.log,
-# bench.log, bench-quick.json, bench-quick.md, nvidia-smi.txt.
+# memcheck.log, bench.log, bench-quick.json, bench-quick.md, nvidia-smi.txt.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -23,13 +23,23 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$(nproc) LRKERNELS_CU
 build_rc=$?
 tail -n 3 "$OUT/build.log"
 
-test_rc=skipped; bench_rc=skipped
+test_rc=skipped; bench_rc=skipped; memcheck_rc=skipped
 if [ $build_rc -eq 0 ]; then
   echo "== CUDA tests ($(stamp))"
   PYTHONPATH=python timeout 200 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests \
     > "$OUT/cuda-tests.log" 2>&1
   test_rc=$?
   tail -n 15 "$OUT/cuda-tests.log"
+  # Out-of-bounds and race checks on the smallest CUDA tests, when the sanitizer is there and
+  # time allows (it slows kernels ~100x).
+  if command -v compute-sanitizer >/dev/null 2>&1 && [ $(( $(date +%s) - t0 )) -lt 240 ]; then
+    echo "== compute-sanitizer memcheck ($(stamp))"
+    PYTHONPATH=python timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 \
+      "$PY" -m pytest -q -m cuda -p no:cacheprovider -k "T1-din1 or 7-13-17 or dropout_mask_matches" tests \
+      > "$OUT/memcheck.log" 2>&1
+    memcheck_rc=$?
+    tail -n 5 "$OUT/memcheck.log"
+  fi
   echo "== quick benchmarks ($(stamp))"
   PYTHONPATH=python:. timeout $(( 440 - ($(date +%s) - t0) )) "$PY" -m benchmarks --device cuda --quick \
     --out "$OUT" --stem bench-quick > "$OUT/bench.log" 2>&1
@@ -42,7 +52,7 @@ fi
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "- device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
   echo "- torch: $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)' 2>/dev/null)"
-  echo "- build: rc=$build_rc; CUDA tests: rc=$test_rc; benchmarks: rc=$bench_rc; wall $(stamp)"
+  echo "- build: rc=$build_rc; CUDA tests: rc=$test_rc; memcheck: rc=$memcheck_rc; benchmarks: rc=$bench_rc; wall $(stamp)"
   echo
   echo "## CUDA tests"
   echo '```'
