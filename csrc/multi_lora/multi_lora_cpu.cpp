@@ -1,0 +1,264 @@
+// Multi-LoRA on CPU. The tokens of the batch are gathered once in adapter order (one
+// index_select of x), each adapter's segment is then a contiguous block on which the low-rank
+// GEMMs run at that adapter's own rank, and the result is scattered back once (index_add).
+// So the cost is one GEMM per adapter present in the batch plus one gather and one scatter,
+// not one masked pass over the whole batch per adapter. Low-rank arithmetic runs in the
+// accumulation dtype (float64 for float64 inputs, float32 otherwise).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "multi_lora/multi_lora_checks.h"
+
+namespace lrkernels {
+namespace {
+
+// The grouping as host values: the valid tokens in adapter order, and per-adapter segments.
+struct HostGroups {
+  at::Tensor idx;                // (n_valid,) int64: token_order[:offsets[L]]
+  std::vector<int64_t> offsets;  // L + 1 entries
+  std::vector<int64_t> ranks;    // L entries
+  int64_t n_valid = 0;
+};
+
+HostGroups host_groups(const at::Tensor& order, const at::Tensor& offsets, const std::optional<at::Tensor>& ranks,
+                       int64_t L, int64_t r_max) {
+  HostGroups g;
+  const at::Tensor off = offsets.to(at::kLong).contiguous();
+  g.offsets.assign(off.data_ptr<int64_t>(), off.data_ptr<int64_t>() + off.numel());
+  g.n_valid = g.offsets.back();
+  g.idx = order.narrow(0, 0, g.n_valid).to(at::kLong);
+  if (ranks.has_value() && ranks->defined()) {
+    const at::Tensor rk = ranks->to(at::kLong).contiguous();
+    g.ranks.assign(rk.data_ptr<int64_t>(), rk.data_ptr<int64_t>() + rk.numel());
+  } else {
+    g.ranks.assign(L, r_max);
+  }
+  return g;
+}
+
+std::vector<double> host_scales(const at::Tensor& scales) {
+  const at::Tensor s = scales.to(at::kDouble).contiguous();
+  return std::vector<double>(s.data_ptr<double>(), s.data_ptr<double>() + s.numel());
+}
+
+// out = a @ bᵀ written into a (possibly column-narrowed) block of a buffer.
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.is_contiguous()) {
+    at::mm_out(out, a, b.t());  // out is a contiguous block of the buffer: written in place
+  } else {
+    out.copy_(at::mm(a, b.t()));
+  }
+}
+
+// Sorted hidden rows (n_valid, r_max) for one slice: hs[p, :r_l] = xg[p] A[l, :r_l]ᵀ.
+at::Tensor shrink_sorted(const at::Tensor& xg, const at::Tensor& a3, const HostGroups& g, at::ScalarType acc) {
+  const int64_t L = a3.size(0), r_max = a3.size(1);
+  at::Tensor hs = at::zeros({g.n_valid, r_max}, xg.options().dtype(acc));
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t n = g.offsets[l + 1] - g.offsets[l], r = g.ranks[l];
+    if (n == 0 || r == 0) continue;
+    mm_into(hs.narrow(0, g.offsets[l], n).narrow(1, 0, r), xg.narrow(0, g.offsets[l], n),
+            a3[l].narrow(0, 0, r).to(acc));
+  }
+  return hs;
+}
+
+// delta[p, cols] = s_l · hs[p, :r_l] B[l, cols, :r_l]ᵀ for one slice's columns.
+void expand_sorted(at::Tensor delta_cols, const at::Tensor& hs, const at::Tensor& b_cols, const HostGroups& g,
+                   const std::vector<double>& scales, at::ScalarType acc) {
+  const int64_t L = b_cols.size(0);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t n = g.offsets[l + 1] - g.offsets[l], r = g.ranks[l];
+    if (n == 0) continue;
+    at::Tensor dst = delta_cols.narrow(0, g.offsets[l], n);
+    if (r == 0 || scales[l] == 0.0) {
+      dst.zero_();
+      continue;
+    }
+    mm_into(dst, hs.narrow(0, g.offsets[l], n).narrow(1, 0, r) * scales[l], b_cols[l].narrow(1, 0, r).to(acc));
+  }
+}
+
+// y[idx] += delta, rounding once to y's dtype.
+void scatter_add_rows(at::Tensor& y2, const at::Tensor& idx, const at::Tensor& delta) {
+  if (idx.numel() == 0) return;
+  if (y2.scalar_type() == delta.scalar_type()) {
+    y2.index_add_(0, idx, delta);
+  } else {
+    y2.index_copy_(0, idx, (y2.index_select(0, idx).to(delta.scalar_type()) + delta).to(y2.scalar_type()));
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> multi_lora_segments_cpu(const at::Tensor& adapter_ids, int64_t num_adapters) {
+  const char* op = "multi_lora_segments";
+  TORCH_CHECK_TYPE(adapter_ids.scalar_type() == at::kInt || adapter_ids.scalar_type() == at::kLong, "lrkernels.",
+                   op, ": adapter_ids must be int32 or int64, got ", adapter_ids.scalar_type());
+  TORCH_CHECK_VALUE(num_adapters >= 0, "lrkernels.", op, ": num_adapters must be >= 0, got ", num_adapters);
+  const at::Tensor flat = adapter_ids.reshape({-1});
+  if (flat.numel() > 0) {
+    const int64_t lo = flat.min().item<int64_t>(), hi = flat.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= -1 && hi < num_adapters, "lrkernels.", op, ": adapter_ids must be in [-1, L) = [-1, ",
+                      num_adapters, ") (-1: base model only), got ", (lo < -1 ? lo : hi));
+  }
+  return group_tokens_by_adapter(flat, num_adapters);
+}
+
+at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& adapter_ids,
+                           const at::Tensor& token_order, const at::Tensor& adapter_offsets,
+                           const std::optional<at::Tensor>& ranks) {
+  const char* op = "lora_shrink";
+  const ShrinkShapes sh = check_shrink_args(op, x, lora_a, adapter_ids, token_order, adapter_offsets, ranks);
+  const int64_t S = sh.slices, L = sh.num_adapters, r_max = sh.r_max, in = sh.in_features, T = sh.tokens;
+  const bool sliced = lora_a.dim() == 4;
+  const at::Tensor a4 = sliced ? lora_a : lora_a.unsqueeze(0);
+  const auto acc = multi_lora_acc_dtype(x);
+  const HostGroups g = host_groups(token_order, adapter_offsets, ranks, L, r_max);
+  at::Tensor hidden = at::zeros({S, T, r_max}, x.options().dtype(acc));
+  if (g.n_valid > 0) {
+    const at::Tensor xg = x.reshape({T, in}).index_select(0, g.idx).to(acc);
+    for (int64_t s = 0; s < S; ++s) hidden[s].index_copy_(0, g.idx, shrink_sorted(xg, a4[s], g, acc));
+  }
+  return sliced ? hidden : hidden[0];
+}
+
+void lora_expand_cpu(at::Tensor& y, const at::Tensor& hidden, const at::Tensor& lora_b, const at::Tensor& adapter_ids,
+                     const at::Tensor& token_order, const at::Tensor& adapter_offsets, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& ranks, std::optional<c10::IntArrayRef> slice_sizes) {
+  const char* op = "lora_expand_";
+  const ExpandShapes sh = check_expand_args(op, y, hidden, lora_b, adapter_ids, token_order, adapter_offsets, scales,
+                                            ranks, slice_sizes);
+  const int64_t S = sh.slices, L = sh.num_adapters, r_max = sh.r_max, out_total = sh.out_total;
+  const std::vector<int64_t>& sizes = sh.slice_sizes;
+  const auto acc = multi_lora_acc_dtype(y);
+  const at::Tensor h3 = hidden.dim() == 3 ? hidden : hidden.unsqueeze(0);
+  const HostGroups g = host_groups(token_order, adapter_offsets, ranks, L, r_max);
+  if (g.n_valid == 0 || out_total == 0) return;
+  const std::vector<double> sc = host_scales(scales);
+  at::Tensor delta = at::empty({g.n_valid, out_total}, y.options().dtype(acc));
+  int64_t col = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    if (sizes[s] > 0) {
+      expand_sorted(delta.narrow(1, col, sizes[s]), h3[s].index_select(0, g.idx),
+                    lora_b.narrow(1, col, sizes[s]), g, sc, acc);
+    }
+    col += sizes[s];
+  }
+  scatter_add_rows(y, g.idx, delta);
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& adapter_ids, const at::Tensor& scales,
+    const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& token_order,
+    const std::optional<at::Tensor>& adapter_offsets) {
+  const char* op = "multi_lora_linear";
+  const MultiLoraShapes sh = check_multi_lora_args(op, x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks);
+  TORCH_CHECK_VALUE(token_order.has_value() == adapter_offsets.has_value(), "lrkernels.", op,
+                    ": pass both token_order and adapter_offsets (from multi_lora_segments) or neither");
+  at::Tensor order, offsets;
+  if (token_order.has_value()) {
+    order = *token_order;
+    offsets = *adapter_offsets;
+    check_segments(order, offsets, x, sh.tokens, sh.num_adapters, op);
+  } else {
+    std::tie(order, offsets) = group_tokens_by_adapter(adapter_ids.reshape({-1}), sh.num_adapters);
+  }
+  const auto acc = multi_lora_acc_dtype(x);
+  const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
+  at::Tensor y = opt_ptr_defined(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  at::Tensor hidden = at::zeros({sh.tokens, sh.r_max}, x.options().dtype(acc));
+  const HostGroups g = host_groups(order, offsets, ranks, sh.num_adapters, sh.r_max);
+  if (g.n_valid > 0) {
+    const at::Tensor xg = x2.index_select(0, g.idx).to(acc);
+    const at::Tensor hs = shrink_sorted(xg, lora_a, g, acc);
+    hidden.index_copy_(0, g.idx, hs);
+    at::Tensor delta = at::empty({g.n_valid, sh.out_features}, x.options().dtype(acc));
+    expand_sorted(delta, hs, lora_b, g, host_scales(scales), acc);
+    scatter_add_rows(y, g.idx, delta);
+  }
+  std::vector<int64_t> ys(x.sizes().begin(), x.sizes().end()), hsz = ys;
+  ys.back() = sh.out_features;
+  hsz.back() = sh.r_max;
+  return {y.view(ys), hidden.view(hsz)};
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+           std::optional<at::Tensor>, std::optional<at::Tensor>>
+multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& adapter_ids,
+                               const at::Tensor& scales, const std::optional<at::Tensor>& ranks,
+                               const at::Tensor& hidden, const at::Tensor& token_order,
+                               const at::Tensor& adapter_offsets, std::array<bool, 6> mask) {
+  const char* op = "multi_lora_linear_backward";
+  const MultiLoraShapes sh =
+      check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks);
+  check_backward_extras(op, grad_out, hidden, x, sh);
+  check_segments(token_order, adapter_offsets, x, sh.tokens, sh.num_adapters, op);
+  const auto [want_x, want_w, want_bias, want_a, want_b, want_s] = mask;
+  const auto acc = multi_lora_acc_dtype(x);
+  const auto acc_opts = x.options().dtype(acc);
+  const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
+  const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
+  const at::Tensor hid = hidden.reshape({sh.tokens, sh.r_max});
+  std::optional<at::Tensor> gx, gw, gbias, ga, gb, gs;
+  if (want_w) gw = at::mm(dy2.t(), x2);
+  if (want_bias) gbias = dy2.sum(0);
+  at::Tensor dx;
+  if (want_x) dx = at::mm(dy2, weight);
+  if (want_a || want_b || want_s || want_x) {
+    const HostGroups g = host_groups(token_order, adapter_offsets, ranks, sh.num_adapters, sh.r_max);
+    const std::vector<double> sc = host_scales(scales);
+    at::Tensor ga_acc, gb_acc, gs_acc, dxd;
+    if (want_a) ga_acc = at::zeros({sh.num_adapters, sh.r_max, sh.in_features}, acc_opts);
+    if (want_b) gb_acc = at::zeros({sh.num_adapters, sh.out_features, sh.r_max}, acc_opts);
+    if (want_s) gs_acc = at::zeros({sh.num_adapters}, acc_opts);
+    if (want_x) dxd = at::zeros({g.n_valid, sh.in_features}, acc_opts);
+    if (g.n_valid > 0) {
+      const at::Tensor dyg = dy2.index_select(0, g.idx).to(acc);
+      const at::Tensor hg = hid.index_select(0, g.idx);
+      at::Tensor xg;
+      if (want_a) xg = x2.index_select(0, g.idx).to(acc);
+      for (int64_t l = 0; l < sh.num_adapters; ++l) {
+        const int64_t p0 = g.offsets[l], n = g.offsets[l + 1] - p0, r = g.ranks[l];
+        if (n == 0 || r == 0) continue;
+        const at::Tensor dy_l = dyg.narrow(0, p0, n), h_l = hg.narrow(0, p0, n).narrow(1, 0, r);
+        const at::Tensor b_l = lora_b[l].narrow(1, 0, r).to(acc);  // (out, r)
+        if (want_b) gb_acc[l].narrow(1, 0, r).copy_(at::mm(dy_l.t(), h_l) * sc[l]);
+        if (!(want_a || want_s || want_x)) continue;
+        const at::Tensor dh = at::mm(dy_l, b_l);  // ∂L/∂(s·h): (n, r)
+        if (want_s) gs_acc[l] = (dh * h_l).sum();
+        const at::Tensor du = dh * sc[l];  // ∂L/∂h
+        if (want_a) ga_acc[l].narrow(0, 0, r).copy_(at::mm(du.t(), xg.narrow(0, p0, n)));
+        if (want_x) {
+          at::Tensor dst = dxd.narrow(0, p0, n);
+          at::mm_out(dst, du, lora_a[l].narrow(0, 0, r).to(acc));
+        }
+      }
+    }
+    if (want_x) {
+      scatter_add_rows(dx, g.idx, dxd);
+      gx = dx.view(x.sizes());
+    }
+    if (want_a) ga = ga_acc.to(x.scalar_type());
+    if (want_b) gb = gb_acc.to(x.scalar_type());
+    if (want_s) gs = gs_acc.to(scales.scalar_type());
+  } else if (want_x) {
+    gx = dx.view(x.sizes());
+  }
+  return {gx, gw, gbias, ga, gb, gs};
+}
+
+TORCH_LIBRARY_IMPL(lrkernels, CPU, m) {
+  m.impl("multi_lora_segments", &multi_lora_segments_cpu);
+  m.impl("lora_shrink", &lora_shrink_cpu);
+  m.impl("lora_expand_", &lora_expand_cpu);
+  m.impl("multi_lora_linear", &multi_lora_linear_cpu);
+  m.impl("multi_lora_linear_backward", &multi_lora_linear_backward_cpu);
+}
+
+}  // namespace lrkernels
