@@ -1,11 +1,18 @@
 // Multi-LoRA on CPU. The tokens of the batch are gathered once in adapter order (one
 // index_select of x), each adapter's segment is then a contiguous block on which the low-rank
-// GEMMs run at that adapter's own rank, and the result is scattered back once (index_add).
-// So the cost is one GEMM per adapter present in the batch plus one gather and one scatter,
-// not one masked pass over the whole batch per adapter. Low-rank arithmetic runs in the
-// accumulation dtype (float64 for float64 inputs, float32 otherwise).
+// GEMMs run at that adapter's own rank, and the result is added back once, row by row. So the
+// cost is one small GEMM pair per adapter present in the batch plus one gather and one
+// scatter, not one masked pass over the whole batch per adapter. The per-adapter GEMMs are
+// skinny (K or N = r): they run in parallel across adapters, each single-threaded, rather than
+// one after another with every thread meeting at a barrier per GEMM. Low-rank arithmetic runs
+// in the accumulation dtype (float64 for float64 inputs, float32 otherwise).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include <optional>
 #include <vector>
@@ -53,43 +60,70 @@ void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   }
 }
 
+// Runs fn(l, first sorted position, token count, rank) for every adapter with tokens, in
+// parallel across adapters (the blocks each call writes are disjoint).
+template <typename F>
+void for_each_adapter(const HostGroups& g, const F& fn) {
+  const int64_t L = static_cast<int64_t>(g.ranks.size());
+  // Worker threads start with default thread-local state: hand them the caller's (dispatch
+  // keys excluded below autograd, inference mode), so the ATen calls inside stay kernels.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t l = begin; l < end; ++l) {
+      const int64_t n = g.offsets[l + 1] - g.offsets[l];
+      if (n > 0) fn(l, g.offsets[l], n, g.ranks[l]);
+    }
+  });
+}
+
 // Sorted hidden rows (n_valid, r_max) for one slice: hs[p, :r_l] = xg[p] A[l, :r_l]ᵀ.
 at::Tensor shrink_sorted(const at::Tensor& xg, const at::Tensor& a3, const HostGroups& g, at::ScalarType acc) {
-  const int64_t L = a3.size(0), r_max = a3.size(1);
+  const int64_t r_max = a3.size(1);
   at::Tensor hs = at::zeros({g.n_valid, r_max}, xg.options().dtype(acc));
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t n = g.offsets[l + 1] - g.offsets[l], r = g.ranks[l];
-    if (n == 0 || r == 0) continue;
-    mm_into(hs.narrow(0, g.offsets[l], n).narrow(1, 0, r), xg.narrow(0, g.offsets[l], n),
-            a3[l].narrow(0, 0, r).to(acc));
-  }
+  for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
+    if (r == 0) return;
+    mm_into(hs.narrow(0, p0, n).narrow(1, 0, r), xg.narrow(0, p0, n), a3[l].narrow(0, 0, r).to(acc));
+  });
   return hs;
 }
 
 // delta[p, cols] = s_l · hs[p, :r_l] B[l, cols, :r_l]ᵀ for one slice's columns.
 void expand_sorted(at::Tensor delta_cols, const at::Tensor& hs, const at::Tensor& b_cols, const HostGroups& g,
                    const std::vector<double>& scales, at::ScalarType acc) {
-  const int64_t L = b_cols.size(0);
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t n = g.offsets[l + 1] - g.offsets[l], r = g.ranks[l];
-    if (n == 0) continue;
-    at::Tensor dst = delta_cols.narrow(0, g.offsets[l], n);
+  for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
+    at::Tensor dst = delta_cols.narrow(0, p0, n);
     if (r == 0 || scales[l] == 0.0) {
       dst.zero_();
-      continue;
+      return;
     }
-    mm_into(dst, hs.narrow(0, g.offsets[l], n).narrow(1, 0, r) * scales[l], b_cols[l].narrow(1, 0, r).to(acc));
-  }
+    mm_into(dst, hs.narrow(0, p0, n).narrow(1, 0, r) * scales[l], b_cols[l].narrow(1, 0, r).to(acc));
+  });
 }
 
-// y[idx] += delta, rounding once to y's dtype.
+// y[idx[p]] += delta[p] for every sorted position p, rounding once to y's dtype. Tokens are
+// distinct, so rows are independent and the loop runs in parallel. y's rows must be
+// contiguous (stride(1) == 1); delta is in y's accumulation dtype.
 void scatter_add_rows(at::Tensor& y2, const at::Tensor& idx, const at::Tensor& delta) {
-  if (idx.numel() == 0) return;
-  if (y2.scalar_type() == delta.scalar_type()) {
-    y2.index_add_(0, idx, delta);
-  } else {
-    y2.index_copy_(0, idx, (y2.index_select(0, idx).to(delta.scalar_type()) + delta).to(y2.scalar_type()));
-  }
+  const int64_t n = idx.numel(), cols = delta.size(1);
+  if (n == 0 || cols == 0) return;
+  const at::Tensor d = delta.contiguous();
+  const at::Tensor ix = idx.contiguous();
+  const int64_t* ip = ix.data_ptr<int64_t>();
+  const int64_t ldy = y2.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y2.scalar_type(), "multi_lora_scatter_add_rows", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    TORCH_INTERNAL_ASSERT(d.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
+    scalar_t* yp = y2.data_ptr<scalar_t>();
+    const acc_t* dp = d.data_ptr<acc_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        scalar_t* yr = yp + ip[p] * ldy;
+        const acc_t* dr = dp + p * cols;
+        for (int64_t c = 0; c < cols; ++c) yr[c] = static_cast<scalar_t>(static_cast<acc_t>(yr[c]) + dr[c]);
+      }
+    });
+  });
 }
 
 }  // namespace
@@ -199,7 +233,9 @@ multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
       check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks);
   check_backward_extras(op, grad_out, hidden, x, sh);
   check_segments(token_order, adapter_offsets, x, sh.tokens, sh.num_adapters, op);
-  const auto [want_x, want_w, want_bias, want_a, want_b, want_s] = mask;
+  // Plain bools, not structured bindings: the per-adapter lambda captures them.
+  const bool want_x = mask[0], want_w = mask[1], want_bias = mask[2], want_a = mask[3], want_b = mask[4],
+             want_s = mask[5];
   const auto acc = multi_lora_acc_dtype(x);
   const auto acc_opts = x.options().dtype(acc);
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
@@ -223,13 +259,12 @@ multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
       const at::Tensor hg = hid.index_select(0, g.idx);
       at::Tensor xg;
       if (want_a) xg = x2.index_select(0, g.idx).to(acc);
-      for (int64_t l = 0; l < sh.num_adapters; ++l) {
-        const int64_t p0 = g.offsets[l], n = g.offsets[l + 1] - p0, r = g.ranks[l];
-        if (n == 0 || r == 0) continue;
+      for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
+        if (r == 0) return;
         const at::Tensor dy_l = dyg.narrow(0, p0, n), h_l = hg.narrow(0, p0, n).narrow(1, 0, r);
         const at::Tensor b_l = lora_b[l].narrow(1, 0, r).to(acc);  // (out, r)
         if (want_b) gb_acc[l].narrow(1, 0, r).copy_(at::mm(dy_l.t(), h_l) * sc[l]);
-        if (!(want_a || want_s || want_x)) continue;
+        if (!(want_a || want_s || want_x)) return;
         const at::Tensor dh = at::mm(dy_l, b_l);  // ∂L/∂(s·h): (n, r)
         if (want_s) gs_acc[l] = (dh * h_l).sum();
         const at::Tensor du = dh * sc[l];  // ∂L/∂h
@@ -238,7 +273,7 @@ multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
           at::Tensor dst = dxd.narrow(0, p0, n);
           at::mm_out(dst, du, lora_a[l].narrow(0, 0, r).to(acc));
         }
-      }
+      });
     }
     if (want_x) {
       scatter_add_rows(dx, g.idx, dxd);
