@@ -208,12 +208,18 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
   at::Tensor hidden = at::zeros({sh.tokens, sh.r_max}, x.options().dtype(acc));
   const HostGroups g = host_groups(order, offsets, ranks, sh.num_adapters, sh.r_max);
   if (g.n_valid > 0) {
-    const at::Tensor xg = x2.index_select(0, g.idx).to(acc);
-    const at::Tensor hs = shrink_sorted(xg, lora_a, g, acc);
-    hidden.index_copy_(0, g.idx, hs);
-    at::Tensor delta = at::empty({g.n_valid, sh.out_features}, x.options().dtype(acc));
-    expand_sorted(delta, hs, lora_b, g, host_scales(scales), acc);
-    scatter_add_rows(y, g.idx, delta);
+    // One adapter per task, start to finish: its tokens' rows of x (gathered), hidden and
+    // update all stay in cache, and the update is added straight into y's rows, so no
+    // batch-sized gathered copy or update buffer is ever written.
+    const std::vector<double> sc = host_scales(scales);
+    for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
+      if (r == 0) return;
+      const at::Tensor idx_l = g.idx.narrow(0, p0, n);
+      const at::Tensor h = at::mm(x2.index_select(0, idx_l).to(acc), lora_a[l].narrow(0, 0, r).to(acc).t());
+      hidden.narrow(1, 0, r).index_copy_(0, idx_l, h);
+      if (sc[l] == 0.0) return;
+      scatter_add_rows(y, idx_l, at::mm(h * sc[l], lora_b[l].narrow(1, 0, r).to(acc).t()));
+    });
   }
   std::vector<int64_t> ys(x.sizes().begin(), x.sizes().end()), hsz = ys;
   ys.back() = sh.out_features;
