@@ -126,6 +126,7 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(MultiLoraShrinkParams 
       for (int i = 0; i < NPT; ++i) {
         const int idx = tid + i * kThreads;
         const int tt = idx / RC, jj = idx % RC;
+        if (r0 + jj >= r) continue;  // lanes past this adapter's rank: no work (warp-uniform for r % 32 == 0)
         float sum = acc[i];
 #pragma unroll 16
         for (int kk = 0; kk < KC; ++kk) sum += xs[tt][kk] * as[jj][kk];
@@ -195,8 +196,9 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(MultiLoraExpandParams 
       bs[nn][jj] = (n < n_end && j < r) ? to_float(b[n * r_max + j]) : 0.f;
     }
     __syncthreads();
+    const int jmax = (r - r0 < RC) ? static_cast<int>(r - r0) : RC;  // this adapter's rank only
 #pragma unroll 8
-    for (int jj = 0; jj < RC; ++jj) {
+    for (int jj = 0; jj < jmax; ++jj) {
       const float bv = bs[col][jj];
 #pragma unroll
       for (int i = 0; i < RPT; ++i) acc[i] += hs[rgrp + i * (kThreads / TN)][jj] * bv;
@@ -265,6 +267,7 @@ __global__ void __launch_bounds__(kThreads) grad_out_kernel(MultiLoraGradOutPara
       for (int i = 0; i < NPT_H; ++i) {
         const int idx = tid + i * kThreads;
         const int tt = idx / RC, jj = idx % RC;
+        if (r0 + jj >= r) continue;
         float sum = 0.f;
 #pragma unroll 16
         for (int nn = 0; nn < TN; ++nn) sum += dys[tt][nn] * bs[nn][jj];
@@ -277,6 +280,7 @@ __global__ void __launch_bounds__(kThreads) grad_out_kernel(MultiLoraGradOutPara
       for (int i = 0; i < NPT_B; ++i) {
         const int idx = tid + i * kThreads;
         const int nn = idx / RC, jj = idx % RC;
+        if (r0 + jj >= r) continue;
         float sum = 0.f;
 #pragma unroll 16
         for (int tt = 0; tt < TM; ++tt) sum += dys[tt][nn] * hs[tt][jj];
@@ -344,7 +348,8 @@ __global__ void __launch_bounds__(kThreads) grad_in_kernel(MultiLoraGradInParams
       for (int gi = 0; gi < GROUPS; ++gi) {
         const int gidx = tid + gi * kThreads;
         const int row = gidx >> 3, grp = gidx & 7;
-        for (int jj = 0; jj < RC; ++jj) {
+        const int jmax = (r - r0 < RC) ? static_cast<int>(r - r0) : RC;
+        for (int jj = 0; jj < jmax; ++jj) {
           const float u = us[row][jj];
 #pragma unroll
           for (int e = 0; e < 8; ++e) dacc[gi][e] += u * as[jj][grp * 8 + e];
@@ -356,6 +361,7 @@ __global__ void __launch_bounds__(kThreads) grad_in_kernel(MultiLoraGradInParams
       for (int i = 0; i < NPT_A; ++i) {
         const int idx = tid + i * kThreads;
         const int jj = idx / TK, kk = idx % TK;
+        if (r0 + jj >= r) continue;
         float sum = 0.f;
 #pragma unroll 16
         for (int tt = 0; tt < TM; ++tt) sum += us[tt][jj] * xs[tt][kk];

@@ -36,7 +36,7 @@ def _shrink_fake(x, lora_a, adapter_ids, token_order, adapter_offsets, ranks):
                                                  "(S, L, r_max, in)")
     torch._check(lora_a.shape[-1] == x.shape[-1], lambda: "lrkernels.lora_shrink: lora_a's last dim must be "
                                                           "in_features")
-    tokens = x.numel() // x.shape[-1] if x.shape[-1] != 0 else adapter_ids.numel()
+    tokens = x.shape[:-1].numel()
     shape = (tokens, lora_a.shape[-2]) if lora_a.dim() == 3 else (lora_a.shape[0], tokens, lora_a.shape[-2])
     return x.new_empty(shape, dtype=_acc_dtype(x))
 
@@ -170,13 +170,15 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, r
 def lora_shrink(x, lora_a, adapter_ids, segments: MultiLoraSegments, ranks=None):
     """``hidden[s, t, :r_a] = x_t A[s, a_t, :r_a]ᵀ`` in float32 (float64 for float64 x).
 
+    x ``(T, in)`` (or ``(..., in)`` with adapter_ids of the leading shape), segments from
+    :func:`multi_lora_segments` on the same ids.
+
     lora_a ``(L, r_max, in)`` gives hidden ``(T, r_max)``; ``(S, L, r_max, in)`` gives
     ``(S, T, r_max)`` for S output slices sharing one read of x (fused QKV, gate/up).
     Entries past an adapter's rank, and rows of base-only tokens, are zero. Inference
     building block: not differentiable.
     """
-    return _shrink(x, lora_a, adapter_ids.reshape(-1) if x.dim() == 2 else adapter_ids,
-                   segments.token_order, segments.adapter_offsets, ranks)
+    return _shrink(x, lora_a, adapter_ids, segments.token_order, segments.adapter_offsets, ranks)
 
 
 def lora_expand_(y, hidden, lora_b, adapter_ids, segments: MultiLoraSegments, *, scales, ranks=None,
