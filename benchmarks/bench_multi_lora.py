@@ -136,6 +136,52 @@ def _train_case(name, T, din, dout, L, r, device, dtype):
                 flops=3 * 2 * T * din * dout, note="fwd+bwd, base weight frozen: grads for x, lora_a, lora_b")
 
 
+class _ZeroBase(nn.Module):
+    """Stands in for PEFT's base layer so that only its adapter path is timed."""
+
+    def __init__(self, out_features):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def _adapter_path_case(name, T, din, dout, L, r, device, dtype, note=""):
+    """The part that differs between implementations: everything but the base GEMM. PEFT's
+    layer gets a base layer that only allocates zeros; lrkernels groups the tokens and runs
+    shrink + expand into a zero output."""
+    def build():
+        import lrkernels
+
+        d = _make(T, din, dout, L, r, dtype, device)
+        x, la, lb, ids, sc = d["x"], d["lora_a"], d["lora_b"], d["ids"], d["scales"]
+
+        def ml():
+            y = torch.zeros(T, dout, dtype=dtype, device=device)
+            seg = lrkernels.multi_lora_segments(ids, L)
+            lrkernels.lora_expand_(y, lrkernels.lora_shrink(x, la, ids, seg), lb, ids, seg, scales=sc)
+            return y
+
+        c = {"lrkernels": ml}
+        try:
+            layer = _peft_layer(d, L, r, device, dtype)
+            layer.base_layer = _ZeroBase(dout)
+            names = [f"a{i}" for i in ids.tolist()]
+
+            def peft_mixed():
+                with torch.no_grad():
+                    return layer(x, adapter_names=names)
+
+            c["peft_mixed_batch_adapter_path"] = peft_mixed
+        except ImportError as e:
+            c["peft_mixed_batch_adapter_path"] = f"peft not installed ({e})"
+        return c
+
+    return Case(name=name, setup=build, subject="lrkernels", baselines=["peft_mixed_batch_adapter_path"],
+                flops=4 * T * r * (din + dout), targets={"peft_mixed_batch_adapter_path": 0.5}, note=note)
+
+
 def _mixed_rank_case(name, T, din, dout, device, dtype, ranks_cycle=(8, 16, 64), note=""):
     """The low-rank path alone (shrink + expand) for a batch mixing ranks, against the same
     tokens split into one batch per rank, each padded only to its own rank."""
@@ -204,6 +250,9 @@ def cases(device: str, quick: bool) -> list:
             _forward_case("issue-cpu 2048tok/8 adapters 1024->1024 r16 fp32 fwd", 2048, 1024, 1024, 8, 16, "cpu",
                           torch.float32, {"peft_mixed_batch": 0.5, "lora_linear_single_adapter": 1.3},
                           note="Targets: >= 2x faster than PEFT mixed batch; <= 1.3x a single-adapter lora_linear."),
+            _adapter_path_case("issue-cpu adapter path only 2048tok/8 adapters 1024->1024 r16 fp32", 2048, 1024,
+                               1024, 8, 16, "cpu", torch.float32,
+                               note="Base GEMM excluded on both sides (PEFT's base layer returns zeros)."),
             _forward_case("llama7b-q 512tok/16 adapters 4096->4096 r16 fp32 fwd", 512 if not quick else 128, 4096,
                           4096, 16, 16, "cpu", torch.float32, {}),
             _train_case("train 1024tok/4 adapters 1024->1024 r16 fp32 fwd+bwd", 1024 if not quick else 256, 1024,

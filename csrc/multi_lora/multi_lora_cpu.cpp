@@ -51,15 +51,6 @@ std::vector<double> host_scales(const at::Tensor& scales) {
   return std::vector<double>(s.data_ptr<double>(), s.data_ptr<double>() + s.numel());
 }
 
-// out = a @ bᵀ written into a (possibly column-narrowed) block of a buffer.
-void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
-  if (out.is_contiguous()) {
-    at::mm_out(out, a, b.t());  // out is a contiguous block of the buffer: written in place
-  } else {
-    out.copy_(at::mm(a, b.t()));
-  }
-}
-
 // Runs fn(l, first sorted position, token count, rank) for every adapter with tokens, in
 // parallel across adapters (the blocks each call writes are disjoint).
 template <typename F>
@@ -74,30 +65,6 @@ void for_each_adapter(const HostGroups& g, const F& fn) {
       const int64_t n = g.offsets[l + 1] - g.offsets[l];
       if (n > 0) fn(l, g.offsets[l], n, g.ranks[l]);
     }
-  });
-}
-
-// Sorted hidden rows (n_valid, r_max) for one slice: hs[p, :r_l] = xg[p] A[l, :r_l]ᵀ.
-at::Tensor shrink_sorted(const at::Tensor& xg, const at::Tensor& a3, const HostGroups& g, at::ScalarType acc) {
-  const int64_t r_max = a3.size(1);
-  at::Tensor hs = at::zeros({g.n_valid, r_max}, xg.options().dtype(acc));
-  for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
-    if (r == 0) return;
-    mm_into(hs.narrow(0, p0, n).narrow(1, 0, r), xg.narrow(0, p0, n), a3[l].narrow(0, 0, r).to(acc));
-  });
-  return hs;
-}
-
-// delta[p, cols] = s_l · hs[p, :r_l] B[l, cols, :r_l]ᵀ for one slice's columns.
-void expand_sorted(at::Tensor delta_cols, const at::Tensor& hs, const at::Tensor& b_cols, const HostGroups& g,
-                   const std::vector<double>& scales, at::ScalarType acc) {
-  for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
-    at::Tensor dst = delta_cols.narrow(0, p0, n);
-    if (r == 0 || scales[l] == 0.0) {
-      dst.zero_();
-      return;
-    }
-    mm_into(dst, hs.narrow(0, p0, n).narrow(1, 0, r) * scales[l], b_cols[l].narrow(1, 0, r).to(acc));
   });
 }
 
@@ -153,10 +120,16 @@ at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_a, const 
   const auto acc = multi_lora_acc_dtype(x);
   const HostGroups g = host_groups(token_order, adapter_offsets, ranks, L, r_max);
   at::Tensor hidden = at::zeros({S, T, r_max}, x.options().dtype(acc));
-  if (g.n_valid > 0) {
-    const at::Tensor xg = x.reshape({T, in}).index_select(0, g.idx).to(acc);
-    for (int64_t s = 0; s < S; ++s) hidden[s].index_copy_(0, g.idx, shrink_sorted(xg, a4[s], g, acc));
-  }
+  const at::Tensor x2 = x.reshape({T, in});
+  // One task per adapter: gather its rows of x once, then one GEMM per slice at its own rank.
+  for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
+    if (r == 0) return;
+    const at::Tensor idx_l = g.idx.narrow(0, p0, n);
+    const at::Tensor xg = x2.index_select(0, idx_l).to(acc);
+    for (int64_t s = 0; s < S; ++s) {
+      hidden[s].narrow(1, 0, r).index_copy_(0, idx_l, at::mm(xg, a4[s][l].narrow(0, 0, r).to(acc).t()));
+    }
+  });
   return sliced ? hidden : hidden[0];
 }
 
@@ -173,16 +146,21 @@ void lora_expand_cpu(at::Tensor& y, const at::Tensor& hidden, const at::Tensor& 
   const HostGroups g = host_groups(token_order, adapter_offsets, ranks, L, r_max);
   if (g.n_valid == 0 || out_total == 0) return;
   const std::vector<double> sc = host_scales(scales);
-  at::Tensor delta = at::empty({g.n_valid, out_total}, y.options().dtype(acc));
-  int64_t col = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    if (sizes[s] > 0) {
-      expand_sorted(delta.narrow(1, col, sizes[s]), h3[s].index_select(0, g.idx),
-                    lora_b.narrow(1, col, sizes[s]), g, sc, acc);
+  // One task per adapter: its tokens' hidden rows, then per slice one GEMM at its own rank
+  // whose rows are added straight into y's rows of that slice.
+  for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
+    if (r == 0 || sc[l] == 0.0) return;
+    const at::Tensor idx_l = g.idx.narrow(0, p0, n);
+    int64_t col = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      if (sizes[s] > 0) {
+        const at::Tensor h = h3[s].index_select(0, idx_l).narrow(1, 0, r) * sc[l];
+        at::Tensor y_cols = y.narrow(1, col, sizes[s]);
+        scatter_add_rows(y_cols, idx_l, at::mm(h, lora_b[l].narrow(0, col, sizes[s]).narrow(1, 0, r).to(acc).t()));
+      }
+      col += sizes[s];
     }
-    col += sizes[s];
-  }
-  scatter_add_rows(y, g.idx, delta);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
