@@ -401,6 +401,15 @@ def test_peft_rows_of_sequences():
     torch.testing.assert_close(y, y_peft, rtol=1e-5, atol=1e-5)
 
 
+def test_peft_converter_rejects_what_it_cannot_represent():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_Tiny(), peft.LoraConfig(r=4, target_modules=["up"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        lrkernels.nn.multi_lora_from_peft(model)
+    with pytest.raises(ValueError, match="no PEFT LoRA Linear layer"):
+        lrkernels.nn.multi_lora_from_peft(_Tiny(), adapter_names=["a"])
+
+
 # ---------------------------------------------------------------------------- MultiLoRALinear
 
 def test_module_trains_several_adapters_in_one_batch():

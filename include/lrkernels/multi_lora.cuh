@@ -25,53 +25,12 @@
 #include "lrkernels/common/macros.h"
 #include "lrkernels/common/math.cuh"
 #include "lrkernels/multi_lora_params.h"
+#include "lrkernels/multi_lora_tiles.h"
 
 namespace lrkernels {
 namespace multi_lora {
 
 constexpr int kThreads = 256;
-
-// Rank of adapter l, clamped to [0, r_max] (ranks are not validated on the device).
-__device__ __forceinline__ int64_t adapter_rank(const MultiLoraSegmentsView& s, int64_t l) {
-  if (s.ranks == nullptr) return s.r_max;
-  const int64_t r = s.ranks[l];
-  return r < 0 ? 0 : (r > s.r_max ? s.r_max : r);
-}
-
-__device__ __forceinline__ int64_t clamp_offset(const MultiLoraSegmentsView& s, int64_t l) {
-  const int64_t v = s.adapter_offsets[l];
-  return v < 0 ? 0 : (v > s.tokens ? s.tokens : v);
-}
-
-// Maps tile number `tile` to (adapter, first sorted position, token count); false when the
-// tile is past the batch's real tile count.
-template <int TM>
-__device__ __forceinline__ bool find_tile(const MultiLoraSegmentsView& s, int64_t tile, int64_t& adapter,
-                                          int64_t& pos0, int& count) {
-  int64_t lo = clamp_offset(s, 0);
-  for (int64_t l = 0; l < s.num_adapters; ++l) {
-    int64_t hi = clamp_offset(s, l + 1);
-    if (hi < lo) hi = lo;
-    const int64_t tiles = (hi - lo + TM - 1) / TM;
-    if (tile < tiles) {
-      adapter = l;
-      pos0 = lo + tile * TM;
-      const int64_t n = hi - pos0;
-      count = static_cast<int>(n < TM ? n : TM);
-      return true;
-    }
-    tile -= tiles;
-    lo = hi;
-  }
-  return false;
-}
-
-// Token at sorted position pos0 + i of a tile, or -1 (past the tile, or a bad token id).
-__device__ __forceinline__ int64_t tile_token(const MultiLoraSegmentsView& s, int64_t pos0, int i, int count) {
-  if (i >= count) return -1;
-  const int64_t t = s.token_order[pos0 + i];
-  return (t >= 0 && t < s.tokens) ? t : -1;
-}
 
 // ---------------------------------------------------------------------------------------
 // Shrink. Block: TM = 32 tokens of one adapter × one slice × one K range (grid.y).
@@ -159,20 +118,8 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(MultiLoraExpandParams 
   if (!find_tile<TM>(p.seg, blockIdx.x, l, pos0, count)) return;
   const int64_t r = adapter_rank(p.seg, l);
   if (r == 0) return;
-  // Column tile -> (slice, first column, end of the slice).
-  int64_t ytile = blockIdx.y, s = -1, n0 = 0, n_end = 0;
-  for (int64_t i = 0; i < p.slices; ++i) {
-    const int64_t width = p.slice_start[i + 1] - p.slice_start[i];
-    const int64_t tiles = (width + TN - 1) / TN;
-    if (ytile < tiles) {
-      s = i;
-      n0 = p.slice_start[i] + ytile * TN;
-      n_end = p.slice_start[i + 1];
-      break;
-    }
-    ytile -= tiles;
-  }
-  if (s < 0) return;
+  int64_t s, n0, n_end;
+  if (!find_column_tile<TN>(p.slice_start, p.slices, blockIdx.y, s, n0, n_end)) return;
   const int tid = threadIdx.x;
   const int col = tid % TN, rgrp = tid / TN;
   const int64_t r_max = p.seg.r_max;
@@ -392,15 +339,6 @@ __global__ void __launch_bounds__(kThreads) grad_in_kernel(MultiLoraGradInParams
 
 inline unsigned ceil_div_u(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
-// Upper bound on the number of TM-token tiles the grouping can produce.
-inline int64_t worst_case_tiles(int64_t tokens, int64_t num_adapters, int64_t tm) {
-  const int64_t nonempty = num_adapters < tokens ? num_adapters : tokens;
-  const int64_t bound = (tokens + tm - 1) / tm + nonempty;
-  return bound < tokens ? bound : tokens;
-}
-
-// Rank-chunk switch with a floor: the shrink/grad kernels need RC ≥ 8·(256 / (TM·8)) lanes to
-// give every thread work; LRK_RANK_CHUNK_SWITCH already starts at 8, which suffices.
 template <typename T>
 cudaError_t launch_shrink(MultiLoraShrinkParams p, cudaStream_t stream) {
   const int64_t T_ = p.seg.tokens;
@@ -408,12 +346,8 @@ cudaError_t launch_shrink(MultiLoraShrinkParams p, cudaStream_t stream) {
   constexpr int64_t kTM = 32, kKC = 64;
   const int64_t tiles = worst_case_tiles(T_, p.seg.num_adapters, kTM);
   // Split K until the grid has a few waves' worth of blocks (decode: few tiles).
-  const int64_t k_chunks = (p.in_features + kKC - 1) / kKC;
-  int64_t splits = (1024 + tiles * p.slices - 1) / (tiles * p.slices);
-  if (splits > k_chunks) splits = k_chunks;
-  if (splits < 1) splits = 1;
-  p.k_split = ((k_chunks + splits - 1) / splits) * kKC;
-  splits = (p.in_features + p.k_split - 1) / p.k_split;
+  p.k_split = shrink_k_split(p.in_features, tiles, p.slices, kKC, 1024);
+  const int64_t splits = (p.in_features + p.k_split - 1) / p.k_split;
   if (tiles > 0x7fffffffLL || splits > 65535 || p.slices > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(p.slices));
   return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 64, RC, [&] {

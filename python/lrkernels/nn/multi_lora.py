@@ -131,9 +131,17 @@ def multi_lora_from_peft(peft_model: nn.Module, adapter_names: Optional[Sequence
     for qualname, layer in targets:
         if getattr(layer, "merged", False):
             raise ValueError(f"multi_lora_from_peft: {qualname} has merged adapters; unmerge them first")
+        if getattr(layer, "fan_in_fan_out", False):
+            raise ValueError(f"multi_lora_from_peft: {qualname} is fan_in_fan_out (Conv1D-style); not supported")
         for n in names:
             if n in getattr(layer, "use_dora", {}) and layer.use_dora[n]:
                 raise ValueError(f"multi_lora_from_peft: {qualname} adapter {n!r} uses DoRA, which is not supported")
+            if getattr(layer, "lora_bias", {}).get(n, False):
+                raise ValueError(f"multi_lora_from_peft: {qualname} adapter {n!r} has a LoRA bias, which is not "
+                                 "supported")
+            if n in getattr(layer, "lora_variant", {}):
+                raise ValueError(f"multi_lora_from_peft: {qualname} adapter {n!r} is a LoRA variant "
+                                 f"({type(layer.lora_variant[n]).__name__}); only plain LoRA is supported")
         present = [n for n in names if n in layer.lora_A]
         ranks = [layer.r[n] if n in present else 1 for n in names]
         r_max = max(ranks)
