@@ -1,20 +1,20 @@
-// Multi-LoRA on CPU. The tokens of the batch are gathered once in adapter order (one
-// index_select of x), each adapter's segment is then a contiguous block on which the low-rank
-// GEMMs run at that adapter's own rank, and the result is added back once, row by row. So the
-// cost is one small GEMM pair per adapter present in the batch plus one gather and one
-// scatter, not one masked pass over the whole batch per adapter. The per-adapter GEMMs are
-// skinny (K or N = r): they run in parallel across adapters, each single-threaded, rather than
-// one after another with every thread meeting at a barrier per GEMM. Low-rank arithmetic runs
-// in the accumulation dtype (float64 for float64 inputs, float32 otherwise).
+// Multi-LoRA on CPU. The grouping (multi_lora_segments) lists each adapter's tokens
+// contiguously; one task per adapter present in the batch then gathers its tokens' rows of x,
+// runs the two low-rank GEMMs at that adapter's own rank and adds the update straight into
+// its tokens' rows of y. So the cost is one small GEMM pair per adapter, not one masked pass
+// over the whole batch per adapter, and no batch-sized gathered or update buffer is written.
+// The per-adapter GEMMs are skinny (K or N = r): the tasks run in parallel across adapters,
+// each single-threaded, rather than one after another with every thread meeting at a
+// barrier per GEMM. Low-rank arithmetic runs in the accumulation dtype (float64 for float64
+// inputs, float32 otherwise).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "multi_lora/multi_lora_checks.h"
@@ -233,41 +233,29 @@ multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
   if (want_a || want_b || want_s || want_x) {
     const HostGroups g = host_groups(token_order, adapter_offsets, ranks, sh.num_adapters, sh.r_max);
     const std::vector<double> sc = host_scales(scales);
-    at::Tensor ga_acc, gb_acc, gs_acc, dxd;
+    at::Tensor ga_acc, gb_acc, gs_acc;
     if (want_a) ga_acc = at::zeros({sh.num_adapters, sh.r_max, sh.in_features}, acc_opts);
     if (want_b) gb_acc = at::zeros({sh.num_adapters, sh.out_features, sh.r_max}, acc_opts);
     if (want_s) gs_acc = at::zeros({sh.num_adapters}, acc_opts);
-    if (want_x) dxd = at::zeros({g.n_valid, sh.in_features}, acc_opts);
-    if (g.n_valid > 0) {
-      const at::Tensor dyg = dy2.index_select(0, g.idx).to(acc);
-      const at::Tensor hg = hid.index_select(0, g.idx);
-      at::Tensor xg;
-      if (want_a) xg = x2.index_select(0, g.idx).to(acc);
-      for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
-        if (r == 0) return;
-        const at::Tensor dy_l = dyg.narrow(0, p0, n), h_l = hg.narrow(0, p0, n).narrow(1, 0, r);
-        const at::Tensor b_l = lora_b[l].narrow(1, 0, r).to(acc);  // (out, r)
-        if (want_b) gb_acc[l].narrow(1, 0, r).copy_(at::mm(dy_l.t(), h_l) * sc[l]);
-        if (!(want_a || want_s || want_x)) return;
-        const at::Tensor dh = at::mm(dy_l, b_l);  // ∂L/∂(s·h): (n, r)
-        if (want_s) gs_acc[l] = (dh * h_l).sum();
-        const at::Tensor du = dh * sc[l];  // ∂L/∂h
-        if (want_a) ga_acc[l].narrow(0, 0, r).copy_(at::mm(du.t(), xg.narrow(0, p0, n)));
-        if (want_x) {
-          at::Tensor dst = dxd.narrow(0, p0, n);
-          at::mm_out(dst, du, lora_a[l].narrow(0, 0, r).to(acc));
-        }
-      });
-    }
-    if (want_x) {
-      scatter_add_rows(dx, g.idx, dxd);
-      gx = dx.view(x.sizes());
-    }
+    // One task per adapter, as in the forward: its tokens' rows of dy, hidden (and x) are
+    // gathered, its gradients are whole per-adapter blocks, its grad_x rows are added in place.
+    for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
+      if (r == 0) return;
+      const at::Tensor idx_l = g.idx.narrow(0, p0, n);
+      const at::Tensor dy_l = dy2.index_select(0, idx_l).to(acc);                 // (n, out)
+      const at::Tensor h_l = hid.index_select(0, idx_l).narrow(1, 0, r);          // (n, r)
+      if (want_b) gb_acc[l].narrow(1, 0, r).copy_(at::mm(dy_l.t(), h_l) * sc[l]);
+      if (!(want_a || want_s || want_x)) return;
+      const at::Tensor dz = at::mm(dy_l, lora_b[l].narrow(1, 0, r).to(acc));  // ∂L/∂(s·h): (n, r)
+      if (want_s) gs_acc[l] = (dz * h_l).sum();
+      const at::Tensor du = dz * sc[l];                                          // ∂L/∂h
+      if (want_a) ga_acc[l].narrow(0, 0, r).copy_(at::mm(du.t(), x2.index_select(0, idx_l).to(acc)));
+      if (want_x) scatter_add_rows(dx, idx_l, at::mm(du, lora_a[l].narrow(0, 0, r).to(acc)));
+    });
+    if (want_x) gx = dx.view(x.sizes());
     if (want_a) ga = ga_acc.to(x.scalar_type());
     if (want_b) gb = gb_acc.to(x.scalar_type());
     if (want_s) gs = gs_acc.to(scales.scalar_type());
-  } else if (want_x) {
-    gx = dx.view(x.sizes());
   }
   return {gx, gw, gbias, ga, gb, gs};
 }
