@@ -85,9 +85,10 @@ class MultiLoRALinear(nn.Module):
 
 
 def set_multi_lora_batch(model: nn.Module, adapter_ids, num_adapters: Optional[int] = None):
-    """Give every MultiLoRALinear in `model` this batch's adapter ids (one per token, or one
-    per row of a (B, S, in) input; -1 = base model) and group the tokens by adapter once for
-    all of them. Pass ``adapter_ids=None`` to clear."""
+    """Give every MultiLoRALinear in `model` this batch's adapter ids (one per token, with the
+    leading shape of the layers' inputs, e.g. ``ids[:, None].expand(B, S)`` for one adapter per
+    row of a (B, S, in) batch; -1 = base model) and group the tokens by adapter once for all
+    of them. Pass ``adapter_ids=None`` to clear."""
     layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
     if adapter_ids is None:
         for m in layers:

@@ -152,8 +152,9 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, r
             x a ``(B,)`` tensor (one id per row) is broadcast over the row.
         scales: ``(L,)`` float tensor, e.g. ``alpha_l / r_l``. Differentiable.
         ranks: ``(L,)`` int tensor or None (all r_max). An adapter costs its own rank only.
-        segments: the batch's :func:`multi_lora_segments`, to compute the grouping once for
-            all layers of a forward pass; None groups here.
+        segments: the batch's :func:`multi_lora_segments` of the per-token ids (x's leading
+            shape), to compute the grouping once for all layers of a forward pass; None
+            groups here.
 
     On CPU an adapter id outside ``[-1, L)`` or a rank outside ``[0, r_max]`` raises
     ValueError. On CUDA (no host synchronisation) such ids are treated as -1 and ranks are
