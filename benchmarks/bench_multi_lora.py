@@ -184,7 +184,9 @@ def _adapter_path_case(name, T, din, dout, L, r, device, dtype, note=""):
 
 def _mixed_rank_case(name, T, din, dout, device, dtype, ranks_cycle=(8, 16, 64), note=""):
     """The low-rank path alone (shrink + expand) for a batch mixing ranks, against the same
-    tokens split into one batch per rank, each padded only to its own rank."""
+    tokens split into one batch per rank, each padded only to its own rank. The baseline's
+    batches are pre-grouped in set-up (contiguous x, own y), so the subject also pays the
+    gather/scatter that the baseline does not."""
     def build():
         import lrkernels
 
