@@ -590,6 +590,28 @@ def test_cuda_matches_cpu_kernel_and_blocks():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("r_max,ranks,slices", [(16, None, 1), (64, [64, 8, 16, 40], 1), (8, [8, 3, 1, 5], 2),
+                                                (100, [100, 33, 1, 64], 1)])
+def test_cuda_tensor_core_shrink_matches_simt_and_oracle(dtype, r_max, ranks, slices, monkeypatch):
+    # 600 tokens over 4 adapters: >= 32 per adapter, so fp16/bf16 take the tensor-core shrink
+    L = 4
+    cpu = make_inputs(600, 200, 72, L, r_max, torch.float64, ranks=ranks)
+    la = torch.stack([cpu["lora_a"]] * slices) if slices > 1 else cpu["lora_a"]
+    x = cpu["x"].to(dtype).cuda()
+    la_c = la.to(dtype).cuda()
+    ids = cpu["adapter_ids"].cuda()
+    rk = None if cpu["ranks"] is None else cpu["ranks"].cuda()
+    seg = SEG(ids, L)
+    h_tc = SHRINK(x, la_c, ids, seg[0], seg[1], rk)
+    monkeypatch.setenv("LRKERNELS_MULTI_LORA_SIMT_ONLY", "1")
+    h_simt = SHRINK(x, la_c, ids, seg[0], seg[1], rk)
+    torch.testing.assert_close(h_tc, h_simt, rtol=1e-4, atol=1e-4)
+    want = ref.lora_shrink(x.cpu().double(), la_c.cpu().double(), cpu["adapter_ids"], cpu["ranks"])
+    torch.testing.assert_close(h_tc.double().cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
 def test_cuda_out_of_range_ids_and_ranks_are_safe():
     a = make_inputs(40, 64, 48, 3, 8, torch.float32, ranks=[8, 3, 5])
     ac = _to(a, "cuda")

@@ -10,6 +10,8 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "common/cuda_dispatch.h"
 #include "lrkernels/multi_lora.cuh"
 #include "multi_lora/multi_lora_checks.h"
@@ -38,6 +40,17 @@ MultiLoraSegmentsView make_view(SegmentsKeep& keep, const at::Tensor& order, con
   return v;
 }
 
+// The tensor-core shrink pays off when tiles are full: fp16/bf16, sm_80+, and on average at
+// least 32 tokens per adapter (prefill). Decided from shapes only (no host sync).
+// LRKERNELS_MULTI_LORA_SIMT_ONLY=1 forces the SIMT kernel, e.g. to compare the two.
+bool shrink_on_tensor_cores(const at::Tensor& x2, const MultiLoraSegmentsView& seg) {
+  if (x2.scalar_type() == at::kFloat) return false;
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+  const char* simt_only = std::getenv("LRKERNELS_MULTI_LORA_SIMT_ONLY");
+  if (simt_only != nullptr && simt_only[0] == '1') return false;
+  return seg.tokens >= 32 * seg.num_adapters;
+}
+
 void run_shrink(const char* op, const at::Tensor& x2, const at::Tensor& a4, at::Tensor& hidden,
                 const MultiLoraSegmentsView& seg, cudaStream_t stream) {
   MultiLoraShrinkParams p;
@@ -47,6 +60,7 @@ void run_shrink(const char* op, const at::Tensor& x2, const at::Tensor& a4, at::
   p.in_features = x2.size(1);
   p.slices = a4.size(0);
   p.seg = seg;
+  p.use_tensor_cores = shrink_on_tensor_cores(x2, seg);
   LRK_DISPATCH_CUDA_FLOAT(x2.scalar_type(), op, [&] {
     LRK_CUDA_CHECK_LAUNCH(op, "shrink", multi_lora::launch_shrink<cuda_t>(p, stream));
   });

@@ -14,17 +14,20 @@
 // Rank handling: ranks are processed in chunks of RC lanes (a template constant chosen from
 // r_max) and each block loops only up to its own adapter's rank, so a rank-8 adapter in a
 // batch padded to r_max = 64 does an eighth of the work. fp32 accumulation throughout. These
-// are plain SIMT kernels (no tensor cores yet), written for a first GPU run to be right.
+// are plain SIMT kernels, written for a first GPU run to be right; the prefill shrink of
+// fp16/bf16 can instead run on tensor cores (multi_lora_tc.cuh), when the binding asks.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "lrkernels/common/cuda_check.cuh"
 #include "lrkernels/common/macros.h"
 #include "lrkernels/common/math.cuh"
 #include "lrkernels/multi_lora_params.h"
+#include "lrkernels/multi_lora_tc.cuh"
 #include "lrkernels/multi_lora_tiles.h"
 
 namespace lrkernels {
@@ -343,6 +346,9 @@ template <typename T>
 cudaError_t launch_shrink(MultiLoraShrinkParams p, cudaStream_t stream) {
   const int64_t T_ = p.seg.tokens;
   if (T_ == 0 || p.seg.num_adapters == 0 || p.in_features == 0) return cudaSuccess;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (p.use_tensor_cores) return launch_shrink_tc<T>(p, stream);
+  }
   constexpr int64_t kTM = 32, kKC = 64;
   const int64_t tiles = worst_case_tiles(T_, p.seg.num_adapters, kTM);
   // Split K until the grid has a few waves' worth of blocks (decode: few tiles).

@@ -34,6 +34,7 @@ struct MultiLoraShrinkParams {
   const void* a = nullptr;   // (S, L, r_max, in)
   float* hidden = nullptr;   // (S, T, r_max)
   int64_t in_features = 0, slices = 1, k_split = 0;  // k_split: K columns per grid.y block
+  bool use_tensor_cores = false;  // fp16/bf16 on sm_80+: the WMMA kernel of multi_lora_tc.cuh
   MultiLoraSegmentsView seg;
 };
 
