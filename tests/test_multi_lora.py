@@ -612,6 +612,41 @@ def test_cuda_tensor_core_shrink_matches_simt_and_oracle(dtype, r_max, ranks, sl
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("r_max,ranks,slices", [(16, None, None), (32, [32, 8, 16, 20], None),
+                                                (100, [100, 33, 1, 64], None), (8, [8, 3, 1, 5], [70, 40, 20])])
+def test_cuda_tensor_core_expand_matches_simt_and_oracle(dtype, r_max, ranks, slices, monkeypatch):
+    # 600 tokens over 4 adapters: >= 32 per adapter, so fp16/bf16 take the tensor-core expand
+    L, T = 4, 600
+    ids = torch.randint(-1, L, (T,))
+    S = 1 if slices is None else len(slices)
+    out_total = 130 if slices is None else sum(slices)
+    h = torch.randn(S, T, r_max, dtype=torch.float64)
+    rk = None if ranks is None else torch.tensor(ranks)
+    if rk is not None:  # entries past each rank are zero, as lora_shrink leaves them
+        for t in range(T):
+            if ids[t] >= 0:
+                h[:, t, rk[ids[t]]:] = 0
+    b = (torch.randn(L, out_total, r_max, dtype=torch.float64) / math.sqrt(r_max)).to(dtype)
+    scales = torch.tensor([0.5, 2.0, 1.0, 1.5])
+    y0 = torch.randn(T, out_total, dtype=torch.float64).to(dtype)
+    hc = (h if slices is not None else h[0]).float().cuda()
+    idc, seg = ids.cuda(), SEG(ids.cuda(), L)
+    rkc = None if rk is None else rk.cuda()
+    outs = []
+    for simt_only in ("0", "1"):
+        monkeypatch.setenv("LRKERNELS_MULTI_LORA_SIMT_ONLY", simt_only)
+        y = y0.cuda()
+        EXPAND(y, hc, b.cuda(), idc, seg[0], seg[1], scales.cuda(), rkc, slices)
+        outs.append(y.cpu())
+    torch.testing.assert_close(outs[0], outs[1])  # within one rounding of the output dtype
+    want = ref.lora_expand(y0, hc.cpu(), b, ids, scales=scales, ranks=rk, slice_sizes=slices)
+    low = ref.lora_expand(y0, hc.cpu(), b, ids, scales=scales, ranks=rk, slice_sizes=slices,
+                          dtype=torch.float32).to(dtype)
+    assert_close_to_oracle(outs[0], want, low, name="tensor-core expand")
+
+
+@pytest.mark.cuda
 def test_cuda_out_of_range_ids_and_ranks_are_safe():
     a = make_inputs(40, 64, 48, 3, 8, torch.float32, ranks=[8, 3, 5])
     ac = _to(a, "cuda")

@@ -40,11 +40,11 @@ MultiLoraSegmentsView make_view(SegmentsKeep& keep, const at::Tensor& order, con
   return v;
 }
 
-// The tensor-core shrink pays off when tiles are full: fp16/bf16, sm_80+, and on average at
+// The tensor-core kernels pay off when tiles are full: fp16/bf16, sm_80+, and on average at
 // least 32 tokens per adapter (prefill). Decided from shapes only (no host sync).
-// LRKERNELS_MULTI_LORA_SIMT_ONLY=1 forces the SIMT kernel, e.g. to compare the two.
-bool shrink_on_tensor_cores(const at::Tensor& x2, const MultiLoraSegmentsView& seg) {
-  if (x2.scalar_type() == at::kFloat) return false;
+// LRKERNELS_MULTI_LORA_SIMT_ONLY=1 forces the SIMT kernels, e.g. to compare the two.
+bool on_tensor_cores(const at::Tensor& t, const MultiLoraSegmentsView& seg) {
+  if (t.scalar_type() == at::kFloat) return false;
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
   const char* simt_only = std::getenv("LRKERNELS_MULTI_LORA_SIMT_ONLY");
   if (simt_only != nullptr && simt_only[0] == '1') return false;
@@ -60,7 +60,7 @@ void run_shrink(const char* op, const at::Tensor& x2, const at::Tensor& a4, at::
   p.in_features = x2.size(1);
   p.slices = a4.size(0);
   p.seg = seg;
-  p.use_tensor_cores = shrink_on_tensor_cores(x2, seg);
+  p.use_tensor_cores = on_tensor_cores(x2, seg);
   LRK_DISPATCH_CUDA_FLOAT(x2.scalar_type(), op, [&] {
     LRK_CUDA_CHECK_LAUNCH(op, "shrink", multi_lora::launch_shrink<cuda_t>(p, stream));
   });
@@ -80,6 +80,7 @@ void run_expand(const char* op, at::Tensor& y2, const at::Tensor& hidden, const 
   p.slice_start[0] = 0;
   for (size_t s = 0; s < slice_sizes.size(); ++s) p.slice_start[s + 1] = p.slice_start[s] + slice_sizes[s];
   p.seg = seg;
+  p.use_tensor_cores = on_tensor_cores(y2, seg);
   LRK_DISPATCH_CUDA_FLOAT(y2.scalar_type(), op, [&] {
     LRK_CUDA_CHECK_LAUNCH(op, "expand", multi_lora::launch_expand<cuda_t>(p, stream));
   });

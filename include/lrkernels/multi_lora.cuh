@@ -14,8 +14,9 @@
 // Rank handling: ranks are processed in chunks of RC lanes (a template constant chosen from
 // r_max) and each block loops only up to its own adapter's rank, so a rank-8 adapter in a
 // batch padded to r_max = 64 does an eighth of the work. fp32 accumulation throughout. These
-// are plain SIMT kernels, written for a first GPU run to be right; the prefill shrink of
-// fp16/bf16 can instead run on tensor cores (multi_lora_tc.cuh), when the binding asks.
+// are plain SIMT kernels, written for a first GPU run to be right; the prefill shrink and
+// expand of fp16/bf16 can instead run on tensor cores (multi_lora_tc.cuh), when the binding
+// asks.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -366,6 +367,9 @@ template <typename T>
 cudaError_t launch_expand(const MultiLoraExpandParams& p, cudaStream_t stream) {
   const int64_t T_ = p.seg.tokens;
   if (T_ == 0 || p.seg.num_adapters == 0 || p.out_total == 0) return cudaSuccess;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (p.use_tensor_cores) return launch_expand_tc<T>(p, stream);
+  }
   int64_t col_tiles = 0;
   for (int64_t s = 0; s < p.slices; ++s) col_tiles += (p.slice_start[s + 1] - p.slice_start[s] + 127) / 128;
   if (col_tiles == 0) return cudaSuccess;

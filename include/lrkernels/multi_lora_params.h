@@ -47,6 +47,7 @@ struct MultiLoraExpandParams {
   void* y = nullptr;              // (T, out_total), row stride ldy
   int64_t ldy = 0, out_total = 0, slices = 1;
   int64_t slice_start[kMultiLoraSlicesMax + 1] = {};
+  bool use_tensor_cores = false;  // fp16/bf16 on sm_80+: the WMMA kernel of multi_lora_tc.cuh
   MultiLoraSegmentsView seg;
 };
 
