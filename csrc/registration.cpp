@@ -32,6 +32,42 @@ TORCH_LIBRARY(lrkernels, m) {
       "bool[7] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 
   // ---- multi_lora --------------------------------------------------------------------
+  // Multi-LoRA: token t uses adapter a_t (−1: base model only) with its own rank r_a ≤ r_max,
+  //   y_t = x_t Wᵀ + b + s[a_t] · (x_t A[a_t, :r]ᵀ) B[a_t, :, :r]ᵀ
+  // — batched LoRA (FLoRA, arXiv 2312.05677), Punica SGMV/BGMV (arXiv 2310.18547), S-LoRA
+  // (arXiv 2311.03285). Tokens are grouped by adapter once per batch (multi_lora_segments) and
+  // the grouping is reused by every layer. Adapter ids outside [−1, L) are an error on CPU; on
+  // CUDA (no host sync) they are treated as −1 (base only), ranks are clamped to [0, r_max].
+
+  // Grouping metadata: token_order (T,) int32 lists the tokens sorted (stably) by adapter,
+  // tokens of adapter l at token_order[adapter_offsets[l] : adapter_offsets[l + 1]];
+  // adapter_offsets (L + 1,) int32; base-only tokens come after adapter_offsets[L].
+  m.def("multi_lora_segments(Tensor adapter_ids, int num_adapters) -> (Tensor, Tensor)");
+  // Shrink (SGMV/BGMV "shrink"): hidden[s, t, :r_a] = x_t A[s, a_t, :r_a]ᵀ in float32 (float64 for
+  // float64 x), zero elsewhere. lora_a (L, r_max, in) -> hidden (T, r_max), or (S, L, r_max, in)
+  // for S output slices (fused QKV / gate-up) -> hidden (S, T, r_max): x is read once.
+  m.def(
+      "lora_shrink(Tensor x, Tensor lora_a, Tensor adapter_ids, Tensor token_order, Tensor adapter_offsets, "
+      "Tensor? ranks) -> Tensor");
+  // Expand, in place: y[t, cols of slice s] += scales[a_t] · hidden[s, t, :r_a] B[a_t, cols, :r_a]ᵀ.
+  // lora_b (L, out_total, r_max) stacks the slices' B along the output dimension; slice_sizes
+  // (None: one slice, or equal slices) says how many output columns each hidden slice feeds.
+  m.def(
+      "lora_expand_(Tensor(a!) y, Tensor hidden, Tensor lora_b, Tensor adapter_ids, Tensor token_order, "
+      "Tensor adapter_offsets, Tensor scales, Tensor? ranks, int[]? slice_sizes) -> ()");
+  // The fused layer. Returns (y, hidden), hidden = x A[a_t]ᵀ unscaled (T, r_max) in the
+  // accumulation dtype, saved for the backward op. token_order / adapter_offsets: the batch's
+  // grouping from multi_lora_segments, or None to compute it here.
+  m.def(
+      "multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "Tensor adapter_ids, Tensor scales, Tensor? ranks, Tensor? token_order, Tensor? adapter_offsets) "
+      "-> (Tensor, Tensor)");
+  // Gradients of multi_lora_linear for (x, weight, bias, lora_a, lora_b, scales); lora_a/lora_b
+  // gradients accumulate per adapter over its tokens (zero past each adapter's rank).
+  m.def(
+      "multi_lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
+      "Tensor adapter_ids, Tensor scales, Tensor? ranks, Tensor hidden, Tensor token_order, "
+      "Tensor adapter_offsets, bool[6] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 
   // ---- galore ------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from . import ops  # noqa: F401  fakes + autograd for every op
 from ._build import build_info, registered_ops, has_kernel
 from .ops.common import dropout_mask
 from .ops.lora import lora_linear
+from .ops.multi_lora import (MultiLoraSegments, lora_expand_, lora_shrink, multi_lora_linear,
+                              multi_lora_segments)
 from . import nn, optim, reference  # noqa: E402
 
 __version__ = "0.1.0"
@@ -22,6 +24,11 @@ __all__ = [
     "has_kernel",
     "dropout_mask",
     "lora_linear",
+    "MultiLoraSegments",
+    "multi_lora_segments",
+    "multi_lora_linear",
+    "lora_shrink",
+    "lora_expand_",
     "nn",
     "optim",
     "reference",

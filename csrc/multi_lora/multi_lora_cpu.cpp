@@ -1,0 +1,271 @@
+// Multi-LoRA on CPU. The grouping (multi_lora_segments) lists each adapter's tokens
+// contiguously; one task per adapter present in the batch then gathers its tokens' rows of x,
+// runs the two low-rank GEMMs at that adapter's own rank and adds the update straight into
+// its tokens' rows of y. So the cost is one small GEMM pair per adapter, not one masked pass
+// over the whole batch per adapter, and no batch-sized gathered or update buffer is written.
+// The per-adapter GEMMs are skinny (K or N = r): the tasks run in parallel across adapters,
+// each single-threaded, rather than one after another with every thread meeting at a
+// barrier per GEMM. Low-rank arithmetic runs in the accumulation dtype (float64 for float64
+// inputs, float32 otherwise).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "multi_lora/multi_lora_checks.h"
+
+namespace lrkernels {
+namespace {
+
+// The grouping as host values: the valid tokens in adapter order, and per-adapter segments.
+struct HostGroups {
+  at::Tensor idx;                // (n_valid,) int64: token_order[:offsets[L]]
+  std::vector<int64_t> offsets;  // L + 1 entries
+  std::vector<int64_t> ranks;    // L entries
+  int64_t n_valid = 0;
+};
+
+HostGroups host_groups(const at::Tensor& order, const at::Tensor& offsets, const std::optional<at::Tensor>& ranks,
+                       int64_t L, int64_t r_max) {
+  HostGroups g;
+  const at::Tensor off = offsets.to(at::kLong).contiguous();
+  g.offsets.assign(off.data_ptr<int64_t>(), off.data_ptr<int64_t>() + off.numel());
+  g.n_valid = g.offsets.back();
+  g.idx = order.narrow(0, 0, g.n_valid).to(at::kLong);
+  if (ranks.has_value() && ranks->defined()) {
+    const at::Tensor rk = ranks->to(at::kLong).contiguous();
+    g.ranks.assign(rk.data_ptr<int64_t>(), rk.data_ptr<int64_t>() + rk.numel());
+  } else {
+    g.ranks.assign(L, r_max);
+  }
+  return g;
+}
+
+std::vector<double> host_scales(const at::Tensor& scales) {
+  const at::Tensor s = scales.to(at::kDouble).contiguous();
+  return std::vector<double>(s.data_ptr<double>(), s.data_ptr<double>() + s.numel());
+}
+
+// Runs fn(l, first sorted position, token count, rank) for every adapter with tokens, in
+// parallel across adapters (the blocks each call writes are disjoint).
+template <typename F>
+void for_each_adapter(const HostGroups& g, const F& fn) {
+  const int64_t L = static_cast<int64_t>(g.ranks.size());
+  // Worker threads start with default thread-local state: hand them the caller's (dispatch
+  // keys excluded below autograd, inference mode), so the ATen calls inside stay kernels.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t l = begin; l < end; ++l) {
+      const int64_t n = g.offsets[l + 1] - g.offsets[l];
+      if (n > 0) fn(l, g.offsets[l], n, g.ranks[l]);
+    }
+  });
+}
+
+// y[idx[p]] += delta[p] for every sorted position p, rounding once to y's dtype. Tokens are
+// distinct, so rows are independent and the loop runs in parallel. y's rows must be
+// contiguous (stride(1) == 1); delta is in y's accumulation dtype.
+void scatter_add_rows(at::Tensor& y2, const at::Tensor& idx, const at::Tensor& delta) {
+  const int64_t n = idx.numel(), cols = delta.size(1);
+  if (n == 0 || cols == 0) return;
+  const at::Tensor d = delta.contiguous();
+  const at::Tensor ix = idx.contiguous();
+  const int64_t* ip = ix.data_ptr<int64_t>();
+  const int64_t ldy = y2.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y2.scalar_type(), "multi_lora_scatter_add_rows", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    TORCH_INTERNAL_ASSERT(d.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
+    scalar_t* yp = y2.data_ptr<scalar_t>();
+    const acc_t* dp = d.data_ptr<acc_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, 16384 / cols), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        scalar_t* yr = yp + ip[p] * ldy;
+        const acc_t* dr = dp + p * cols;
+        for (int64_t c = 0; c < cols; ++c) yr[c] = static_cast<scalar_t>(static_cast<acc_t>(yr[c]) + dr[c]);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> multi_lora_segments_cpu(const at::Tensor& adapter_ids, int64_t num_adapters) {
+  const char* op = "multi_lora_segments";
+  TORCH_CHECK_TYPE(adapter_ids.scalar_type() == at::kInt || adapter_ids.scalar_type() == at::kLong, "lrkernels.",
+                   op, ": adapter_ids must be int32 or int64, got ", adapter_ids.scalar_type());
+  TORCH_CHECK_VALUE(num_adapters >= 0, "lrkernels.", op, ": num_adapters must be >= 0, got ", num_adapters);
+  const at::Tensor flat = adapter_ids.reshape({-1});
+  if (flat.numel() > 0) {
+    const int64_t lo = flat.min().item<int64_t>(), hi = flat.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= -1 && hi < num_adapters, "lrkernels.", op, ": adapter_ids must be in [-1, L) = [-1, ",
+                      num_adapters, ") (-1: base model only), got ", (lo < -1 ? lo : hi));
+  }
+  return group_tokens_by_adapter(flat, num_adapters);
+}
+
+at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& adapter_ids,
+                           const at::Tensor& token_order, const at::Tensor& adapter_offsets,
+                           const std::optional<at::Tensor>& ranks) {
+  const char* op = "lora_shrink";
+  const ShrinkShapes sh = check_shrink_args(op, x, lora_a, adapter_ids, token_order, adapter_offsets, ranks);
+  const int64_t S = sh.slices, L = sh.num_adapters, r_max = sh.r_max, in = sh.in_features, T = sh.tokens;
+  const bool sliced = lora_a.dim() == 4;
+  const at::Tensor a4 = sliced ? lora_a : lora_a.unsqueeze(0);
+  const auto acc = multi_lora_acc_dtype(x);
+  const HostGroups g = host_groups(token_order, adapter_offsets, ranks, L, r_max);
+  at::Tensor hidden = at::zeros({S, T, r_max}, x.options().dtype(acc));
+  const at::Tensor x2 = x.reshape({T, in});
+  // One task per adapter: gather its rows of x once, then one GEMM per slice at its own rank.
+  for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
+    if (r == 0) return;
+    const at::Tensor idx_l = g.idx.narrow(0, p0, n);
+    const at::Tensor xg = x2.index_select(0, idx_l).to(acc);
+    for (int64_t s = 0; s < S; ++s) {
+      hidden[s].narrow(1, 0, r).index_copy_(0, idx_l, at::mm(xg, a4[s][l].narrow(0, 0, r).to(acc).t()));
+    }
+  });
+  return sliced ? hidden : hidden[0];
+}
+
+void lora_expand_cpu(at::Tensor& y, const at::Tensor& hidden, const at::Tensor& lora_b, const at::Tensor& adapter_ids,
+                     const at::Tensor& token_order, const at::Tensor& adapter_offsets, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& ranks, std::optional<c10::IntArrayRef> slice_sizes) {
+  const char* op = "lora_expand_";
+  const ExpandShapes sh = check_expand_args(op, y, hidden, lora_b, adapter_ids, token_order, adapter_offsets, scales,
+                                            ranks, slice_sizes);
+  const int64_t S = sh.slices, L = sh.num_adapters, r_max = sh.r_max, out_total = sh.out_total;
+  const std::vector<int64_t>& sizes = sh.slice_sizes;
+  const auto acc = multi_lora_acc_dtype(y);
+  const at::Tensor h3 = hidden.dim() == 3 ? hidden : hidden.unsqueeze(0);
+  const HostGroups g = host_groups(token_order, adapter_offsets, ranks, L, r_max);
+  if (g.n_valid == 0 || out_total == 0) return;
+  const std::vector<double> sc = host_scales(scales);
+  // One task per adapter: its tokens' hidden rows, then per slice one GEMM at its own rank
+  // whose rows are added straight into y's rows of that slice.
+  for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
+    if (r == 0 || sc[l] == 0.0) return;
+    const at::Tensor idx_l = g.idx.narrow(0, p0, n);
+    int64_t col = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      if (sizes[s] > 0) {
+        const at::Tensor h = h3[s].index_select(0, idx_l).narrow(1, 0, r) * sc[l];
+        at::Tensor y_cols = y.narrow(1, col, sizes[s]);
+        scatter_add_rows(y_cols, idx_l, at::mm(h, lora_b[l].narrow(0, col, sizes[s]).narrow(1, 0, r).to(acc).t()));
+      }
+      col += sizes[s];
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& adapter_ids, const at::Tensor& scales,
+    const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& token_order,
+    const std::optional<at::Tensor>& adapter_offsets) {
+  const char* op = "multi_lora_linear";
+  const MultiLoraShapes sh = check_multi_lora_args(op, x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks);
+  TORCH_CHECK_VALUE(token_order.has_value() == adapter_offsets.has_value(), "lrkernels.", op,
+                    ": pass both token_order and adapter_offsets (from multi_lora_segments) or neither");
+  at::Tensor order, offsets;
+  if (token_order.has_value()) {
+    order = *token_order;
+    offsets = *adapter_offsets;
+    check_segments(order, offsets, x, sh.tokens, sh.num_adapters, op);
+  } else {
+    std::tie(order, offsets) = group_tokens_by_adapter(adapter_ids.reshape({-1}), sh.num_adapters);
+  }
+  const auto acc = multi_lora_acc_dtype(x);
+  const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
+  at::Tensor y = opt_ptr_defined(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  at::Tensor hidden = at::zeros({sh.tokens, sh.r_max}, x.options().dtype(acc));
+  const HostGroups g = host_groups(order, offsets, ranks, sh.num_adapters, sh.r_max);
+  if (g.n_valid > 0) {
+    // One adapter per task, start to finish: its tokens' rows of x (gathered), hidden and
+    // update all stay in cache, and the update is added straight into y's rows, so no
+    // batch-sized gathered copy or update buffer is ever written.
+    const std::vector<double> sc = host_scales(scales);
+    for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
+      if (r == 0) return;
+      const at::Tensor idx_l = g.idx.narrow(0, p0, n);
+      const at::Tensor h = at::mm(x2.index_select(0, idx_l).to(acc), lora_a[l].narrow(0, 0, r).to(acc).t());
+      hidden.narrow(1, 0, r).index_copy_(0, idx_l, h);
+      if (sc[l] == 0.0) return;
+      scatter_add_rows(y, idx_l, at::mm(h * sc[l], lora_b[l].narrow(1, 0, r).to(acc).t()));
+    });
+  }
+  std::vector<int64_t> ys(x.sizes().begin(), x.sizes().end()), hsz = ys;
+  ys.back() = sh.out_features;
+  hsz.back() = sh.r_max;
+  return {y.view(ys), hidden.view(hsz)};
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+           std::optional<at::Tensor>, std::optional<at::Tensor>>
+multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& adapter_ids,
+                               const at::Tensor& scales, const std::optional<at::Tensor>& ranks,
+                               const at::Tensor& hidden, const at::Tensor& token_order,
+                               const at::Tensor& adapter_offsets, std::array<bool, 6> mask) {
+  const char* op = "multi_lora_linear_backward";
+  const MultiLoraShapes sh =
+      check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks);
+  check_backward_extras(op, grad_out, hidden, x, sh);
+  check_segments(token_order, adapter_offsets, x, sh.tokens, sh.num_adapters, op);
+  // Plain bools, not structured bindings: the per-adapter lambda captures them.
+  const bool want_x = mask[0], want_w = mask[1], want_bias = mask[2], want_a = mask[3], want_b = mask[4],
+             want_s = mask[5];
+  const auto acc = multi_lora_acc_dtype(x);
+  const auto acc_opts = x.options().dtype(acc);
+  const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
+  const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
+  const at::Tensor hid = hidden.reshape({sh.tokens, sh.r_max});
+  std::optional<at::Tensor> gx, gw, gbias, ga, gb, gs;
+  if (want_w) gw = at::mm(dy2.t(), x2);
+  if (want_bias) gbias = dy2.sum(0);
+  at::Tensor dx;
+  if (want_x) dx = at::mm(dy2, weight);
+  if (want_a || want_b || want_s || want_x) {
+    const HostGroups g = host_groups(token_order, adapter_offsets, ranks, sh.num_adapters, sh.r_max);
+    const std::vector<double> sc = host_scales(scales);
+    at::Tensor ga_acc, gb_acc, gs_acc;
+    if (want_a) ga_acc = at::zeros({sh.num_adapters, sh.r_max, sh.in_features}, acc_opts);
+    if (want_b) gb_acc = at::zeros({sh.num_adapters, sh.out_features, sh.r_max}, acc_opts);
+    if (want_s) gs_acc = at::zeros({sh.num_adapters}, acc_opts);
+    // One task per adapter, as in the forward: its tokens' rows of dy, hidden (and x) are
+    // gathered, its gradients are whole per-adapter blocks, its grad_x rows are added in place.
+    for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
+      if (r == 0) return;
+      const at::Tensor idx_l = g.idx.narrow(0, p0, n);
+      const at::Tensor dy_l = dy2.index_select(0, idx_l).to(acc);                 // (n, out)
+      const at::Tensor h_l = hid.index_select(0, idx_l).narrow(1, 0, r);          // (n, r)
+      if (want_b) gb_acc[l].narrow(1, 0, r).copy_(at::mm(dy_l.t(), h_l) * sc[l]);
+      if (!(want_a || want_s || want_x)) return;
+      const at::Tensor dz = at::mm(dy_l, lora_b[l].narrow(1, 0, r).to(acc));  // ∂L/∂(s·h): (n, r)
+      if (want_s) gs_acc[l] = (dz * h_l).sum();
+      const at::Tensor du = dz * sc[l];                                          // ∂L/∂h
+      if (want_a) ga_acc[l].narrow(0, 0, r).copy_(at::mm(du.t(), x2.index_select(0, idx_l).to(acc)));
+      if (want_x) scatter_add_rows(dx, idx_l, at::mm(du, lora_a[l].narrow(0, 0, r).to(acc)));
+    });
+    if (want_x) gx = dx.view(x.sizes());
+    if (want_a) ga = ga_acc.to(x.scalar_type());
+    if (want_b) gb = gb_acc.to(x.scalar_type());
+    if (want_s) gs = gs_acc.to(scales.scalar_type());
+  }
+  return {gx, gw, gbias, ga, gb, gs};
+}
+
+TORCH_LIBRARY_IMPL(lrkernels, CPU, m) {
+  m.impl("multi_lora_segments", &multi_lora_segments_cpu);
+  m.impl("lora_shrink", &lora_shrink_cpu);
+  m.impl("lora_expand_", &lora_expand_cpu);
+  m.impl("multi_lora_linear", &multi_lora_linear_cpu);
+  m.impl("multi_lora_linear_backward", &multi_lora_linear_backward_cpu);
+}
+
+}  // namespace lrkernels

@@ -1,0 +1,259 @@
+// Multi-LoRA on CUDA: base GEMMs in cuBLAS (through ATen), the grouping by a device-side
+// stable sort, the per-adapter low-rank products in the hand-written kernels of
+// include/lrkernels/multi_lora.cuh. No host synchronisation anywhere: adapter ids and ranks
+// are never read on the host (out-of-range ids count as base-only, ranks are clamped), grids
+// are sized for the worst case, so the ops are CUDA-graph capturable with changing ids.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+
+#include "common/cuda_dispatch.h"
+#include "lrkernels/multi_lora.cuh"
+#include "multi_lora/multi_lora_checks.h"
+
+namespace lrkernels {
+namespace {
+
+struct SegmentsKeep {
+  at::Tensor order, offsets, ranks;
+};
+
+MultiLoraSegmentsView make_view(SegmentsKeep& keep, const at::Tensor& order, const at::Tensor& offsets,
+                                const std::optional<at::Tensor>& ranks, int64_t tokens, int64_t L, int64_t r_max) {
+  keep.order = order.contiguous();
+  keep.offsets = offsets.contiguous();
+  MultiLoraSegmentsView v;
+  v.token_order = keep.order.data_ptr<int32_t>();
+  v.adapter_offsets = keep.offsets.data_ptr<int32_t>();
+  if (ranks.has_value() && ranks->defined()) {
+    keep.ranks = ranks->to(at::kInt).contiguous();
+    v.ranks = keep.ranks.data_ptr<int32_t>();
+  }
+  v.tokens = tokens;
+  v.num_adapters = L;
+  v.r_max = r_max;
+  return v;
+}
+
+// The tensor-core kernels pay off when tiles are full: fp16/bf16, sm_80+, and on average at
+// least 32 tokens per adapter (prefill). Decided from shapes only (no host sync).
+// LRKERNELS_MULTI_LORA_SIMT_ONLY=1 forces the SIMT kernels, e.g. to compare the two.
+bool on_tensor_cores(const at::Tensor& t, const MultiLoraSegmentsView& seg) {
+  if (t.scalar_type() == at::kFloat) return false;
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+  const char* simt_only = std::getenv("LRKERNELS_MULTI_LORA_SIMT_ONLY");
+  if (simt_only != nullptr && simt_only[0] == '1') return false;
+  return seg.tokens >= 32 * seg.num_adapters;
+}
+
+void run_shrink(const char* op, const at::Tensor& x2, const at::Tensor& a4, at::Tensor& hidden,
+                const MultiLoraSegmentsView& seg, cudaStream_t stream) {
+  MultiLoraShrinkParams p;
+  p.x = x2.data_ptr();
+  p.a = a4.data_ptr();
+  p.hidden = hidden.data_ptr<float>();
+  p.in_features = x2.size(1);
+  p.slices = a4.size(0);
+  p.seg = seg;
+  p.use_tensor_cores = on_tensor_cores(x2, seg);
+  LRK_DISPATCH_CUDA_FLOAT(x2.scalar_type(), op, [&] {
+    LRK_CUDA_CHECK_LAUNCH(op, "shrink", multi_lora::launch_shrink<cuda_t>(p, stream));
+  });
+}
+
+void run_expand(const char* op, at::Tensor& y2, const at::Tensor& hidden, const at::Tensor& b,
+                const at::Tensor& scales_f32, const std::vector<int64_t>& slice_sizes,
+                const MultiLoraSegmentsView& seg, cudaStream_t stream) {
+  MultiLoraExpandParams p;
+  p.hidden = hidden.data_ptr<float>();
+  p.b = b.data_ptr();
+  p.scales = scales_f32.data_ptr<float>();
+  p.y = y2.data_ptr();
+  p.ldy = y2.stride(0);
+  p.out_total = b.size(1);
+  p.slices = static_cast<int64_t>(slice_sizes.size());
+  p.slice_start[0] = 0;
+  for (size_t s = 0; s < slice_sizes.size(); ++s) p.slice_start[s + 1] = p.slice_start[s] + slice_sizes[s];
+  p.seg = seg;
+  p.use_tensor_cores = on_tensor_cores(y2, seg);
+  LRK_DISPATCH_CUDA_FLOAT(y2.scalar_type(), op, [&] {
+    LRK_CUDA_CHECK_LAUNCH(op, "expand", multi_lora::launch_expand<cuda_t>(p, stream));
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> multi_lora_segments_cuda(const at::Tensor& adapter_ids, int64_t num_adapters) {
+  const char* op = "multi_lora_segments";
+  TORCH_CHECK_TYPE(adapter_ids.scalar_type() == at::kInt || adapter_ids.scalar_type() == at::kLong, "lrkernels.",
+                   op, ": adapter_ids must be int32 or int64, got ", adapter_ids.scalar_type());
+  TORCH_CHECK_VALUE(num_adapters >= 0, "lrkernels.", op, ": num_adapters must be >= 0, got ", num_adapters);
+  const c10::cuda::CUDAGuard guard(adapter_ids.device());
+  return group_tokens_by_adapter(adapter_ids.reshape({-1}), num_adapters);
+}
+
+at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& adapter_ids,
+                            const at::Tensor& token_order, const at::Tensor& adapter_offsets,
+                            const std::optional<at::Tensor>& ranks) {
+  const char* op = "lora_shrink";
+  const ShrinkShapes sh = check_shrink_args(op, x, lora_a, adapter_ids, token_order, adapter_offsets, ranks);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool sliced = lora_a.dim() == 4;
+  const at::Tensor a4 = (sliced ? lora_a : lora_a.unsqueeze(0)).contiguous();
+  const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
+  at::Tensor hidden = at::zeros({sh.slices, sh.tokens, sh.r_max}, x.options().dtype(at::kFloat));
+  SegmentsKeep keep;
+  const MultiLoraSegmentsView seg =
+      make_view(keep, token_order, adapter_offsets, ranks, sh.tokens, sh.num_adapters, sh.r_max);
+  run_shrink(op, x2, a4, hidden, seg, stream);
+  return sliced ? hidden : hidden[0];
+}
+
+void lora_expand_cuda(at::Tensor& y, const at::Tensor& hidden, const at::Tensor& lora_b, const at::Tensor& adapter_ids,
+                      const at::Tensor& token_order, const at::Tensor& adapter_offsets, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& ranks, std::optional<c10::IntArrayRef> slice_sizes) {
+  const char* op = "lora_expand_";
+  const ExpandShapes sh = check_expand_args(op, y, hidden, lora_b, adapter_ids, token_order, adapter_offsets, scales,
+                                            ranks, slice_sizes);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor h3 = (hidden.dim() == 3 ? hidden : hidden.unsqueeze(0)).contiguous();
+  const at::Tensor b = lora_b.contiguous();
+  const at::Tensor s32 = scales.to(at::kFloat).contiguous();
+  SegmentsKeep keep;
+  const MultiLoraSegmentsView seg =
+      make_view(keep, token_order, adapter_offsets, ranks, sh.tokens, sh.num_adapters, sh.r_max);
+  run_expand(op, y, h3, b, s32, sh.slice_sizes, seg, stream);
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& adapter_ids, const at::Tensor& scales,
+    const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& token_order,
+    const std::optional<at::Tensor>& adapter_offsets) {
+  const char* op = "multi_lora_linear";
+  const MultiLoraShapes sh = check_multi_lora_args(op, x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks);
+  TORCH_CHECK_VALUE(token_order.has_value() == adapter_offsets.has_value(), "lrkernels.", op,
+                    ": pass both token_order and adapter_offsets (from multi_lora_segments) or neither");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor order, offsets;
+  if (token_order.has_value()) {
+    order = *token_order;
+    offsets = *adapter_offsets;
+    check_segments(order, offsets, x, sh.tokens, sh.num_adapters, op);
+  } else {
+    std::tie(order, offsets) = group_tokens_by_adapter(adapter_ids.reshape({-1}), sh.num_adapters);
+  }
+  const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
+  at::Tensor y = opt_ptr_defined(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  at::Tensor hidden = at::zeros({1, sh.tokens, sh.r_max}, x.options().dtype(at::kFloat));
+  SegmentsKeep keep;
+  const MultiLoraSegmentsView seg = make_view(keep, order, offsets, ranks, sh.tokens, sh.num_adapters, sh.r_max);
+  run_shrink(op, x2, lora_a.contiguous().unsqueeze(0), hidden, seg, stream);
+  run_expand(op, y, hidden, lora_b.contiguous(), scales.to(at::kFloat).contiguous(), {sh.out_features}, seg,
+             stream);
+  std::vector<int64_t> ys(x.sizes().begin(), x.sizes().end()), hs = ys;
+  ys.back() = sh.out_features;
+  hs.back() = sh.r_max;
+  return {y.view(ys), hidden.view(hs)};
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+           std::optional<at::Tensor>, std::optional<at::Tensor>>
+multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& adapter_ids,
+                                const at::Tensor& scales, const std::optional<at::Tensor>& ranks,
+                                const at::Tensor& hidden, const at::Tensor& token_order,
+                                const at::Tensor& adapter_offsets, std::array<bool, 6> mask) {
+  const char* op = "multi_lora_linear_backward";
+  const MultiLoraShapes sh =
+      check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks);
+  check_backward_extras(op, grad_out, hidden, x, sh);
+  check_segments(token_order, adapter_offsets, x, sh.tokens, sh.num_adapters, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto [want_x, want_w, want_bias, want_a, want_b, want_s] = mask;
+  const at::ScalarType dt = x.scalar_type();
+  const auto f32 = x.options().dtype(at::kFloat);
+  const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
+  const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
+  const at::Tensor hid = hidden.reshape({sh.tokens, sh.r_max}).contiguous();
+  const at::Tensor a = lora_a.contiguous(), b = lora_b.contiguous();
+  const at::Tensor s32 = scales.to(at::kFloat).contiguous();
+  SegmentsKeep keep;
+  const MultiLoraSegmentsView seg =
+      make_view(keep, token_order, adapter_offsets, ranks, sh.tokens, sh.num_adapters, sh.r_max);
+  std::optional<at::Tensor> gx, gw, gbias, ga, gb, gs;
+
+  if (want_w) gw = at::mm(dy2.t(), x2);
+  if (want_bias) gbias = dy2.sum(0);
+  at::Tensor dx;
+  if (want_x) dx = at::mm(dy2, weight);
+  const bool need_dz = want_x || want_a || want_s;
+  if (need_dz || want_b) {
+    // Pass 1 over dy: grad_z = dy B (per token's adapter) and grad_b = s · dyᵀ h (per adapter).
+    at::Tensor dz, gb32;
+    if (need_dz) dz = at::zeros({sh.tokens, sh.r_max}, f32);
+    if (want_b) gb32 = at::zeros({sh.num_adapters, sh.out_features, sh.r_max}, f32);
+    MultiLoraGradOutParams gp;
+    gp.grad_out = dy2.data_ptr();
+    gp.hidden = hid.data_ptr<float>();
+    gp.b = b.data_ptr();
+    gp.scales = s32.data_ptr<float>();
+    gp.grad_z = need_dz ? dz.data_ptr<float>() : nullptr;
+    gp.grad_b = want_b ? gb32.data_ptr<float>() : nullptr;
+    gp.out_features = sh.out_features;
+    gp.seg = seg;
+    LRK_DISPATCH_CUDA_FLOAT(dt, op, [&] {
+      LRK_CUDA_CHECK_LAUNCH(op, "grad_out", multi_lora::launch_grad_out<cuda_t>(gp, stream));
+    });
+    if (want_b) gb = gb32.to(dt);
+    if (need_dz) {
+      // Per-token adapter, with out-of-range ids as base-only (their rows of dz are zero).
+      const at::Tensor ids = adapter_ids.reshape({-1}).to(at::kLong);
+      const at::Tensor valid = (ids >= 0).logical_and(ids < sh.num_adapters);
+      const at::Tensor safe = at::where(valid, ids, at::zeros_like(ids));
+      if (want_s) {
+        const at::Tensor dot = at::where(valid, (dz * hid).sum(1), at::zeros({}, f32));
+        gs = at::zeros({sh.num_adapters}, f32).index_add_(0, safe, dot).to(scales.scalar_type());
+      }
+      if (want_x || want_a) {
+        const at::Tensor s_tok = at::where(valid, s32.index_select(0, safe), at::zeros({}, f32));
+        const at::Tensor du = (dz * s_tok.unsqueeze(1)).contiguous();
+        at::Tensor ga32;
+        if (want_a) ga32 = at::zeros({sh.num_adapters, sh.r_max, sh.in_features}, f32);
+        MultiLoraGradInParams ip;
+        ip.x = x2.data_ptr();
+        ip.a = a.data_ptr();
+        ip.grad_u = du.data_ptr<float>();
+        ip.grad_x = want_x ? dx.data_ptr() : nullptr;
+        ip.grad_a = want_a ? ga32.data_ptr<float>() : nullptr;
+        ip.in_features = sh.in_features;
+        ip.seg = seg;
+        LRK_DISPATCH_CUDA_FLOAT(dt, op, [&] {
+          LRK_CUDA_CHECK_LAUNCH(op, "grad_in", multi_lora::launch_grad_in<cuda_t>(ip, stream));
+        });
+        if (want_a) ga = ga32.to(dt);
+      }
+    }
+  }
+  if (want_x) gx = dx.view(x.sizes());
+  return {gx, gw, gbias, ga, gb, gs};
+}
+
+TORCH_LIBRARY_IMPL(lrkernels, CUDA, m) {
+  m.impl("multi_lora_segments", &multi_lora_segments_cuda);
+  m.impl("lora_shrink", &lora_shrink_cuda);
+  m.impl("lora_expand_", &lora_expand_cuda);
+  m.impl("multi_lora_linear", &multi_lora_linear_cuda);
+  m.impl("multi_lora_linear_backward", &multi_lora_linear_backward_cuda);
+}
+
+}  // namespace lrkernels

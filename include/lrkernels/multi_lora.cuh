@@ -1,0 +1,414 @@
+// Multi-LoRA kernels (SGMV-style: segments of tokens that share an adapter). See
+// multi_lora_params.h for the notation. The base GEMMs run in cuBLAS; these kernels handle
+// the per-adapter low-rank products.
+//
+// Work decomposition: the grouping lists each adapter's tokens contiguously, and grid.x
+// enumerates token tiles *within* segments: adapter l owns ceil(n_l / TM) tiles. The host
+// cannot know the n_l without synchronising, so grid.x is sized for the worst case,
+// min(T, ceil(T / TM) + min(L, T)) tiles (each non-empty segment adds at most one partial
+// tile), and blocks past the real count exit at once. Every block stages its adapter's A or
+// B tile once for all its tokens, so many tokens per adapter (prefill) reuse adapter weights
+// from shared memory, and one token per adapter (decode) streams them once; the shrink
+// splits K over grid.y so the decode case still fills the GPU.
+//
+// Rank handling: ranks are processed in chunks of RC lanes (a template constant chosen from
+// r_max) and each block loops only up to its own adapter's rank, so a rank-8 adapter in a
+// batch padded to r_max = 64 does an eighth of the work. fp32 accumulation throughout. These
+// are plain SIMT kernels, written for a first GPU run to be right; the prefill shrink and
+// expand of fp16/bf16 can instead run on tensor cores (multi_lora_tc.cuh), when the binding
+// asks.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "lrkernels/common/cuda_check.cuh"
+#include "lrkernels/common/macros.h"
+#include "lrkernels/common/math.cuh"
+#include "lrkernels/multi_lora_params.h"
+#include "lrkernels/multi_lora_tc.cuh"
+#include "lrkernels/multi_lora_tiles.h"
+
+namespace lrkernels {
+namespace multi_lora {
+
+constexpr int kThreads = 256;
+
+// ---------------------------------------------------------------------------------------
+// Shrink. Block: TM = 32 tokens of one adapter × one slice × one K range (grid.y).
+template <typename T, int RC>
+__global__ void __launch_bounds__(kThreads) shrink_kernel(MultiLoraShrinkParams p) {
+  constexpr int TM = 32, KC = 64;
+  constexpr int NPT = TM * RC / kThreads;
+  static_assert(TM * KC / 8 == kThreads, "one 8-column group of x per thread");
+  static_assert(NPT >= 1, "rank chunk too small for the block");
+  __shared__ float xs[TM][KC + 1];
+  __shared__ float as[RC][KC + 1];
+  __shared__ int64_t toks[TM];
+  int64_t l, pos0;
+  int count;
+  if (!find_tile<TM>(p.seg, blockIdx.x, l, pos0, count)) return;
+  const int64_t r = adapter_rank(p.seg, l);
+  if (r == 0) return;
+  const int tid = threadIdx.x;
+  const int64_t s = blockIdx.z, in = p.in_features, r_max = p.seg.r_max;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * p.k_split;
+  const int64_t k_end = (k_begin + p.k_split < in) ? k_begin + p.k_split : in;
+  if (tid < TM) toks[tid] = tile_token(p.seg, pos0, tid, count);
+  __syncthreads();
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ a = static_cast<const T*>(p.a) + (s * p.seg.num_adapters + l) * r_max * in;
+  float* __restrict__ hidden = p.hidden + s * p.seg.tokens * r_max;
+  for (int64_t r0 = 0; r0 < r; r0 += RC) {
+    float acc[NPT];
+#pragma unroll
+    for (int i = 0; i < NPT; ++i) acc[i] = 0.f;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += KC) {
+      {
+        const int row = tid >> 3, grp = tid & 7;
+        const int64_t t = toks[row];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int64_t k = k0 + grp * 8 + e;
+          xs[row][grp * 8 + e] = (t >= 0 && k < k_end) ? to_float(x[t * in + k]) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < (RC * KC + kThreads - 1) / kThreads; ++i) {
+        const int idx = tid + i * kThreads;
+        if (idx < RC * KC) {
+          const int jj = idx / KC, kk = idx % KC;
+          const int64_t j = r0 + jj, k = k0 + kk;
+          as[jj][kk] = (j < r && k < k_end) ? to_float(a[j * in + k]) : 0.f;
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < NPT; ++i) {
+        const int idx = tid + i * kThreads;
+        const int tt = idx / RC, jj = idx % RC;
+        if (r0 + jj >= r) continue;  // lanes past this adapter's rank: no work (warp-uniform for r % 32 == 0)
+        float sum = acc[i];
+#pragma unroll 16
+        for (int kk = 0; kk < KC; ++kk) sum += xs[tt][kk] * as[jj][kk];
+        acc[i] = sum;
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < NPT; ++i) {
+      const int idx = tid + i * kThreads;
+      const int tt = idx / RC;
+      const int64_t t = toks[tt], j = r0 + idx % RC;
+      if (t >= 0 && j < r) atomicAdd(hidden + t * r_max + j, acc[i]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Expand. Block: TM = 16 tokens of one adapter × TN = 128 columns of one slice; a thread
+// owns one column and 8 tokens, so y is read and written once, coalesced, without atomics
+// (each (token, column) belongs to exactly one block).
+template <typename T, int RC>
+__global__ void __launch_bounds__(kThreads) expand_kernel(MultiLoraExpandParams p) {
+  constexpr int TN = 128, TM = 16, RPT = TM / (kThreads / TN);
+  __shared__ float hs[TM][RC + 1];
+  __shared__ float bs[TN][RC + 1];
+  __shared__ int64_t toks[TM];
+  int64_t l, pos0;
+  int count;
+  if (!find_tile<TM>(p.seg, blockIdx.x, l, pos0, count)) return;
+  const int64_t r = adapter_rank(p.seg, l);
+  if (r == 0) return;
+  int64_t s, n0, n_end;
+  if (!find_column_tile<TN>(p.slice_start, p.slices, blockIdx.y, s, n0, n_end)) return;
+  const int tid = threadIdx.x;
+  const int col = tid % TN, rgrp = tid / TN;
+  const int64_t r_max = p.seg.r_max;
+  if (tid < TM) toks[tid] = tile_token(p.seg, pos0, tid, count);
+  __syncthreads();
+  const T* __restrict__ b = static_cast<const T*>(p.b) + l * p.out_total * r_max;
+  const float* __restrict__ hidden = p.hidden + s * p.seg.tokens * r_max;
+  const float scale = p.scales[l];
+  float acc[RPT];
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) acc[i] = 0.f;
+  for (int64_t r0 = 0; r0 < r; r0 += RC) {
+    for (int idx = tid; idx < TM * RC; idx += kThreads) {
+      const int tt = idx / RC, jj = idx % RC;
+      const int64_t t = toks[tt], j = r0 + jj;
+      hs[tt][jj] = (t >= 0 && j < r) ? hidden[t * r_max + j] * scale : 0.f;
+    }
+    for (int idx = tid; idx < TN * RC; idx += kThreads) {
+      const int nn = idx / RC, jj = idx % RC;
+      const int64_t n = n0 + nn, j = r0 + jj;
+      bs[nn][jj] = (n < n_end && j < r) ? to_float(b[n * r_max + j]) : 0.f;
+    }
+    __syncthreads();
+    const int jmax = (r - r0 < RC) ? static_cast<int>(r - r0) : RC;  // this adapter's rank only
+#pragma unroll 8
+    for (int jj = 0; jj < jmax; ++jj) {
+      const float bv = bs[col][jj];
+#pragma unroll
+      for (int i = 0; i < RPT; ++i) acc[i] += hs[rgrp + i * (kThreads / TN)][jj] * bv;
+    }
+    __syncthreads();
+  }
+  const int64_t n = n0 + col;
+  if (n >= n_end) return;
+  T* __restrict__ y = static_cast<T*>(p.y);
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    const int64_t t = toks[rgrp + i * (kThreads / TN)];
+    if (t >= 0) {
+      T* dst = y + t * p.ldy + n;
+      *dst = from_float<T>(to_float(*dst) + acc[i]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward, pass over dy. Block: 64 tokens of one adapter × 64 outputs, dy staged once in
+// shared memory and used for both grad_z and grad_b; partial sums go out by atomicAdd.
+template <typename T, int RC>
+__global__ void __launch_bounds__(kThreads) grad_out_kernel(MultiLoraGradOutParams p) {
+  constexpr int TM = 64, TN = 64;
+  constexpr int NPT_H = TM * RC / kThreads, NPT_B = TN * RC / kThreads;
+  static_assert(NPT_H >= 1 && NPT_B >= 1, "rank chunk too small for the block");
+  __shared__ float dys[TM][TN + 1];
+  __shared__ float hs[TM][RC + 1];
+  __shared__ float bs[TN][RC + 1];
+  __shared__ int64_t toks[TM];
+  int64_t l, pos0;
+  int count;
+  if (!find_tile<TM>(p.seg, blockIdx.x, l, pos0, count)) return;
+  const int64_t r = adapter_rank(p.seg, l);
+  if (r == 0) return;
+  const int tid = threadIdx.x;
+  const int64_t out = p.out_features, r_max = p.seg.r_max;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * TN;
+  if (tid < TM) toks[tid] = tile_token(p.seg, pos0, tid, count);
+  __syncthreads();
+  const T* __restrict__ dy = static_cast<const T*>(p.grad_out);
+  const T* __restrict__ b = static_cast<const T*>(p.b) + l * out * r_max;
+  const float scale = p.scales[l];
+#pragma unroll
+  for (int i = 0; i < TM * TN / kThreads; ++i) {
+    const int idx = tid + i * kThreads;
+    const int tt = idx / TN, nn = idx % TN;
+    const int64_t t = toks[tt], n = n0 + nn;
+    dys[tt][nn] = (t >= 0 && n < out) ? to_float(dy[t * out + n]) : 0.f;
+  }
+  for (int64_t r0 = 0; r0 < r; r0 += RC) {
+    for (int idx = tid; idx < TM * RC; idx += kThreads) {
+      const int tt = idx / RC, jj = idx % RC;
+      const int64_t t = toks[tt], j = r0 + jj;
+      hs[tt][jj] = (t >= 0 && j < r) ? p.hidden[t * r_max + j] * scale : 0.f;
+    }
+    for (int idx = tid; idx < TN * RC; idx += kThreads) {
+      const int nn = idx / RC, jj = idx % RC;
+      const int64_t n = n0 + nn, j = r0 + jj;
+      bs[nn][jj] = (n < out && j < r) ? to_float(b[n * r_max + j]) : 0.f;
+    }
+    __syncthreads();
+    if (p.grad_z != nullptr) {
+#pragma unroll
+      for (int i = 0; i < NPT_H; ++i) {
+        const int idx = tid + i * kThreads;
+        const int tt = idx / RC, jj = idx % RC;
+        if (r0 + jj >= r) continue;
+        float sum = 0.f;
+#pragma unroll 16
+        for (int nn = 0; nn < TN; ++nn) sum += dys[tt][nn] * bs[nn][jj];
+        const int64_t t = toks[tt], j = r0 + jj;
+        if (t >= 0 && j < r) atomicAdd(p.grad_z + t * r_max + j, sum);
+      }
+    }
+    if (p.grad_b != nullptr) {
+#pragma unroll
+      for (int i = 0; i < NPT_B; ++i) {
+        const int idx = tid + i * kThreads;
+        const int nn = idx / RC, jj = idx % RC;
+        if (r0 + jj >= r) continue;
+        float sum = 0.f;
+#pragma unroll 16
+        for (int tt = 0; tt < TM; ++tt) sum += dys[tt][nn] * hs[tt][jj];
+        const int64_t n = n0 + nn, j = r0 + jj;
+        if (n < out && j < r) atomicAdd(p.grad_b + (l * out + n) * r_max + j, sum);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward, pass over x. Block: 64 tokens of one adapter × 64 input features; x staged once
+// for grad_a, A staged per rank chunk for grad_x.
+template <typename T, int RC>
+__global__ void __launch_bounds__(kThreads) grad_in_kernel(MultiLoraGradInParams p) {
+  constexpr int TM = 64, TK = 64;
+  constexpr int GROUPS = TM * TK / 8 / kThreads;  // 2
+  constexpr int NPT_A = RC * TK / kThreads;
+  static_assert(NPT_A >= 1, "rank chunk too small for the block");
+  __shared__ float xs[TM][TK + 1];
+  __shared__ float us[TM][RC + 1];
+  __shared__ float as[RC][TK + 1];
+  __shared__ int64_t toks[TM];
+  int64_t l, pos0;
+  int count;
+  if (!find_tile<TM>(p.seg, blockIdx.x, l, pos0, count)) return;
+  const int64_t r = adapter_rank(p.seg, l);
+  if (r == 0) return;
+  const int tid = threadIdx.x;
+  const int64_t in = p.in_features, r_max = p.seg.r_max;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * TK;
+  if (tid < TM) toks[tid] = tile_token(p.seg, pos0, tid, count);
+  __syncthreads();
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ a = static_cast<const T*>(p.a) + l * r_max * in;
+  T* __restrict__ dx = static_cast<T*>(p.grad_x);
+  float dacc[GROUPS][8];
+#pragma unroll
+  for (int gi = 0; gi < GROUPS; ++gi) {
+    const int gidx = tid + gi * kThreads;
+    const int row = gidx >> 3, grp = gidx & 7;
+    const int64_t t = toks[row];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int64_t k = k0 + grp * 8 + e;
+      xs[row][grp * 8 + e] = (t >= 0 && k < in) ? to_float(x[t * in + k]) : 0.f;
+      dacc[gi][e] = 0.f;
+    }
+  }
+  for (int64_t r0 = 0; r0 < r; r0 += RC) {
+    for (int idx = tid; idx < TM * RC; idx += kThreads) {
+      const int tt = idx / RC, jj = idx % RC;
+      const int64_t t = toks[tt], j = r0 + jj;
+      us[tt][jj] = (t >= 0 && j < r) ? p.grad_u[t * r_max + j] : 0.f;
+    }
+    for (int idx = tid; idx < RC * TK; idx += kThreads) {
+      const int jj = idx / TK, kk = idx % TK;
+      const int64_t j = r0 + jj, k = k0 + kk;
+      as[jj][kk] = (j < r && k < in) ? to_float(a[j * in + k]) : 0.f;
+    }
+    __syncthreads();
+    if (dx != nullptr) {
+#pragma unroll
+      for (int gi = 0; gi < GROUPS; ++gi) {
+        const int gidx = tid + gi * kThreads;
+        const int row = gidx >> 3, grp = gidx & 7;
+        const int jmax = (r - r0 < RC) ? static_cast<int>(r - r0) : RC;
+        for (int jj = 0; jj < jmax; ++jj) {
+          const float u = us[row][jj];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) dacc[gi][e] += u * as[jj][grp * 8 + e];
+        }
+      }
+    }
+    if (p.grad_a != nullptr) {
+#pragma unroll
+      for (int i = 0; i < NPT_A; ++i) {
+        const int idx = tid + i * kThreads;
+        const int jj = idx / TK, kk = idx % TK;
+        if (r0 + jj >= r) continue;
+        float sum = 0.f;
+#pragma unroll 16
+        for (int tt = 0; tt < TM; ++tt) sum += us[tt][jj] * xs[tt][kk];
+        const int64_t j = r0 + jj, k = k0 + kk;
+        if (j < r && k < in) atomicAdd(p.grad_a + (l * r_max + j) * in + k, sum);
+      }
+    }
+    __syncthreads();
+  }
+  if (dx == nullptr) return;
+#pragma unroll
+  for (int gi = 0; gi < GROUPS; ++gi) {
+    const int gidx = tid + gi * kThreads;
+    const int64_t t = toks[gidx >> 3];
+    if (t < 0) continue;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int64_t k = k0 + (gidx & 7) * 8 + e;
+      if (k >= in) continue;
+      T* dst = dx + t * in + k;
+      *dst = from_float<T>(to_float(*dst) + dacc[gi][e]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Launchers. Grids depend on shapes only (worst-case tile counts), never on the ids.
+
+inline unsigned ceil_div_u(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+template <typename T>
+cudaError_t launch_shrink(MultiLoraShrinkParams p, cudaStream_t stream) {
+  const int64_t T_ = p.seg.tokens;
+  if (T_ == 0 || p.seg.num_adapters == 0 || p.in_features == 0) return cudaSuccess;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (p.use_tensor_cores) return launch_shrink_tc<T>(p, stream);
+  }
+  constexpr int64_t kTM = 32, kKC = 64;
+  const int64_t tiles = worst_case_tiles(T_, p.seg.num_adapters, kTM);
+  // Split K until the grid has a few waves' worth of blocks (decode: few tiles).
+  p.k_split = shrink_k_split(p.in_features, tiles, p.slices, kKC, 1024);
+  const int64_t splits = (p.in_features + p.k_split - 1) / p.k_split;
+  if (tiles > 0x7fffffffLL || splits > 65535 || p.slices > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(p.slices));
+  return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 64, RC, [&] {
+    shrink_kernel<T, RC><<<grid, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+template <typename T>
+cudaError_t launch_expand(const MultiLoraExpandParams& p, cudaStream_t stream) {
+  const int64_t T_ = p.seg.tokens;
+  if (T_ == 0 || p.seg.num_adapters == 0 || p.out_total == 0) return cudaSuccess;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (p.use_tensor_cores) return launch_expand_tc<T>(p, stream);
+  }
+  int64_t col_tiles = 0;
+  for (int64_t s = 0; s < p.slices; ++s) col_tiles += (p.slice_start[s + 1] - p.slice_start[s] + 127) / 128;
+  if (col_tiles == 0) return cudaSuccess;
+  const int64_t tiles = worst_case_tiles(T_, p.seg.num_adapters, 16);
+  if (tiles > 0x7fffffffLL || col_tiles > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles));
+  return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 32, RC, [&] {
+    expand_kernel<T, RC><<<grid, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+template <typename T>
+cudaError_t launch_grad_out(const MultiLoraGradOutParams& p, cudaStream_t stream) {
+  const int64_t T_ = p.seg.tokens;
+  if (T_ == 0 || p.seg.num_adapters == 0 || p.out_features == 0) return cudaSuccess;
+  const int64_t tiles = worst_case_tiles(T_, p.seg.num_adapters, 64);
+  const int64_t col_tiles = (p.out_features + 63) / 64;
+  if (tiles > 0x7fffffffLL || col_tiles > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles));
+  return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 32, RC, [&] {
+    grad_out_kernel<T, RC><<<grid, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+template <typename T>
+cudaError_t launch_grad_in(const MultiLoraGradInParams& p, cudaStream_t stream) {
+  const int64_t T_ = p.seg.tokens;
+  if (T_ == 0 || p.seg.num_adapters == 0 || p.in_features == 0) return cudaSuccess;
+  const int64_t tiles = worst_case_tiles(T_, p.seg.num_adapters, 64);
+  const int64_t k_tiles = (p.in_features + 63) / 64;
+  if (tiles > 0x7fffffffLL || k_tiles > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(k_tiles));
+  return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 32, RC, [&] {
+    grad_in_kernel<T, RC><<<grid, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace multi_lora
+}  // namespace lrkernels

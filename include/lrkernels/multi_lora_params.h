@@ -1,0 +1,82 @@
+// Plain parameter structs between the torch binding (csrc/multi_lora) and the multi-LoRA
+// kernels (multi_lora.cuh). No torch types: pointers, sizes and scalars only. Matrices are
+// row-major and contiguous unless a leading dimension is given.
+//
+// Notation: T tokens, L adapters padded to rank r_max, adapter l has rank r_l ≤ r_max, S
+// output slices. Token t uses adapter a_t; the grouping lists the tokens of each adapter
+// contiguously (token_order, adapter_offsets), so a block of the grid takes a tile of tokens
+// that all share one adapter and stages that adapter's A or B once for all of them.
+//   hidden[s, t, :r]  = x_t A[s, a_t, :r]ᵀ                        (fp32)
+//   y[t, slice s]    += scales[a_t] · hidden[s, t, :r] B[a_t, slice s, :r]ᵀ
+#pragma once
+
+#include <cstdint>
+
+namespace lrkernels {
+
+constexpr int kMultiLoraSlicesMax = 8;
+
+// The batch's grouping by adapter, from multi_lora_segments. Every index read from it is
+// bounds-checked by the kernels (offsets clamped to [0, T], token ids outside [0, T) skipped),
+// so malformed metadata cannot make a kernel read or write out of bounds.
+struct MultiLoraSegmentsView {
+  const int32_t* token_order = nullptr;      // (T,)
+  const int32_t* adapter_offsets = nullptr;  // (L + 1,)
+  const int32_t* ranks = nullptr;            // (L,) or null: every adapter has rank r_max
+  int64_t tokens = 0, num_adapters = 0, r_max = 0;
+};
+
+// hidden[s, t, j] += Σ_{k in this block's K range} x[t, k] A[s, a_t, j, k]: hidden is fp32,
+// zero-initialised by the caller, and accumulated with atomics when K is split over blocks
+// (grid.y), which keeps the decode case (few tokens per adapter) bandwidth-bound.
+struct MultiLoraShrinkParams {
+  const void* x = nullptr;   // (T, in)
+  const void* a = nullptr;   // (S, L, r_max, in)
+  float* hidden = nullptr;   // (S, T, r_max)
+  int64_t in_features = 0, slices = 1, k_split = 0;  // k_split: K columns per grid.y block
+  bool use_tensor_cores = false;  // fp16/bf16 on sm_80+: the WMMA kernel of multi_lora_tc.cuh
+  MultiLoraSegmentsView seg;
+};
+
+// y[t, n] += scales[a_t] · Σ_j hidden[s(n), t, j] B[a_t, n, j], in place, for the columns n of
+// each slice s: slice s covers columns [slice_start[s], slice_start[s + 1]).
+struct MultiLoraExpandParams {
+  const float* hidden = nullptr;  // (S, T, r_max)
+  const void* b = nullptr;        // (L, out_total, r_max)
+  const float* scales = nullptr;  // (L,)
+  void* y = nullptr;              // (T, out_total), row stride ldy
+  int64_t ldy = 0, out_total = 0, slices = 1;
+  int64_t slice_start[kMultiLoraSlicesMax + 1] = {};
+  bool use_tensor_cores = false;  // fp16/bf16 on sm_80+: the WMMA kernel of multi_lora_tc.cuh
+  MultiLoraSegmentsView seg;
+};
+
+// Backward, one pass over dy for both products that need it (per token, a = a_t):
+//   grad_z[t, :r]  += dy_t B[a, :, :r]                 (T, r_max)     = ∂L/∂(s·h)
+//   grad_b[a, :, :r] += s_a · dy_tᵀ hidden[t, :r]     (L, out, r_max)
+// fp32 outputs, zero-initialised by the caller, accumulated with atomics; either may be null.
+struct MultiLoraGradOutParams {
+  const void* grad_out = nullptr;  // (T, out)
+  const float* hidden = nullptr;   // (T, r_max)
+  const void* b = nullptr;         // (L, out, r_max)
+  const float* scales = nullptr;   // (L,)
+  float* grad_z = nullptr;         // (T, r_max) or null
+  float* grad_b = nullptr;         // (L, out, r_max) or null
+  int64_t out_features = 0;
+  MultiLoraSegmentsView seg;
+};
+
+// Backward, one pass over x, with du = ∂L/∂h (T, r_max) fp32 prepared by the caller:
+//   grad_x[t]        += du_t A[a, :r]                 (T, in)  in place on dy W (null: skipped)
+//   grad_a[a, :r]    += du_tᵀ x_t                     (L, r_max, in) fp32, atomics (null: skipped)
+struct MultiLoraGradInParams {
+  const void* x = nullptr;       // (T, in)
+  const void* a = nullptr;       // (L, r_max, in)
+  const float* grad_u = nullptr; // (T, r_max)
+  void* grad_x = nullptr;        // (T, in) or null
+  float* grad_a = nullptr;       // (L, r_max, in) or null
+  int64_t in_features = 0;
+  MultiLoraSegmentsView seg;
+};
+
+}  // namespace lrkernels

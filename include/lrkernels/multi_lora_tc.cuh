@@ -1,0 +1,214 @@
+// Tensor-core shrink and expand for the prefill case (many tokens per adapter), fp16/bf16 on
+// sm_80+, with WMMA 16×16×16 tiles and fp32 accumulation. Same block-to-work mapping as the
+// SIMT kernels (multi_lora_tiles.h): a block takes 64 tokens of one adapter and gathers their
+// rows into shared memory, so the tensor cores see full 16-row tiles however the tokens are
+// ordered in the batch. Used only when the binding asks for it (use_tensor_cores in the
+// params); the SIMT kernels remain the reference.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+
+#include "lrkernels/common/math.cuh"
+#include "lrkernels/multi_lora_params.h"
+#include "lrkernels/multi_lora_tiles.h"
+
+namespace lrkernels {
+namespace multi_lora {
+
+constexpr int kTcThreads = 128;  // 4 warps, each owns 16 of the block's 64 tokens
+constexpr int kTcTM = 64, kTcKC = 32, kTcPad = 8;
+
+// RC: rank chunk (16, 32 or 64 lanes = RC / 16 accumulator fragments per warp).
+template <typename T, int RC>
+__global__ void __launch_bounds__(kTcThreads) shrink_tc_kernel(MultiLoraShrinkParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  constexpr int TM = kTcTM, KC = kTcKC, LD = KC + kTcPad;  // LD: a multiple of 8 elements (WMMA rule)
+  constexpr int NF = RC / 16;
+  // 32-byte alignment for every fragment pointer: rows are 80 bytes, fragments start at
+  // multiples of 16 rows (1280 bytes) and 16 columns (32 bytes).
+  __shared__ __align__(32) T xs[TM][LD];
+  __shared__ __align__(32) T as[RC][LD];
+  __shared__ __align__(32) float cs[TM][RC + 4];
+  __shared__ int64_t toks[TM];
+  int64_t l, pos0;
+  int count;
+  if (!find_tile<TM>(p.seg, blockIdx.x, l, pos0, count)) return;
+  const int64_t r = adapter_rank(p.seg, l);
+  if (r == 0) return;
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int64_t s = blockIdx.z, in = p.in_features, r_max = p.seg.r_max;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * p.k_split;
+  const int64_t k_end = (k_begin + p.k_split < in) ? k_begin + p.k_split : in;
+  if (tid < TM) toks[tid] = tile_token(p.seg, pos0, tid, count);
+  __syncthreads();
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ a = static_cast<const T*>(p.a) + (s * p.seg.num_adapters + l) * r_max * in;
+  float* __restrict__ hidden = p.hidden + s * p.seg.tokens * r_max;
+  const T zero = from_float<T>(0.f);
+  for (int64_t r0 = 0; r0 < r; r0 += RC) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
+#pragma unroll
+    for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += KC) {
+      for (int idx = tid; idx < TM * KC; idx += kTcThreads) {
+        const int row = idx / KC, kk = idx % KC;
+        const int64_t t = toks[row], k = k0 + kk;
+        xs[row][kk] = (t >= 0 && k < k_end) ? x[t * in + k] : zero;
+      }
+      for (int idx = tid; idx < RC * KC; idx += kTcThreads) {
+        const int jj = idx / KC, kk = idx % KC;
+        const int64_t j = r0 + jj, k = k0 + kk;
+        as[jj][kk] = (j < r && k < k_end) ? a[j * in + k] : zero;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < KC; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+        wmma::load_matrix_sync(af, &xs[warp * 16][kk], LD);
+#pragma unroll
+        for (int f = 0; f < NF; ++f) {
+          if (r0 + f * 16 >= r) break;  // fragments past this adapter's rank: no work
+          // B(k, n) = A[n, k]: A's rows read column-major.
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
+          wmma::load_matrix_sync(bf, &as[f * 16][kk], LD);
+          wmma::mma_sync(acc[f], af, bf, acc[f]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int f = 0; f < NF; ++f) wmma::store_matrix_sync(&cs[warp * 16][f * 16], acc[f], RC + 4, wmma::mem_row_major);
+    __syncthreads();
+    for (int idx = tid; idx < TM * RC; idx += kTcThreads) {
+      const int row = idx / RC, jj = idx % RC;
+      const int64_t t = toks[row], j = r0 + jj;
+      if (t >= 0 && j < r) atomicAdd(hidden + t * r_max + j, cs[row][jj]);
+    }
+    __syncthreads();
+  }
+#endif
+}
+
+// Expand: y[t, n] += Σ_j (s · hidden[t, j]) B[a_t, n, j] for a 64-token × 64-column tile.
+// hidden is fp32; it enters the tensor cores as a sum of two fp16/bf16 terms (hi + lo, the
+// second holding what the first rounded away), so the product keeps ~16 mantissa bits of
+// hidden rather than 8 or 11, at twice the (small, K = r) MMA work. RC: rank chunk, 16 or 32.
+template <typename T, int RC>
+__global__ void __launch_bounds__(kTcThreads) expand_tc_kernel(MultiLoraExpandParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  constexpr int TM = 64, TN = 64, LD = RC + kTcPad;  // LD: a multiple of 8 elements (WMMA rule)
+  constexpr int NF = TN / 16;
+  __shared__ __align__(32) T hs_hi[TM][LD];
+  __shared__ __align__(32) T hs_lo[TM][LD];
+  __shared__ __align__(32) T bs[TN][LD];
+  __shared__ __align__(32) float cs[TM][TN + 4];
+  __shared__ int64_t toks[TM];
+  int64_t l, pos0;
+  int count;
+  if (!find_tile<TM>(p.seg, blockIdx.x, l, pos0, count)) return;
+  const int64_t r = adapter_rank(p.seg, l);
+  if (r == 0) return;
+  int64_t s, n0, n_end;
+  if (!find_column_tile<TN>(p.slice_start, p.slices, blockIdx.y, s, n0, n_end)) return;
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int64_t r_max = p.seg.r_max;
+  if (tid < TM) toks[tid] = tile_token(p.seg, pos0, tid, count);
+  __syncthreads();
+  const T* __restrict__ b = static_cast<const T*>(p.b) + l * p.out_total * r_max;
+  const float* __restrict__ hidden = p.hidden + s * p.seg.tokens * r_max;
+  const float scale = p.scales[l];
+  const T zero = from_float<T>(0.f);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
+#pragma unroll
+  for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
+  for (int64_t r0 = 0; r0 < r; r0 += RC) {
+    for (int idx = tid; idx < TM * RC; idx += kTcThreads) {
+      const int row = idx / RC, jj = idx % RC;
+      const int64_t t = toks[row], j = r0 + jj;
+      const float v = (t >= 0 && j < r) ? hidden[t * r_max + j] * scale : 0.f;
+      const T hi = from_float<T>(v);
+      hs_hi[row][jj] = hi;
+      hs_lo[row][jj] = from_float<T>(v - to_float(hi));
+    }
+    for (int idx = tid; idx < TN * RC; idx += kTcThreads) {
+      const int nn = idx / RC, jj = idx % RC;
+      const int64_t n = n0 + nn, j = r0 + jj;
+      bs[nn][jj] = (n < n_end && j < r) ? b[n * r_max + j] : zero;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < RC; kk += 16) {
+      if (r0 + kk >= r) break;  // k-steps past this adapter's rank: all zero, skipped
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_hi, a_lo;
+      wmma::load_matrix_sync(a_hi, &hs_hi[warp * 16][kk], LD);
+      wmma::load_matrix_sync(a_lo, &hs_lo[warp * 16][kk], LD);
+#pragma unroll
+      for (int f = 0; f < NF; ++f) {
+        // B(k, n) = B[n0 + n, r0 + k]: bs rows read column-major.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
+        wmma::load_matrix_sync(bf, &bs[f * 16][kk], LD);
+        wmma::mma_sync(acc[f], a_hi, bf, acc[f]);
+        wmma::mma_sync(acc[f], a_lo, bf, acc[f]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int f = 0; f < NF; ++f) wmma::store_matrix_sync(&cs[warp * 16][f * 16], acc[f], TN + 4, wmma::mem_row_major);
+  __syncthreads();
+  T* __restrict__ y = static_cast<T*>(p.y);
+  for (int idx = tid; idx < TM * TN; idx += kTcThreads) {
+    const int row = idx / TN, nn = idx % TN;
+    const int64_t t = toks[row], n = n0 + nn;
+    if (t >= 0 && n < n_end) {
+      T* dst = y + t * p.ldy + n;
+      *dst = from_float<T>(to_float(*dst) + cs[row][nn]);
+    }
+  }
+#endif
+}
+
+template <typename T>
+cudaError_t launch_expand_tc(const MultiLoraExpandParams& p, cudaStream_t stream) {
+  const int64_t T_ = p.seg.tokens;
+  if (T_ == 0 || p.seg.num_adapters == 0 || p.out_total == 0) return cudaSuccess;
+  int64_t col_tiles = 0;
+  for (int64_t s = 0; s < p.slices; ++s) col_tiles += (p.slice_start[s + 1] - p.slice_start[s] + 63) / 64;
+  if (col_tiles == 0) return cudaSuccess;
+  const int64_t tiles = worst_case_tiles(T_, p.seg.num_adapters, kTcTM);
+  if (tiles > 0x7fffffffLL || col_tiles > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles));
+  if (p.seg.r_max <= 16) {
+    expand_tc_kernel<T, 16><<<grid, kTcThreads, 0, stream>>>(p);
+  } else {
+    expand_tc_kernel<T, 32><<<grid, kTcThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_shrink_tc(MultiLoraShrinkParams p, cudaStream_t stream) {
+  const int64_t T_ = p.seg.tokens;
+  if (T_ == 0 || p.seg.num_adapters == 0 || p.in_features == 0) return cudaSuccess;
+  const int64_t tiles = worst_case_tiles(T_, p.seg.num_adapters, kTcTM);
+  p.k_split = shrink_k_split(p.in_features, tiles, p.slices, kTcKC, 1024);
+  const int64_t splits = (p.in_features + p.k_split - 1) / p.k_split;
+  if (tiles > 0x7fffffffLL || splits > 65535 || p.slices > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(p.slices));
+  if (p.seg.r_max <= 16) {
+    shrink_tc_kernel<T, 16><<<grid, kTcThreads, 0, stream>>>(p);
+  } else if (p.seg.r_max <= 32) {
+    shrink_tc_kernel<T, 32><<<grid, kTcThreads, 0, stream>>>(p);
+  } else {
+    shrink_tc_kernel<T, 64><<<grid, kTcThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace multi_lora
+}  // namespace lrkernels

@@ -1,0 +1,728 @@
+"""Multi-LoRA: grouping, shrink/expand building blocks and the fused multi_lora_linear against
+the float64 per-token oracle, gradients, opcheck, torch.compile, equivalence with lora_linear
+and with PEFT's mixed-batch inference, bad inputs, the MultiLoRALinear module, and the CUDA
+kernels (marked, skipped without a GPU)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lrkernels
+from lrkernels.reference import multi_lora as ref
+
+from conftest import assert_close_to_oracle, cpu_dtypes, cuda_dtypes
+
+SEG = torch.ops.lrkernels.multi_lora_segments.default
+SHRINK = torch.ops.lrkernels.lora_shrink.default
+EXPAND = torch.ops.lrkernels.lora_expand_.default
+OP = torch.ops.lrkernels.multi_lora_linear.default
+BWD = torch.ops.lrkernels.multi_lora_linear_backward.default
+
+GRAD_NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "scales")
+
+
+def make_inputs(T, din, dout, L, r_max, dtype, device="cpu", *, ranks=None, base_frac=0.2, bias=True, lead=None,
+                requires_grad=False, ids=None):
+    shape = (T, din) if lead is None else (*lead, din)
+    t = lambda *s, sc=1.0: (torch.randn(*s, dtype=torch.float64) * sc).to(dtype=dtype, device=device)  # noqa: E731
+    ntok = math.prod(shape[:-1])
+    if ids is None:
+        ids = torch.randint(0, L, (ntok,))
+        ids[torch.rand(ntok) < base_frac] = -1
+        ids = ids.reshape(shape[:-1])
+    args = dict(
+        x=t(*shape),
+        weight=t(dout, din, sc=1 / math.sqrt(max(din, 1))),
+        bias=t(dout) if bias else None,
+        lora_a=t(L, r_max, din, sc=1 / math.sqrt(max(din, 1))),
+        lora_b=t(L, dout, r_max, sc=1 / math.sqrt(r_max)),
+        scales=(torch.rand(L, dtype=torch.float64) + 0.5).to(torch.float32).to(device),
+    )
+    if requires_grad:
+        for v in args.values():
+            if v is not None:
+                v.requires_grad_(True)
+    args["adapter_ids"] = ids.to(device)
+    args["ranks"] = None if ranks is None else torch.tensor(ranks, dtype=torch.int64, device=device)
+    return args
+
+
+def run_op(a, segments=None):
+    order, offsets = (None, None) if segments is None else segments
+    return OP(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], a["adapter_ids"], a["scales"], a["ranks"],
+              order, offsets)
+
+
+def oracle(a, dtype=torch.float64):
+    return ref.multi_lora_linear(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], a["adapter_ids"],
+                                 scales=a["scales"], ranks=a["ranks"], dtype=dtype)
+
+
+def low_oracle(a, dtype):
+    """The oracle formula evaluated in the input's precision (the tolerance reference)."""
+    return oracle(a, dtype=dtype).to(dtype)
+
+
+# ---------------------------------------------------------------------------- grouping
+
+@pytest.mark.parametrize("T,L", [(0, 3), (1, 1), (17, 4), (200, 7)])
+@pytest.mark.parametrize("idtype", [torch.int32, torch.int64])
+def test_segments_group_tokens_stably(T, L, idtype):
+    ids = torch.randint(-1, L, (T,), dtype=idtype)
+    order, offsets = SEG(ids, L)
+    assert order.dtype == torch.int32 and offsets.dtype == torch.int32
+    assert order.shape == (T,) and offsets.shape == (L + 1,)
+    assert sorted(order.tolist()) == list(range(T))  # a permutation
+    for l in range(L):
+        seg = order[offsets[l]:offsets[l + 1]].tolist()
+        assert seg == [t for t in range(T) if ids[t] == l]  # this adapter's tokens, in token order
+    assert order[offsets[L]:].tolist() == [t for t in range(T) if ids[t] == -1]
+
+
+# ---------------------------------------------------------------------------- forward / backward
+
+SHAPES = [  # (T, in, out, L, r_max)
+    (0, 16, 8, 3, 4),
+    (1, 1, 1, 1, 1),
+    (7, 13, 17, 3, 5),
+    (50, 64, 65, 4, 16),
+    (33, 100, 48, 5, 19),
+]
+
+
+def mixed_ranks(L, r_max):
+    return [max(1, (r_max * (l + 1)) // L) if l % 2 == 0 else r_max for l in range(L)]
+
+
+@pytest.mark.parametrize("dtype", cpu_dtypes())
+@pytest.mark.parametrize("T,din,dout,L,r", SHAPES)
+@pytest.mark.parametrize("variant", ["full-rank", "mixed-ranks", "nobias"])
+def test_forward_matches_oracle(dtype, T, din, dout, L, r, variant):
+    a = make_inputs(T, din, dout, L, r, dtype, ranks=mixed_ranks(L, r) if variant == "mixed-ranks" else None,
+                    bias=variant != "nobias")
+    y, hidden = run_op(a)
+    assert y.dtype == dtype and y.shape == (T, dout)
+    assert hidden.shape == (T, r) and hidden.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_to_oracle(y, oracle(a), low_oracle(a, dtype))
+    want_h = ref.lora_shrink(a["x"], a["lora_a"], a["adapter_ids"], a["ranks"])
+    assert_close_to_oracle(hidden, want_h, ref.lora_shrink(a["x"], a["lora_a"], a["adapter_ids"], a["ranks"],
+                                                           dtype=dtype).to(dtype), name="hidden")
+
+
+def _grads(a, dtype, gy):
+    leaf = {k: (v.detach().to(dtype).requires_grad_(True) if (v is not None and v.is_floating_point()) else v)
+            for k, v in a.items()}
+    y = oracle(leaf, dtype=dtype)
+    names = [k for k in GRAD_NAMES if leaf[k] is not None]
+    return torch.autograd.grad(y, [leaf[k] for k in names], gy.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", cpu_dtypes())
+@pytest.mark.parametrize("T,din,dout,L,r", SHAPES[1:])
+@pytest.mark.parametrize("ranks", ["full", "mixed"])
+def test_backward_matches_oracle(dtype, T, din, dout, L, r, ranks):
+    a = make_inputs(T, din, dout, L, r, dtype, ranks=mixed_ranks(L, r) if ranks == "mixed" else None,
+                    requires_grad=True)
+    y, _ = run_op(a)
+    gy = torch.randn_like(y)
+    names = [k for k in GRAD_NAMES if a[k] is not None]
+    got = torch.autograd.grad(y, [a[k] for k in names], gy)
+    want = _grads(a, torch.float64, gy)
+    low = _grads(a, dtype, gy)
+    for k, g, w, lo in zip(names, got, want, low):
+        assert g.dtype == a[k].dtype and g.shape == a[k].shape, k
+        assert_close_to_oracle(g, w, lo.to(g.dtype), name=f"grad {k}")
+
+
+def test_gradients_zero_past_each_rank_and_for_absent_adapters():
+    ids = torch.tensor([0, 0, 2, -1, 2])
+    a = make_inputs(5, 6, 7, 3, 4, torch.float64, ranks=[2, 4, 3], requires_grad=True, ids=ids)
+    y, _ = run_op(a)
+    ga, gb, gs = torch.autograd.grad(y.sum(), [a["lora_a"], a["lora_b"], a["scales"]])
+    assert torch.all(ga[0, 2:] == 0) and torch.all(gb[0, :, 2:] == 0) and torch.all(ga[2, 3:] == 0)
+    assert torch.all(ga[1] == 0) and torch.all(gb[1] == 0) and gs[1] == 0  # adapter 1 unused
+    assert ga[0, :2].abs().sum() > 0 and gb[2, :, :3].abs().sum() > 0
+
+
+def test_gradcheck_float64():
+    a = make_inputs(9, 7, 6, 3, 4, torch.float64, ranks=[2, 4, 3], requires_grad=True)
+    a["scales"] = a["scales"].detach().double().requires_grad_(True)
+    ids, ranks = a["adapter_ids"], a["ranks"]
+
+    def f(x, w, b, la, lb, s):
+        return OP(x, w, b, la, lb, ids, s, ranks, None, None)[0]
+
+    assert torch.autograd.gradcheck(f, tuple(a[k] for k in GRAD_NAMES))
+
+
+def test_backward_op_output_mask():
+    a = make_inputs(6, 5, 4, 2, 3, torch.float64)
+    y, hidden = run_op(a)
+    order, offsets = SEG(a["adapter_ids"], 2)
+    out = BWD(torch.ones_like(y), a["x"], a["weight"], a["lora_a"], a["lora_b"], a["adapter_ids"], a["scales"],
+              None, hidden, order, offsets, [False, True, False, True, False, True])
+    assert [t is not None for t in out] == [False, True, False, True, False, True]
+    assert out[5].dtype == a["scales"].dtype
+
+
+def test_leading_dims_noncontiguous_and_row_ids():
+    a = make_inputs(0, 24, 10, 3, 4, torch.float32, lead=(3, 5))
+    base = torch.randn(24, 5, 3).permute(2, 1, 0)  # (3, 5, 24), non-contiguous
+    a["x"] = base
+    y, hidden = run_op(a)
+    assert y.shape == (3, 5, 10) and hidden.shape == (3, 5, 4)
+    torch.testing.assert_close(y.double(), oracle({**a, "x": base.contiguous()}), rtol=1e-5, atol=1e-5)
+    # the wrapper broadcasts one id per row over the row's tokens (PEFT's adapter_names convention)
+    row_ids = torch.tensor([2, -1, 0])
+    y_rows = lrkernels.multi_lora_linear(base, a["weight"], a["bias"], a["lora_a"], a["lora_b"], row_ids,
+                                         scales=a["scales"])
+    want = oracle({**a, "x": base.contiguous(), "adapter_ids": row_ids[:, None].expand(3, 5)})
+    torch.testing.assert_close(y_rows.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_segments_reused_across_layers_give_same_result():
+    a = make_inputs(40, 32, 24, 5, 8, torch.float32, ranks=[8, 2, 5, 8, 1])
+    seg = lrkernels.multi_lora_segments(a["adapter_ids"], 5)
+    y1, h1 = run_op(a)
+    y2, h2 = run_op(a, seg)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(h1, h2, rtol=0, atol=0)
+    y3 = lrkernels.multi_lora_linear(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], a["adapter_ids"],
+                                     scales=a["scales"], ranks=a["ranks"], segments=seg)
+    torch.testing.assert_close(y1, y3, rtol=0, atol=0)
+
+
+def test_all_base_and_single_adapter_batches():
+    a = make_inputs(12, 16, 8, 3, 4, torch.float64, ids=torch.full((12,), -1))
+    y, hidden = run_op(a)
+    torch.testing.assert_close(y, a["x"] @ a["weight"].T + a["bias"])
+    assert torch.all(hidden == 0)
+    a = make_inputs(12, 16, 8, 3, 4, torch.float64, ids=torch.full((12,), 1))
+    torch.testing.assert_close(run_op(a)[0], oracle(a))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_lora_linear_per_adapter(dtype):
+    L, r_max, ranks = 4, 8, [8, 3, 6, 1]
+    a = make_inputs(60, 48, 40, L, r_max, dtype, ranks=ranks, requires_grad=True)
+    y, _ = run_op(a)
+    gy = torch.randn_like(y)
+    ga, gb = torch.autograd.grad(y, [a["lora_a"], a["lora_b"]], gy)
+    ids = a["adapter_ids"]
+    for l in range(L):
+        rows = (ids == l).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        la = a["lora_a"][l, :ranks[l]].detach().clone().requires_grad_(True)
+        lb = a["lora_b"][l, :, :ranks[l]].detach().clone().requires_grad_(True)
+        y_l = lrkernels.lora_linear(a["x"][rows], a["weight"], a["bias"], la, lb, scale=float(a["scales"][l].detach()))
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(y[rows], y_l, **tol)
+        ga_l, gb_l = torch.autograd.grad(y_l, [la, lb], gy[rows])
+        torch.testing.assert_close(ga[l, :ranks[l]], ga_l, **tol)
+        torch.testing.assert_close(gb[l, :, :ranks[l]], gb_l, **tol)
+    base = (ids == -1).nonzero().flatten()
+    torch.testing.assert_close(y[base], (a["x"][base] @ a["weight"].T + a["bias"]).detach())
+
+
+# ---------------------------------------------------------------------------- shrink / expand blocks
+
+@pytest.mark.parametrize("dtype", cpu_dtypes())
+@pytest.mark.parametrize("slices", [None, [40, 12, 12]])
+def test_shrink_expand_compose(dtype, slices):
+    T, din, L, r = 30, 36, 4, 6
+    ranks = torch.tensor([6, 2, 4, 6])
+    ids = torch.randint(-1, L, (T,))
+    x = torch.randn(T, din, dtype=torch.float64).to(dtype)
+    S = 1 if slices is None else len(slices)
+    out_total = 20 if slices is None else sum(slices)
+    a4 = (torch.randn(S, L, r, din, dtype=torch.float64) / 6).to(dtype)
+    b = (torch.randn(L, out_total, r, dtype=torch.float64) / 2).to(dtype)
+    scales = torch.tensor([0.5, 1.0, 2.0, 0.25])
+    seg = lrkernels.multi_lora_segments(ids, L)
+    lora_a = a4[0] if slices is None else a4
+    h = lrkernels.lora_shrink(x, lora_a, ids, seg, ranks=ranks)
+    assert h.shape == ((T, r) if slices is None else (S, T, r))
+    assert_close_to_oracle(h, ref.lora_shrink(x, lora_a, ids, ranks),
+                           ref.lora_shrink(x, lora_a, ids, ranks, dtype=dtype).to(dtype), name="hidden")
+    y0 = torch.randn(T, out_total, dtype=torch.float64).to(dtype)
+    y = y0.clone()
+    out = lrkernels.lora_expand_(y, h, b, ids, seg, scales=scales, ranks=ranks, slice_sizes=slices)
+    assert out is y
+    want = ref.lora_expand(y0, h, b, ids, scales=scales, ranks=ranks, slice_sizes=slices)
+    low = ref.lora_expand(y0, h, b, ids, scales=scales, ranks=ranks, slice_sizes=slices, dtype=dtype).to(dtype)
+    assert_close_to_oracle(y, want, low, name="expanded y")
+
+
+def test_shrink_expand_equal_fused_layer():
+    a = make_inputs(25, 20, 16, 3, 5, torch.float64, ranks=[5, 1, 3])
+    seg = lrkernels.multi_lora_segments(a["adapter_ids"], 3)
+    y = a["x"] @ a["weight"].T + a["bias"]
+    h = lrkernels.lora_shrink(a["x"], a["lora_a"], a["adapter_ids"], seg, ranks=a["ranks"])
+    lrkernels.lora_expand_(y, h, a["lora_b"], a["adapter_ids"], seg, scales=a["scales"], ranks=a["ranks"])
+    y_fused, h_fused = run_op(a, seg)
+    torch.testing.assert_close(y, y_fused)
+    torch.testing.assert_close(h, h_fused)
+
+
+def test_expand_into_a_column_block_of_a_fused_output():
+    T, L, r = 10, 2, 3
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1, 0, 1])
+    h = torch.randn(T, r, dtype=torch.float64)
+    b = torch.randn(L, 5, r, dtype=torch.float64)
+    scales = torch.tensor([1.5, -0.5])
+    seg = lrkernels.multi_lora_segments(ids, L)
+    buf = torch.randn(T, 12, dtype=torch.float64)
+    before = buf.clone()
+    lrkernels.lora_expand_(buf[:, 4:9], h, b, ids, seg, scales=scales)
+    torch.testing.assert_close(buf[:, :4], before[:, :4], rtol=0, atol=0)
+    torch.testing.assert_close(buf[:, 9:], before[:, 9:], rtol=0, atol=0)
+    torch.testing.assert_close(buf[:, 4:9], ref.lora_expand(before[:, 4:9], h, b, ids, scales=scales))
+
+
+# ---------------------------------------------------------------------------- opcheck / compile
+
+def test_opcheck_every_op():
+    a = make_inputs(11, 12, 9, 3, 4, torch.float32, ranks=[4, 2, 3], requires_grad=True)
+    seg = SEG(a["adapter_ids"], 3)
+    torch.library.opcheck(SEG, (a["adapter_ids"], 3))
+    torch.library.opcheck(SEG, (torch.zeros(0, dtype=torch.int64), 2))
+    for order, offsets in [(None, None), seg]:
+        torch.library.opcheck(OP, (a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], a["adapter_ids"],
+                                   a["scales"], a["ranks"], order, offsets))
+    y, hidden = run_op(a)
+    d = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    bargs = (torch.randn_like(y), d["x"], d["weight"], d["lora_a"], d["lora_b"], d["adapter_ids"], d["scales"],
+             d["ranks"], hidden, seg[0], seg[1])
+    torch.library.opcheck(BWD, bargs + ([True] * 6,))
+    torch.library.opcheck(BWD, bargs + ([True, False, False, False, True, True],))
+    torch.library.opcheck(SHRINK, (d["x"], d["lora_a"], d["adapter_ids"], seg[0], seg[1], d["ranks"]))
+    torch.library.opcheck(SHRINK, (d["x"], torch.stack([d["lora_a"]] * 2), d["adapter_ids"], seg[0], seg[1], None))
+    h = SHRINK(d["x"], d["lora_a"], d["adapter_ids"], seg[0], seg[1], d["ranks"])
+    torch.library.opcheck(EXPAND, (torch.randn(11, 9), h, d["lora_b"], d["adapter_ids"], seg[0], seg[1],
+                                   d["scales"], d["ranks"], None))
+    h2 = SHRINK(d["x"], torch.stack([d["lora_a"]] * 2), d["adapter_ids"], seg[0], seg[1], None)
+    b2 = torch.randn(3, 13, 4)
+    torch.library.opcheck(EXPAND, (torch.randn(11, 13), h2, b2, d["adapter_ids"], seg[0], seg[1], d["scales"],
+                                   None, [9, 4]))
+
+
+def test_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    a = make_inputs(14, 16, 12, 3, 4, torch.float32, ranks=[4, 1, 2], requires_grad=True)
+    ids, ranks = a["adapter_ids"], a["ranks"]
+
+    def f(x, w, b, la, lb, s):
+        seg = lrkernels.multi_lora_segments(ids, 3)
+        return lrkernels.multi_lora_linear(x, w, b, la, lb, ids, scales=s, ranks=ranks, segments=seg)
+
+    args = tuple(a[k] for k in GRAD_NAMES)
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y = cf(*args)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, args, gy)
+    want = torch.autograd.grad(f(*args), args, gy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_compile_inductor_module():
+    torch._dynamo.reset()
+    m = lrkernels.nn.MultiLoRALinear(16, 8, num_adapters=3, r_max=4, ranks=[4, 2, 3])
+    nn.init.normal_(m.lora_b)
+    x = torch.randn(6, 16, requires_grad=True)
+    ids = torch.tensor([0, 2, -1, 1, 1, 0])
+    cm = torch.compile(m, fullgraph=True)
+    cm(x, ids).sum().backward()
+    assert m.lora_b.grad is not None and x.grad is not None
+    torch.testing.assert_close(cm(x, ids), m(x, ids))
+
+
+# ---------------------------------------------------------------------------- PEFT equivalence
+
+peft = pytest.importorskip("peft")
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(24, 32)
+        self.down = nn.Linear(32, 20)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _peft_three_adapters():
+    torch.manual_seed(3)
+    model = peft.get_peft_model(_Tiny(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"]),
+                                adapter_name="a4")
+    model.add_adapter("a8", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["up", "down"]))
+    model.add_adapter("a2", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["up", "down"], use_rslora=True))
+    for mod in model.modules():
+        if hasattr(mod, "lora_B"):
+            for lin in mod.lora_B.values():
+                nn.init.normal_(lin.weight)
+    model.eval()
+    return model
+
+
+def test_matches_peft_mixed_batch():
+    model = _peft_three_adapters()
+    x = torch.randn(9, 24)
+    names = ["a4", "__base__", "a8", "a2", "a8", "__base__", "a4", "a2", "a2"]
+    with torch.no_grad():
+        y_peft = model(x, adapter_names=names)
+    inner, order = lrkernels.nn.multi_lora_from_peft(model)
+    assert order == ["a4", "a8", "a2"]
+    ids = torch.tensor([order.index(n) if n != "__base__" else -1 for n in names])
+    lrkernels.nn.set_multi_lora_batch(inner, ids)
+    with torch.no_grad():
+        y = inner(x)
+    torch.testing.assert_close(y, y_peft, rtol=1e-5, atol=1e-5)
+    up = inner.up
+    assert isinstance(up, lrkernels.nn.MultiLoRALinear) and up.ranks.tolist() == [4, 8, 2]
+    assert up.scales.tolist() == pytest.approx([2.0, 0.5, 2 / math.sqrt(2)])
+
+
+def test_peft_rows_of_sequences():
+    model = _peft_three_adapters()
+    x = torch.randn(4, 5, 24)  # (batch, seq, in): one adapter per row
+    names = ["a2", "a8", "__base__", "a4"]
+    with torch.no_grad():
+        y_peft = model(x, adapter_names=names)
+    inner, order = lrkernels.nn.multi_lora_from_peft(model)
+    ids = torch.tensor([order.index(n) if n != "__base__" else -1 for n in names])
+    lrkernels.nn.set_multi_lora_batch(inner, ids[:, None].expand(4, 5))
+    with torch.no_grad():
+        y = inner(x)
+    torch.testing.assert_close(y, y_peft, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_converter_rejects_what_it_cannot_represent():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_Tiny(), peft.LoraConfig(r=4, target_modules=["up"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        lrkernels.nn.multi_lora_from_peft(model)
+    with pytest.raises(ValueError, match="no PEFT LoRA Linear layer"):
+        lrkernels.nn.multi_lora_from_peft(_Tiny(), adapter_names=["a"])
+
+
+# ---------------------------------------------------------------------------- MultiLoRALinear
+
+def test_module_trains_several_adapters_in_one_batch():
+    torch.manual_seed(0)
+    m = lrkernels.nn.MultiLoRALinear(8, 4, num_adapters=3, r_max=4, ranks=[4, 2, 1], alphas=[8, 4, 2])
+    opt = torch.optim.SGD([m.lora_a, m.lora_b], lr=0.2)
+    x = torch.randn(48, 8)
+    ids = torch.arange(48) % 3
+    targets = torch.randn(3, 4)[ids]
+    past_rank = m.lora_a.detach()[1, 2:].clone()  # adapter 1 has rank 2: these entries are unused
+    first = None
+    for _ in range(30):
+        loss = ((m(x, ids) - targets) ** 2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.8 * first
+    torch.testing.assert_close(m.lora_a.detach()[1, 2:], past_rank, rtol=0, atol=0)  # zero grad past rank
+    assert not torch.equal(m.lora_a.detach()[1, :2], m.lora_a.detach()[1, :2] * 0)
+    assert torch.all(m.lora_b.grad[2, :, 1:] == 0)
+
+
+def test_module_starts_at_base_and_requires_ids():
+    base = nn.Linear(10, 6)
+    m = lrkernels.nn.MultiLoRALinear.from_linear(base, num_adapters=2, r_max=3)
+    assert m.weight is base.weight and not m.weight.requires_grad
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(m(x, torch.tensor([0, 1, -1, 0])), base(x))
+    with pytest.raises(ValueError, match="adapter_ids"):
+        m(x)
+    with pytest.raises(ValueError, match="ranks must be"):
+        lrkernels.nn.MultiLoRALinear(10, 6, num_adapters=2, r_max=3, ranks=[3, 4])
+
+
+# ---------------------------------------------------------------------------- bad inputs
+
+def _bad(change):
+    a = make_inputs(6, 16, 12, 3, 4, torch.float32, ranks=[4, 2, 3])
+    change(a)
+    return a
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda a: a.update(adapter_ids=torch.tensor([0, 1, 3, 0, 0, 0])), ValueError,
+     r"adapter_ids must be in \[-1, L\) = \[-1, 3\).*got 3"),
+    (lambda a: a.update(adapter_ids=torch.tensor([0, 1, -2, 0, 0, 0])), ValueError, r"adapter_ids must be in.*got -2"),
+    (lambda a: a.update(adapter_ids=torch.zeros(5, dtype=torch.int64)), ValueError,
+     r"adapter_ids must have x's leading shape \(6,\)"),
+    (lambda a: a.update(adapter_ids=torch.zeros(6)), TypeError, r"adapter_ids must be int32 or int64, got Float"),
+    (lambda a: a.update(ranks=torch.tensor([4, 5, 1])), ValueError, r"ranks must be in \[0, r_max\] = \[0, 4\], got 5"),
+    (lambda a: a.update(ranks=torch.tensor([4, 2])), ValueError, r"ranks must have shape \(L,\) = \(3,\)"),
+    (lambda a: a.update(ranks=torch.tensor([4.0, 2.0, 1.0])), TypeError, r"ranks must be int32 or int64"),
+    (lambda a: a.update(lora_b=torch.randn(2, 12, 4)), ValueError,
+     r"lora_b must have shape \(L, out_features, r_max\) = \(3, 12, 4\), got \(2, 12, 4\)"),
+    (lambda a: a.update(scales=torch.ones(4)), ValueError, r"scales must have shape \(L,\) = \(3,\)"),
+    (lambda a: a.update(scales=torch.ones(3, dtype=torch.int64)), TypeError, r"scales must be a floating-point"),
+    (lambda a: a.update(lora_a=torch.randn(3, 4, 15)), ValueError, r"lora_a must have shape \(L, r_max, in_features\)"),
+    (lambda a: a.update(lora_a=torch.randn(4, 16)), ValueError, r"lora_a must be 3-D"),
+    (lambda a: a.update(lora_a=torch.randn(0, 4, 16), lora_b=torch.randn(0, 12, 4), scales=torch.ones(0), ranks=None,
+                        adapter_ids=torch.full((6,), -1)), ValueError, r"at least one adapter \(L >= 1\)"),
+    (lambda a: a.update(lora_a=a["lora_a"].double()), TypeError, r"lora_a has dtype Double but x has dtype Float"),
+    (lambda a: a.update(weight=torch.randn(12, 15)), ValueError, r"weight must have shape"),
+    (lambda a: a.update(x=a["x"].long(), weight=a["weight"].long()), TypeError, r"x must be float32, float64"),
+])
+def test_bad_inputs(change, exc, match):
+    a = _bad(change)
+    with pytest.raises(exc, match=match):
+        run_op(a)
+
+
+def test_bad_segments():
+    a = make_inputs(6, 16, 12, 3, 4, torch.float32)
+    order, offsets = SEG(a["adapter_ids"], 3)
+    with pytest.raises(ValueError, match=r"adapter_offsets must have shape \(L \+ 1,\) = \(4,\)"):
+        run_op(a, (order, offsets[:3]))
+    with pytest.raises(TypeError, match="token_order must be int32"):
+        run_op(a, (order.long(), offsets))
+    with pytest.raises(ValueError, match="token_order must hold token indices"):
+        run_op(a, (order + 100, offsets))
+    with pytest.raises(ValueError, match="adapter_offsets must start at 0"):
+        run_op(a, (order, torch.tensor([0, 5, 2, 6], dtype=torch.int32)))
+    with pytest.raises(ValueError, match="adapter_ids must be in"):
+        SEG(torch.tensor([0, 5]), 3)
+    with pytest.raises(ValueError, match="pass both token_order and adapter_offsets"):
+        OP(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], a["adapter_ids"], a["scales"], None, order, None)
+
+
+def test_bad_expand_args():
+    ids = torch.tensor([0, 1, 0])
+    seg = lrkernels.multi_lora_segments(ids, 2)
+    h = torch.zeros(2, 3, 4)
+    b = torch.randn(2, 10, 4)
+    with pytest.raises(ValueError, match="slice_sizes must sum to lora_b's out_total = 10"):
+        lrkernels.lora_expand_(torch.zeros(3, 10), h, b, ids, seg, scales=torch.ones(2), slice_sizes=[5, 4])
+    with pytest.raises(ValueError, match="slice_sizes has 3 entries but hidden has 2 slices"):
+        lrkernels.lora_expand_(torch.zeros(3, 10), h, b, ids, seg, scales=torch.ones(2), slice_sizes=[5, 4, 1])
+    with pytest.raises(TypeError, match="hidden must be Float"):
+        lrkernels.lora_expand_(torch.zeros(3, 10), h.double(), b, ids, seg, scales=torch.ones(2))
+    with pytest.raises(ValueError, match=r"y's rows must be contiguous"):
+        lrkernels.lora_expand_(torch.zeros(10, 3).T, h, b, ids, seg, scales=torch.ones(2))
+
+
+# ---------------------------------------------------------------------------- CUDA kernels
+
+CUDA_SHAPES = SHAPES + [(257, 300, 130, 6, 40), (64, 128, 256, 64, 16), (5, 1000, 33, 3, 100), (130, 96, 80, 2, 256)]
+
+
+def _to(a, device):
+    return {k: (v.detach().to(device) if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_registered():
+    for op in ("multi_lora_segments", "lora_shrink", "lora_expand_", "multi_lora_linear", "multi_lora_linear_backward"):
+        assert lrkernels.has_kernel(op, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", cuda_dtypes())
+@pytest.mark.parametrize("T,din,dout,L,r", CUDA_SHAPES)
+def test_cuda_forward_backward_matches_oracle(dtype, T, din, dout, L, r):
+    cpu = make_inputs(T, din, dout, L, r, torch.float64, ranks=mixed_ranks(L, r))
+    low_dt = torch.float32 if dtype == torch.float16 else dtype  # CPU has no fp16 GEMM: fp32 on fp16 data
+    cpu = {k: (v.to(dtype).double() if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "scales" else v)
+           for k, v in cpu.items()}
+    a = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "scales" else v)
+         for k, v in _to(cpu, "cuda").items()}
+    for k in GRAD_NAMES:
+        if a[k] is not None:
+            a[k].requires_grad_(True)
+    y, hidden = run_op(a)
+    torch.cuda.synchronize()
+    assert y.dtype == dtype and hidden.dtype == torch.float32
+    assert_close_to_oracle(y, oracle(cpu), low_oracle(cpu, low_dt).to(dtype))
+    torch.testing.assert_close(hidden.double().cpu(), ref.lora_shrink(cpu["x"], cpu["lora_a"], cpu["adapter_ids"],
+                                                                         cpu["ranks"]),
+                               rtol=1e-4 if dtype == torch.float32 else 2e-2,
+                               atol=1e-4 if dtype == torch.float32 else 2e-2)
+    if T == 0:
+        return
+    names = [k for k in GRAD_NAMES if a[k] is not None]
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [a[k] for k in names], gy)
+    want = _grads(cpu, torch.float64, gy.cpu())
+    low = _grads({k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "scales" else v)
+                  for k, v in cpu.items()} if low_dt == dtype else cpu, low_dt, gy.cpu())
+    for k, g, w, lo in zip(names, got, want, low):
+        assert g.dtype == a[k].dtype and g.shape == a[k].shape, k
+        assert_close_to_oracle(g, w, lo.to(g.dtype), name=f"cuda grad {k} ({dtype})")
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_kernel_and_blocks():
+    a = make_inputs(70, 96, 80, 5, 16, torch.float32, ranks=[16, 8, 4, 16, 1])
+    ac = _to(a, "cuda")
+    y_cpu, h_cpu = run_op(a)
+    y_gpu, h_gpu = run_op(ac)
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h_gpu.cpu(), h_cpu, rtol=1e-4, atol=1e-4)
+    seg_c = SEG(a["adapter_ids"], 5)
+    seg_g = SEG(ac["adapter_ids"], 5)
+    torch.testing.assert_close(seg_g[0].cpu(), seg_c[0], rtol=0, atol=0)
+    torch.testing.assert_close(seg_g[1].cpu(), seg_c[1], rtol=0, atol=0)
+    # fused QKV-style slices through the building blocks
+    a4 = torch.randn(3, 5, 16, 96) / 10
+    b = torch.randn(5, 80 + 24 + 24, 16) / 4
+    sizes = [80, 24, 24]
+    outs = []
+    for dev, aa in (("cpu", a), ("cuda", ac)):
+        seg = lrkernels.multi_lora_segments(aa["adapter_ids"], 5)
+        h = lrkernels.lora_shrink(aa["x"], a4.to(dev), aa["adapter_ids"], seg, ranks=aa["ranks"])
+        y = torch.zeros(70, 128, device=dev)
+        lrkernels.lora_expand_(y, h, b.to(dev), aa["adapter_ids"], seg, scales=aa["scales"], ranks=aa["ranks"],
+                               slice_sizes=sizes)
+        outs.append(y.cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("r_max,ranks,slices", [(16, None, 1), (64, [64, 8, 16, 40], 1), (8, [8, 3, 1, 5], 2),
+                                                (100, [100, 33, 1, 64], 1)])
+def test_cuda_tensor_core_shrink_matches_simt_and_oracle(dtype, r_max, ranks, slices, monkeypatch):
+    # 600 tokens over 4 adapters: >= 32 per adapter, so fp16/bf16 take the tensor-core shrink
+    L = 4
+    cpu = make_inputs(600, 200, 72, L, r_max, torch.float64, ranks=ranks)
+    la = torch.stack([cpu["lora_a"]] * slices) if slices > 1 else cpu["lora_a"]
+    x = cpu["x"].to(dtype).cuda()
+    la_c = la.to(dtype).cuda()
+    ids = cpu["adapter_ids"].cuda()
+    rk = None if cpu["ranks"] is None else cpu["ranks"].cuda()
+    seg = SEG(ids, L)
+    h_tc = SHRINK(x, la_c, ids, seg[0], seg[1], rk)
+    monkeypatch.setenv("LRKERNELS_MULTI_LORA_SIMT_ONLY", "1")
+    h_simt = SHRINK(x, la_c, ids, seg[0], seg[1], rk)
+    torch.testing.assert_close(h_tc, h_simt, rtol=1e-4, atol=1e-4)
+    want = ref.lora_shrink(x.cpu().double(), la_c.cpu().double(), cpu["adapter_ids"], cpu["ranks"])
+    torch.testing.assert_close(h_tc.double().cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("r_max,ranks,slices", [(16, None, None), (32, [32, 8, 16, 20], None),
+                                                (100, [100, 33, 1, 64], None), (8, [8, 3, 1, 5], [70, 40, 20])])
+def test_cuda_tensor_core_expand_matches_simt_and_oracle(dtype, r_max, ranks, slices, monkeypatch):
+    # 600 tokens over 4 adapters: >= 32 per adapter, so fp16/bf16 take the tensor-core expand
+    L, T = 4, 600
+    ids = torch.randint(-1, L, (T,))
+    S = 1 if slices is None else len(slices)
+    out_total = 130 if slices is None else sum(slices)
+    h = torch.randn(S, T, r_max, dtype=torch.float64)
+    rk = None if ranks is None else torch.tensor(ranks)
+    if rk is not None:  # entries past each rank are zero, as lora_shrink leaves them
+        for t in range(T):
+            if ids[t] >= 0:
+                h[:, t, rk[ids[t]]:] = 0
+    b = (torch.randn(L, out_total, r_max, dtype=torch.float64) / math.sqrt(r_max)).to(dtype)
+    scales = torch.tensor([0.5, 2.0, 1.0, 1.5])
+    y0 = torch.randn(T, out_total, dtype=torch.float64).to(dtype)
+    hc = (h if slices is not None else h[0]).float().cuda()
+    idc, seg = ids.cuda(), SEG(ids.cuda(), L)
+    rkc = None if rk is None else rk.cuda()
+    outs = []
+    for simt_only in ("0", "1"):
+        monkeypatch.setenv("LRKERNELS_MULTI_LORA_SIMT_ONLY", simt_only)
+        y = y0.cuda()
+        EXPAND(y, hc, b.cuda(), idc, seg[0], seg[1], scales.cuda(), rkc, slices)
+        outs.append(y.cpu())
+    torch.testing.assert_close(outs[0], outs[1])  # within one rounding of the output dtype
+    want = ref.lora_expand(y0, hc.cpu(), b, ids, scales=scales, ranks=rk, slice_sizes=slices)
+    low = ref.lora_expand(y0, hc.cpu(), b, ids, scales=scales, ranks=rk, slice_sizes=slices,
+                          dtype=torch.float32).to(dtype)
+    assert_close_to_oracle(outs[0], want, low, name="tensor-core expand")
+
+
+@pytest.mark.cuda
+def test_cuda_out_of_range_ids_and_ranks_are_safe():
+    a = make_inputs(40, 64, 48, 3, 8, torch.float32, ranks=[8, 3, 5])
+    ac = _to(a, "cuda")
+    bad = ac["adapter_ids"].clone()
+    bad[::5] = 1000
+    bad[1::7] = -50
+    y, _ = run_op({**ac, "adapter_ids": bad})
+    want_ids = bad.cpu().clone()
+    want_ids[(want_ids < -1) | (want_ids >= 3)] = -1  # documented: treated as base-only
+    torch.testing.assert_close(y.cpu().double(), oracle({**a, "adapter_ids": want_ids}), rtol=1e-4, atol=1e-4)
+    y2, _ = run_op({**ac, "ranks": torch.tensor([100, 3, -4], device="cuda")})  # clamped to [0, r_max]
+    torch.testing.assert_close(y2.cpu().double(), oracle({**a, "ranks": torch.tensor([8, 3, 0])}), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_with_changing_adapter_ids():
+    a = _to(make_inputs(64, 128, 96, 8, 16, torch.bfloat16, ranks=[16, 8, 4, 16, 2, 16, 8, 1]), "cuda")
+    static_ids = a["adapter_ids"].clone()
+
+    def step():
+        seg = SEG(static_ids, 8)
+        return OP(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], static_ids, a["scales"], a["ranks"],
+                  seg[0], seg[1])[0]
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up off the default stream, as capture requires
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    for trial in range(3):
+        static_ids.copy_(torch.randint(-1, 8, (64,), device="cuda"))
+        graph.replay()
+        # (bf16 tolerance: split-K shrink partials are summed by fp32 atomics in any order)
+        torch.testing.assert_close(y, step())
+        assert not torch.equal(y, a["x"] @ a["weight"].T + a["bias"])  # adapters did apply
+
+
+@pytest.mark.cuda
+def test_cuda_decode_one_token_per_adapter():
+    L, r = 64, 16
+    a = make_inputs(64, 512, 384, L, r, torch.float32, ids=torch.randperm(64))
+    ac = _to(a, "cuda")
+    y, _ = run_op(ac)
+    torch.testing.assert_close(y.cpu().double(), oracle(a), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_compile():
+    a = _to(make_inputs(9, 40, 24, 3, 5, torch.bfloat16, ranks=[5, 2, 3]), "cuda")
+    seg = SEG(a["adapter_ids"], 3)
+    torch.library.opcheck(SEG, (a["adapter_ids"], 3))
+    args = (a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], a["adapter_ids"], a["scales"], a["ranks"],
+            seg[0], seg[1])
+    torch.library.opcheck(OP, args)
+    y, hidden = OP(*args)
+    torch.library.opcheck(BWD, (torch.randn_like(y), a["x"], a["weight"], a["lora_a"], a["lora_b"], a["adapter_ids"],
+                                a["scales"], a["ranks"], hidden, seg[0], seg[1], [True] * 6))
+    torch.library.opcheck(SHRINK, (a["x"], a["lora_a"], a["adapter_ids"], seg[0], seg[1], a["ranks"]))
+    h = SHRINK(a["x"], a["lora_a"], a["adapter_ids"], seg[0], seg[1], a["ranks"])
+    torch.library.opcheck(EXPAND, (torch.randn(9, 24, device="cuda", dtype=torch.bfloat16), h, a["lora_b"],
+                                   a["adapter_ids"], seg[0], seg[1], a["scales"], a["ranks"], None))
+    torch._dynamo.reset()
+    la = a["lora_a"].clone().requires_grad_(True)
+    cf = torch.compile(lambda x, la_: lrkernels.multi_lora_linear(x, a["weight"], a["bias"], la_, a["lora_b"],
+                                                                  a["adapter_ids"], scales=a["scales"]),
+                       fullgraph=True)
+    cf(a["x"], la).float().sum().backward()
+    assert la.grad is not None
+
+
+@pytest.mark.cuda
+def test_cuda_bad_inputs():
+    a = _to(make_inputs(6, 16, 12, 3, 4, torch.float64), "cuda")
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        run_op(a)
