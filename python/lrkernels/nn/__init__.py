@@ -1,5 +1,6 @@
 """nn.Module layers built on the lrkernels ops."""
 
 from .lora import LoRALinear
+from .c3a import C3ALinear
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "C3ALinear"]

@@ -1,0 +1,254 @@
+// C³A on CPU: the block-circulant product through ATen's real FFTs, with the frequency-domain
+// block contraction (Σ over blocks, one complex multiply-accumulate per frequency) in plain
+// loops parallelised over tokens. Everything spectral runs in the accumulation precision
+// (float64 for float64 inputs, float32 otherwise). See include/lrkernels/c3a_params.h for
+// the notation; the dense ΔW is never built here (that is the oracle's job).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/complex.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "c3a/c3a_checks.h"
+
+namespace lrkernels {
+namespace {
+
+// Y[t, o, f] = s · Σ_i X[t, i, f] · op(K, o, i)[f] (+ bias_spec[o, f]), where
+//   op(K, o, i) = conj(K[o, i])  (forward: y = x ΔWᵀ is a cross-correlation per block pair)
+//   op(K, o, i) = K[i, o]        (input gradient: dx = dy ΔW is a convolution)
+// X (T, n_i, F), K (n_o, n_i, F) or (n_i, n_o, F), Y (T, n_o, F); complex interleaved.
+template <typename acc_t, bool Transposed>
+void contract_blocks(const acc_t* X, const acc_t* K, const acc_t* bias_spec, acc_t* Y, int64_t T, int64_t n_i,
+                     int64_t n_o, int64_t F, acc_t s) {
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, n_i * n_o * F / 64));
+  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(2 * F);
+    for (int64_t t = t0; t < t1; ++t) {
+      const acc_t* xt = X + t * n_i * F * 2;
+      for (int64_t o = 0; o < n_o; ++o) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        acc_t* a = acc.data();
+        for (int64_t i = 0; i < n_i; ++i) {
+          const acc_t* xr = xt + i * F * 2;
+          const acc_t* kr = K + (Transposed ? (i * n_o + o) : (o * n_i + i)) * F * 2;
+          for (int64_t f = 0; f < F; ++f) {
+            const acc_t xre = xr[2 * f], xim = xr[2 * f + 1];
+            const acc_t kre = kr[2 * f], kim = Transposed ? kr[2 * f + 1] : -kr[2 * f + 1];
+            a[2 * f] += xre * kre - xim * kim;
+            a[2 * f + 1] += xre * kim + xim * kre;
+          }
+        }
+        acc_t* yr = Y + (t * n_o + o) * F * 2;
+        if (bias_spec != nullptr) {
+          const acc_t* br = bias_spec + o * F * 2;
+          for (int64_t f = 0; f < 2 * F; ++f) yr[f] = s * a[f] + br[f];
+        } else {
+          for (int64_t f = 0; f < 2 * F; ++f) yr[f] = s * a[f];
+        }
+      }
+    }
+  });
+}
+
+// DK[p, q, f] = s · Σ_t conj(DY[t, p, f]) · X[t, q, f]: the kernel gradient's spectrum, a
+// reduction over tokens. Each thread sums its own token range into a private buffer; the
+// buffers are added at the end (deterministic for a fixed thread count).
+template <typename acc_t>
+void reduce_kernel_grad(const acc_t* DY, const acc_t* X, acc_t* DK, int64_t T, int64_t n_out, int64_t n_in,
+                        int64_t F, acc_t s) {
+  const int64_t per = n_out * n_in * F * 2;
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), T));
+  std::vector<acc_t> partial(static_cast<size_t>(nthreads * per), acc_t(0));
+  const int64_t chunk = (T + nthreads - 1) / nthreads;
+  at::parallel_for(0, nthreads, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* acc = partial.data() + c * per;
+      const int64_t t_end = std::min(T, (c + 1) * chunk);
+      for (int64_t t = c * chunk; t < t_end; ++t) {
+        const acc_t* dyt = DY + t * n_out * F * 2;
+        const acc_t* xt = X + t * n_in * F * 2;
+        for (int64_t p = 0; p < n_out; ++p) {
+          const acc_t* g = dyt + p * F * 2;
+          for (int64_t q = 0; q < n_in; ++q) {
+            const acc_t* xr = xt + q * F * 2;
+            acc_t* a = acc + (p * n_in + q) * F * 2;
+            for (int64_t f = 0; f < F; ++f) {
+              const acc_t gre = g[2 * f], gim = g[2 * f + 1];
+              const acc_t xre = xr[2 * f], xim = xr[2 * f + 1];
+              a[2 * f] += gre * xre + gim * xim;
+              a[2 * f + 1] += gre * xim - gim * xre;
+            }
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, per, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      acc_t v = 0;
+      for (int64_t c = 0; c < nthreads; ++c) v += partial[c * per + e];
+      DK[e] = s * v;
+    }
+  });
+}
+
+// The one-sided spectrum of every length-b block of a (rows, n·b) real matrix: (rows, n, F).
+// One-sided spectra along the last dim, contiguous. ATen's MKL FFT rejects empty batches:
+// those get an empty spectrum directly.
+at::Tensor rfft_last(const at::Tensor& t, at::ScalarType acc) {
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape.back() = shape.back() / 2 + 1;
+  if (t.numel() == 0) return at::empty(shape, t.options().dtype(c10::toComplexType(acc)));
+  return at::fft_rfft(t.to(acc), std::nullopt, -1, std::nullopt).contiguous();
+}
+
+at::Tensor block_rfft(const at::Tensor& m2, int64_t n, int64_t b, at::ScalarType acc) {
+  return rfft_last(m2.reshape({m2.size(0), n, b}), acc);
+}
+
+template <typename F>
+void dispatch_acc(at::ScalarType acc, F&& fn) {
+  if (acc == at::kDouble) fn(double{});
+  else fn(float{});
+}
+
+// Y = s · (block-circulant product through the spectra) (+ bias), returned as (T, n_o · b)
+// in the accumulation dtype.
+at::Tensor spectral_apply(const at::Tensor& X, const at::Tensor& KF, const at::Tensor* bias_spec, int64_t T,
+                          int64_t n_i, int64_t n_o, int64_t b, double scale, bool transposed, at::ScalarType acc) {
+  const int64_t F = b / 2 + 1;
+  at::Tensor Y = at::empty({T, n_o, F}, X.options());
+  dispatch_acc(acc, [&](auto zero) {
+    using acc_t = decltype(zero);
+    const acc_t* xp = reinterpret_cast<const acc_t*>(X.data_ptr());
+    const acc_t* kp = reinterpret_cast<const acc_t*>(KF.data_ptr());
+    const acc_t* bp = bias_spec ? reinterpret_cast<const acc_t*>(bias_spec->data_ptr()) : nullptr;
+    acc_t* yp = reinterpret_cast<acc_t*>(Y.data_ptr());
+    if (transposed) contract_blocks<acc_t, true>(xp, kp, bp, yp, T, n_i, n_o, F, static_cast<acc_t>(scale));
+    else contract_blocks<acc_t, false>(xp, kp, bp, yp, T, n_i, n_o, F, static_cast<acc_t>(scale));
+  });
+  at::Tensor out = at::empty({T, n_o, b}, X.options().dtype(acc));
+  if (out.numel() == 0) return out.view({T, n_o * b});
+  at::fft_irfft_out(out, Y, b, -1, std::nullopt);
+  return out.view({T, n_o * b});
+}
+
+// Shared forward of c3a (weight undefined) and c3a_linear.
+std::tuple<at::Tensor, at::Tensor> c3a_forward_cpu(const char* op, const at::Tensor& x, const at::Tensor* weight,
+                                                   const at::Tensor* bias, const at::Tensor& kernel, double scale,
+                                                   const C3AShapes& sh) {
+  const auto acc = c3a_real_acc_dtype(x);
+  const auto dt = x.scalar_type();
+  const at::Tensor KF = rfft_last(kernel, acc);
+  const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
+  const at::Tensor X = block_rfft(x2, sh.n_in, sh.block, acc);
+  // The bias joins the adapter in the frequency domain (the FFT is linear), so the inverse
+  // transform writes adapter + bias and the base GEMM accumulates onto it in place.
+  at::Tensor bias_spec;
+  if (bias) bias_spec = rfft_last(bias->reshape({sh.n_out, sh.block}), acc);
+  at::Tensor z = spectral_apply(X, KF, bias ? &bias_spec : nullptr, sh.tokens, sh.n_in, sh.n_out, sh.block, scale,
+                                /*transposed=*/false, acc);
+  at::Tensor y;
+  if (weight == nullptr) {
+    y = z.to(dt);
+  } else if (dt == acc) {
+    y = z.addmm_(x2, weight->t());
+  } else {
+    y = at::mm(x2, weight->t()).to(acc).add_(z).to(dt);
+  }
+  (void)op;
+  return {y.view(c3a_out_shape(x, sh.out_features)), KF};
+}
+
+// Shared backward: gradients of x (and of the base layer when weight is given) and kernel.
+void c3a_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor* weight,
+                      const at::Tensor& kernel_fft, double scale, const C3AShapes& sh, bool want_x, bool want_k,
+                      std::optional<at::Tensor>& gx, std::optional<at::Tensor>& gk) {
+  const auto acc = c3a_real_acc_dtype(x);
+  const auto dt = x.scalar_type();
+  if (!(want_x || want_k)) return;
+  const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
+  const at::Tensor DY = block_rfft(dy2, sh.n_out, sh.block, acc);
+  const at::Tensor KF = kernel_fft.contiguous();
+  if (want_x) {
+    at::Tensor dz = spectral_apply(DY, KF, nullptr, sh.tokens, sh.n_out, sh.n_in, sh.block, scale,
+                                   /*transposed=*/true, acc);
+    at::Tensor dx;
+    if (weight == nullptr) dx = dz.to(dt);
+    else if (dt == acc) dx = dz.addmm_(dy2, *weight);
+    else dx = at::mm(dy2, *weight).to(acc).add_(dz).to(dt);
+    gx = dx.view(x.sizes());
+  }
+  if (want_k) {
+    const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features});
+    const at::Tensor X = block_rfft(x2, sh.n_in, sh.block, acc);
+    at::Tensor DK = at::empty({sh.n_out, sh.n_in, sh.freqs}, X.options());
+    dispatch_acc(acc, [&](auto zero) {
+      using acc_t = decltype(zero);
+      reduce_kernel_grad<acc_t>(reinterpret_cast<const acc_t*>(DY.data_ptr()),
+                                reinterpret_cast<const acc_t*>(X.data_ptr()), reinterpret_cast<acc_t*>(DK.data_ptr()),
+                                sh.tokens, sh.n_out, sh.n_in, sh.freqs, static_cast<acc_t>(scale));
+    });
+    gk = DK.numel() == 0 ? at::zeros({sh.n_out, sh.n_in, sh.block}, x.options())
+                         : at::fft_irfft(DK, sh.block, -1, std::nullopt).to(dt);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> c3a_cpu(const at::Tensor& x, const at::Tensor& kernel, double scale) {
+  const char* op = "c3a";
+  const C3AShapes sh = check_c3a_args(op, x, kernel, scale);
+  return c3a_forward_cpu(op, x, nullptr, nullptr, kernel, scale, sh);
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> c3a_backward_op_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& kernel_fft,
+    double scale, std::array<bool, 2> mask) {
+  const char* op = "c3a_backward";
+  const C3AShapes sh = check_c3a_args(op, x, kernel, scale);
+  check_grad_out(op, grad_out, x, sh);
+  check_kernel_fft(op, kernel_fft, x, sh);
+  std::optional<at::Tensor> gx, gk;
+  c3a_backward_cpu(grad_out, x, nullptr, kernel_fft, scale, sh, mask[0], mask[1], gx, gk);
+  return {gx, gk};
+}
+
+std::tuple<at::Tensor, at::Tensor> c3a_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias, const at::Tensor& kernel,
+                                                  double scale) {
+  const char* op = "c3a_linear";
+  check_c3a_linear_base(op, x, weight, bias);
+  const C3AShapes sh = check_c3a_args(op, x, kernel, scale, weight.size(0));
+  const at::Tensor* bp = (bias.has_value() && bias->defined()) ? &*bias : nullptr;
+  return c3a_forward_cpu(op, x, &weight, bp, kernel, scale, sh);
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+c3a_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                        const at::Tensor& kernel, const at::Tensor& kernel_fft, double scale, std::array<bool, 4> mask) {
+  const char* op = "c3a_linear_backward";
+  check_c3a_linear_base(op, x, weight, std::nullopt);
+  const C3AShapes sh = check_c3a_args(op, x, kernel, scale, weight.size(0));
+  check_grad_out(op, grad_out, x, sh);
+  check_kernel_fft(op, kernel_fft, x, sh);
+  const auto [want_x, want_w, want_bias, want_k] = mask;
+  std::optional<at::Tensor> gx, gw, gbias, gk;
+  const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features});
+  if (want_w) gw = at::mm(dy2.t(), x.reshape({sh.tokens, sh.in_features}));
+  if (want_bias) gbias = dy2.sum(0);
+  c3a_backward_cpu(grad_out, x, &weight, kernel_fft, scale, sh, want_x, want_k, gx, gk);
+  return {gx, gw, gbias, gk};
+}
+
+TORCH_LIBRARY_IMPL(lrkernels, CPU, m) {
+  m.impl("c3a", &c3a_cpu);
+  m.impl("c3a_backward", &c3a_backward_op_cpu);
+  m.impl("c3a_linear", &c3a_linear_cpu);
+  m.impl("c3a_linear_backward", &c3a_linear_backward_cpu);
+}
+
+}  // namespace lrkernels
