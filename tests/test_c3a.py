@@ -405,7 +405,7 @@ CUDA_SHAPES = SHAPES + [(33, 256, 512, 256), (257, 96, 64, 32), (5, 1024, 1024, 
 @pytest.mark.cuda
 def test_cuda_kernels_registered():
     for op in ("c3a", "c3a_backward", "c3a_linear", "c3a_linear_backward"):
-        assert lrkernels.has_kernel(op, "CUDA"), op
+        assert lrkernels.has_kernel(op, "cuda"), op
 
 
 @pytest.mark.cuda

@@ -130,10 +130,9 @@ at::Tensor spectral_apply(const at::Tensor& X, const at::Tensor& KF, const at::T
     if (transposed) contract_blocks<acc_t, true>(xp, kp, bp, yp, T, n_i, n_o, F, static_cast<acc_t>(scale));
     else contract_blocks<acc_t, false>(xp, kp, bp, yp, T, n_i, n_o, F, static_cast<acc_t>(scale));
   });
-  at::Tensor out = at::empty({T, n_o, b}, X.options().dtype(acc));
-  if (out.numel() == 0) return out.view({T, n_o * b});
-  at::fft_irfft_out(out, Y, b, -1, std::nullopt);
-  return out.view({T, n_o * b});
+  if (Y.numel() == 0) return at::zeros({T, n_o * b}, X.options().dtype(acc));
+  // (fft_irfft, not fft_irfft_out: the out= variant transforms into a temporary and copies.)
+  return at::fft_irfft(Y, b, -1, std::nullopt).view({T, n_o * b});
 }
 
 // Shared forward of c3a (weight undefined) and c3a_linear.
