@@ -16,6 +16,27 @@
 namespace lrkernels {
 namespace {
 
+// Spectra arrive interleaved (re, im) from ATen's FFT. The inner loops below work on planar
+// copies (separate re and im rows, made per token in a small cache-resident buffer) so that
+// the complex multiply-accumulate over frequencies is a plain vectorisable loop.
+template <typename acc_t>
+inline void deinterleave(const acc_t* __restrict__ src, acc_t* __restrict__ re, acc_t* __restrict__ im, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) {
+    re[f] = src[2 * f];
+    im[f] = src[2 * f + 1];
+  }
+}
+
+// a += x · k over n frequencies, all planar.
+template <typename acc_t>
+inline void cmac(acc_t* __restrict__ ar, acc_t* __restrict__ ai, const acc_t* __restrict__ xr,
+                 const acc_t* __restrict__ xi, const acc_t* __restrict__ kr, const acc_t* __restrict__ ki, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) {
+    ar[f] += xr[f] * kr[f] - xi[f] * ki[f];
+    ai[f] += xr[f] * ki[f] + xi[f] * kr[f];
+  }
+}
+
 // Y[t, o, f] = s · Σ_i X[t, i, f] · op(K, o, i)[f] (+ bias_spec[o, f]), where
 //   op(K, o, i) = conj(K[o, i])  (forward: y = x ΔWᵀ is a cross-correlation per block pair)
 //   op(K, o, i) = K[i, o]        (input gradient: dx = dy ΔW is a convolution)
@@ -23,30 +44,41 @@ namespace {
 template <typename acc_t, bool Transposed>
 void contract_blocks(const acc_t* X, const acc_t* K, const acc_t* bias_spec, acc_t* Y, int64_t T, int64_t n_i,
                      int64_t n_o, int64_t F, acc_t s) {
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, n_i * n_o * F / 64));
+  // op(K, o, i) as planar rows, in (o, i) order.
+  std::vector<acc_t> kre(n_o * n_i * F), kim(n_o * n_i * F);
+  for (int64_t o = 0; o < n_o; ++o)
+    for (int64_t i = 0; i < n_i; ++i) {
+      const int64_t row = o * n_i + i;
+      deinterleave(K + (Transposed ? (i * n_o + o) : row) * F * 2, kre.data() + row * F, kim.data() + row * F, F);
+      if (!Transposed)
+        for (int64_t f = 0; f < F; ++f) kim[row * F + f] = -kim[row * F + f];
+    }
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, n_i * n_o * F / 16));
   at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> acc(2 * F);
+    std::vector<acc_t> xre(n_i * F), xim(n_i * F), ar(F), ai(F);
     for (int64_t t = t0; t < t1; ++t) {
-      const acc_t* xt = X + t * n_i * F * 2;
+      for (int64_t i = 0; i < n_i; ++i)
+        deinterleave(X + (t * n_i + i) * F * 2, xre.data() + i * F, xim.data() + i * F, F);
       for (int64_t o = 0; o < n_o; ++o) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        acc_t* a = acc.data();
+        std::fill(ar.begin(), ar.end(), acc_t(0));
+        std::fill(ai.begin(), ai.end(), acc_t(0));
         for (int64_t i = 0; i < n_i; ++i) {
-          const acc_t* xr = xt + i * F * 2;
-          const acc_t* kr = K + (Transposed ? (i * n_o + o) : (o * n_i + i)) * F * 2;
-          for (int64_t f = 0; f < F; ++f) {
-            const acc_t xre = xr[2 * f], xim = xr[2 * f + 1];
-            const acc_t kre = kr[2 * f], kim = Transposed ? kr[2 * f + 1] : -kr[2 * f + 1];
-            a[2 * f] += xre * kre - xim * kim;
-            a[2 * f + 1] += xre * kim + xim * kre;
-          }
+          const int64_t row = o * n_i + i;
+          cmac(ar.data(), ai.data(), xre.data() + i * F, xim.data() + i * F, kre.data() + row * F,
+               kim.data() + row * F, F);
         }
-        acc_t* yr = Y + (t * n_o + o) * F * 2;
+        acc_t* __restrict__ yr = Y + (t * n_o + o) * F * 2;
         if (bias_spec != nullptr) {
           const acc_t* br = bias_spec + o * F * 2;
-          for (int64_t f = 0; f < 2 * F; ++f) yr[f] = s * a[f] + br[f];
+          for (int64_t f = 0; f < F; ++f) {
+            yr[2 * f] = s * ar[f] + br[2 * f];
+            yr[2 * f + 1] = s * ai[f] + br[2 * f + 1];
+          }
         } else {
-          for (int64_t f = 0; f < 2 * F; ++f) yr[f] = s * a[f];
+          for (int64_t f = 0; f < F; ++f) {
+            yr[2 * f] = s * ar[f];
+            yr[2 * f + 1] = s * ai[f];
+          }
         }
       }
     }
@@ -54,48 +86,49 @@ void contract_blocks(const acc_t* X, const acc_t* K, const acc_t* bias_spec, acc
 }
 
 // DK[p, q, f] = s · Σ_t conj(DY[t, p, f]) · X[t, q, f]: the kernel gradient's spectrum, a
-// reduction over tokens. Each thread sums its own token range into a private buffer; the
-// buffers are added at the end (deterministic for a fixed thread count).
+// reduction over tokens. Each thread sums its own token range into a private planar buffer;
+// the buffers are added at the end (deterministic for a fixed thread count).
 template <typename acc_t>
 void reduce_kernel_grad(const acc_t* DY, const acc_t* X, acc_t* DK, int64_t T, int64_t n_out, int64_t n_in,
                         int64_t F, acc_t s) {
-  const int64_t per = n_out * n_in * F * 2;
+  const int64_t per = n_out * n_in * F * 2;  // planar: row (p, q) holds F re then F im
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), T));
   std::vector<acc_t> partial(static_cast<size_t>(nthreads * per), acc_t(0));
   const int64_t chunk = (T + nthreads - 1) / nthreads;
   at::parallel_for(0, nthreads, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> gre(n_out * F), gim(n_out * F), xre(n_in * F), xim(n_in * F);
     for (int64_t c = c0; c < c1; ++c) {
       acc_t* acc = partial.data() + c * per;
       const int64_t t_end = std::min(T, (c + 1) * chunk);
       for (int64_t t = c * chunk; t < t_end; ++t) {
-        const acc_t* dyt = DY + t * n_out * F * 2;
-        const acc_t* xt = X + t * n_in * F * 2;
         for (int64_t p = 0; p < n_out; ++p) {
-          const acc_t* g = dyt + p * F * 2;
-          for (int64_t q = 0; q < n_in; ++q) {
-            const acc_t* xr = xt + q * F * 2;
-            acc_t* a = acc + (p * n_in + q) * F * 2;
-            for (int64_t f = 0; f < F; ++f) {
-              const acc_t gre = g[2 * f], gim = g[2 * f + 1];
-              const acc_t xre = xr[2 * f], xim = xr[2 * f + 1];
-              a[2 * f] += gre * xre + gim * xim;
-              a[2 * f + 1] += gre * xim - gim * xre;
-            }
-          }
+          deinterleave(DY + (t * n_out + p) * F * 2, gre.data() + p * F, gim.data() + p * F, F);
+          for (int64_t f = 0; f < F; ++f) gim[p * F + f] = -gim[p * F + f];  // conj(dŷ)
         }
+        for (int64_t q = 0; q < n_in; ++q)
+          deinterleave(X + (t * n_in + q) * F * 2, xre.data() + q * F, xim.data() + q * F, F);
+        for (int64_t p = 0; p < n_out; ++p)
+          for (int64_t q = 0; q < n_in; ++q) {
+            acc_t* a = acc + (p * n_in + q) * F * 2;
+            cmac(a, a + F, gre.data() + p * F, gim.data() + p * F, xre.data() + q * F, xim.data() + q * F, F);
+          }
       }
     }
   });
-  at::parallel_for(0, per, 4096, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      acc_t v = 0;
-      for (int64_t c = 0; c < nthreads; ++c) v += partial[c * per + e];
-      DK[e] = s * v;
-    }
+  at::parallel_for(0, n_out * n_in, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t f = 0; f < F; ++f) {
+        acc_t vr = 0, vi = 0;
+        for (int64_t c = 0; c < nthreads; ++c) {
+          vr += partial[c * per + r * F * 2 + f];
+          vi += partial[c * per + r * F * 2 + F + f];
+        }
+        DK[r * F * 2 + 2 * f] = s * vr;
+        DK[r * F * 2 + 2 * f + 1] = s * vi;
+      }
   });
 }
 
-// The one-sided spectrum of every length-b block of a (rows, n·b) real matrix: (rows, n, F).
 // One-sided spectra along the last dim, contiguous. ATen's MKL FFT rejects empty batches:
 // those get an empty spectrum directly.
 at::Tensor rfft_last(const at::Tensor& t, at::ScalarType acc) {
