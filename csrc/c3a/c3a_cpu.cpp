@@ -37,22 +37,18 @@ inline void cmac(acc_t* __restrict__ ar, acc_t* __restrict__ ai, const acc_t* __
   }
 }
 
-// Y[t, o, f] = s · Σ_i X[t, i, f] · op(K, o, i)[f] (+ bias_spec[o, f]), where
-//   op(K, o, i) = conj(K[o, i])  (forward: y = x ΔWᵀ is a cross-correlation per block pair)
-//   op(K, o, i) = K[i, o]        (input gradient: dx = dy ΔW is a convolution)
-// X (T, n_i, F), K (n_o, n_i, F) or (n_i, n_o, F), Y (T, n_o, F); complex interleaved.
-template <typename acc_t, bool Transposed>
+// Y[t, o, f] = s · Σ_i X[t, i, f] · conj(K[o, i, f]) (+ bias_spec[o, f]): the forward, where
+// y = x ΔWᵀ is a cross-correlation per block pair. X (T, n_i, F), K (n_o, n_i, F),
+// Y (T, n_o, F); complex interleaved.
+template <typename acc_t>
 void contract_blocks(const acc_t* X, const acc_t* K, const acc_t* bias_spec, acc_t* Y, int64_t T, int64_t n_i,
                      int64_t n_o, int64_t F, acc_t s) {
-  // op(K, o, i) as planar rows, in (o, i) order.
+  // conj(K) as planar rows, in (o, i) order.
   std::vector<acc_t> kre(n_o * n_i * F), kim(n_o * n_i * F);
-  for (int64_t o = 0; o < n_o; ++o)
-    for (int64_t i = 0; i < n_i; ++i) {
-      const int64_t row = o * n_i + i;
-      deinterleave(K + (Transposed ? (i * n_o + o) : row) * F * 2, kre.data() + row * F, kim.data() + row * F, F);
-      if (!Transposed)
-        for (int64_t f = 0; f < F; ++f) kim[row * F + f] = -kim[row * F + f];
-    }
+  for (int64_t row = 0; row < n_o * n_i; ++row) {
+    deinterleave(K + row * F * 2, kre.data() + row * F, kim.data() + row * F, F);
+    for (int64_t f = 0; f < F; ++f) kim[row * F + f] = -kim[row * F + f];
+  }
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, n_i * n_o * F / 16));
   at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> xre(n_i * F), xim(n_i * F), ar(F), ai(F);
@@ -85,36 +81,74 @@ void contract_blocks(const acc_t* X, const acc_t* K, const acc_t* bias_spec, acc
   });
 }
 
-// DK[p, q, f] = s · Σ_t conj(DY[t, p, f]) · X[t, q, f]: the kernel gradient's spectrum, a
-// reduction over tokens. Each thread sums its own token range into a private planar buffer;
-// the buffers are added at the end (deterministic for a fixed thread count).
+// a += conj(g) · x over n frequencies, all planar.
 template <typename acc_t>
-void reduce_kernel_grad(const acc_t* DY, const acc_t* X, acc_t* DK, int64_t T, int64_t n_out, int64_t n_in,
-                        int64_t F, acc_t s) {
-  const int64_t per = n_out * n_in * F * 2;  // planar: row (p, q) holds F re then F im
+inline void cmac_conj(acc_t* __restrict__ ar, acc_t* __restrict__ ai, const acc_t* __restrict__ gr,
+                      const acc_t* __restrict__ gi, const acc_t* __restrict__ xr, const acc_t* __restrict__ xi,
+                      int64_t n) {
+  for (int64_t f = 0; f < n; ++f) {
+    ar[f] += gr[f] * xr[f] + gi[f] * xi[f];
+    ai[f] += gr[f] * xi[f] - gi[f] * xr[f];
+  }
+}
+
+// Both backward spectra in one pass over the tokens, each dŷ row de-interleaved once:
+//   DX[t, q, f] = s · Σ_p DY[t, p, f] · K[p, q, f]          (when DX is given)
+//   DK[p, q, f] = s · Σ_t conj(DY[t, p, f]) · X[t, q, f]    (when DK is given; X then too)
+// The tokens are split into one static range per thread; each thread sums its DK part in a
+// private planar buffer, added at the end (deterministic for a fixed thread count).
+template <typename acc_t>
+void backward_blocks(const acc_t* DY, const acc_t* K, const acc_t* X, acc_t* DX, acc_t* DK, int64_t T, int64_t n_out,
+                     int64_t n_in, int64_t F, acc_t s) {
+  // K as planar rows in (q, p) order: the input gradient sums over p for each q.
+  std::vector<acc_t> kre, kim;
+  if (DX) {
+    kre.resize(n_in * n_out * F);
+    kim.resize(n_in * n_out * F);
+    for (int64_t q = 0; q < n_in; ++q)
+      for (int64_t p = 0; p < n_out; ++p)
+        deinterleave(K + (p * n_in + q) * F * 2, kre.data() + (q * n_out + p) * F, kim.data() + (q * n_out + p) * F, F);
+  }
+  const int64_t per = DK ? n_out * n_in * F * 2 : 0;  // planar: row (p, q) holds F re then F im
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), T));
   std::vector<acc_t> partial(static_cast<size_t>(nthreads * per), acc_t(0));
   const int64_t chunk = (T + nthreads - 1) / nthreads;
   at::parallel_for(0, nthreads, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> gre(n_out * F), gim(n_out * F), xre(n_in * F), xim(n_in * F);
+    std::vector<acc_t> gre(n_out * F), gim(n_out * F), ar(F), ai(F);
+    std::vector<acc_t> xre(DK ? n_in * F : 0), xim(DK ? n_in * F : 0);
     for (int64_t c = c0; c < c1; ++c) {
-      acc_t* acc = partial.data() + c * per;
+      acc_t* part = partial.data() + c * per;
       const int64_t t_end = std::min(T, (c + 1) * chunk);
       for (int64_t t = c * chunk; t < t_end; ++t) {
-        for (int64_t p = 0; p < n_out; ++p) {
-          deinterleave(DY + (t * n_out + p) * F * 2, gre.data() + p * F, gim.data() + p * F, F);
-          for (int64_t f = 0; f < F; ++f) gim[p * F + f] = -gim[p * F + f];  // conj(dŷ)
-        }
-        for (int64_t q = 0; q < n_in; ++q)
-          deinterleave(X + (t * n_in + q) * F * 2, xre.data() + q * F, xim.data() + q * F, F);
         for (int64_t p = 0; p < n_out; ++p)
+          deinterleave(DY + (t * n_out + p) * F * 2, gre.data() + p * F, gim.data() + p * F, F);
+        if (DX) {
           for (int64_t q = 0; q < n_in; ++q) {
-            acc_t* a = acc + (p * n_in + q) * F * 2;
-            cmac(a, a + F, gre.data() + p * F, gim.data() + p * F, xre.data() + q * F, xim.data() + q * F, F);
+            std::fill(ar.begin(), ar.end(), acc_t(0));
+            std::fill(ai.begin(), ai.end(), acc_t(0));
+            for (int64_t p = 0; p < n_out; ++p)
+              cmac(ar.data(), ai.data(), gre.data() + p * F, gim.data() + p * F, kre.data() + (q * n_out + p) * F,
+                   kim.data() + (q * n_out + p) * F, F);
+            acc_t* __restrict__ dx = DX + (t * n_in + q) * F * 2;
+            for (int64_t f = 0; f < F; ++f) {
+              dx[2 * f] = s * ar[f];
+              dx[2 * f + 1] = s * ai[f];
+            }
           }
+        }
+        if (DK) {
+          for (int64_t q = 0; q < n_in; ++q)
+            deinterleave(X + (t * n_in + q) * F * 2, xre.data() + q * F, xim.data() + q * F, F);
+          for (int64_t p = 0; p < n_out; ++p)
+            for (int64_t q = 0; q < n_in; ++q) {
+              acc_t* a = part + (p * n_in + q) * F * 2;
+              cmac_conj(a, a + F, gre.data() + p * F, gim.data() + p * F, xre.data() + q * F, xim.data() + q * F, F);
+            }
+        }
       }
     }
   });
+  if (!DK) return;
   at::parallel_for(0, n_out * n_in, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t f = 0; f < F; ++f) {
@@ -148,24 +182,11 @@ void dispatch_acc(at::ScalarType acc, F&& fn) {
   else fn(float{});
 }
 
-// Y = s · (block-circulant product through the spectra) (+ bias), returned as (T, n_o · b)
-// in the accumulation dtype.
-at::Tensor spectral_apply(const at::Tensor& X, const at::Tensor& KF, const at::Tensor* bias_spec, int64_t T,
-                          int64_t n_i, int64_t n_o, int64_t b, double scale, bool transposed, at::ScalarType acc) {
-  const int64_t F = b / 2 + 1;
-  at::Tensor Y = at::empty({T, n_o, F}, X.options());
-  dispatch_acc(acc, [&](auto zero) {
-    using acc_t = decltype(zero);
-    const acc_t* xp = reinterpret_cast<const acc_t*>(X.data_ptr());
-    const acc_t* kp = reinterpret_cast<const acc_t*>(KF.data_ptr());
-    const acc_t* bp = bias_spec ? reinterpret_cast<const acc_t*>(bias_spec->data_ptr()) : nullptr;
-    acc_t* yp = reinterpret_cast<acc_t*>(Y.data_ptr());
-    if (transposed) contract_blocks<acc_t, true>(xp, kp, bp, yp, T, n_i, n_o, F, static_cast<acc_t>(scale));
-    else contract_blocks<acc_t, false>(xp, kp, bp, yp, T, n_i, n_o, F, static_cast<acc_t>(scale));
-  });
-  if (Y.numel() == 0) return at::zeros({T, n_o * b}, X.options().dtype(acc));
+// irfft of (T, n, F) spectra as a (T, n · b) real matrix in the accumulation dtype.
+at::Tensor blocks_irfft(const at::Tensor& Y, int64_t T, int64_t n, int64_t b, at::ScalarType acc) {
+  if (Y.numel() == 0) return at::zeros({T, n * b}, Y.options().dtype(acc));
   // (fft_irfft, not fft_irfft_out: the out= variant transforms into a temporary and copies.)
-  return at::fft_irfft(Y, b, -1, std::nullopt).view({T, n_o * b});
+  return at::fft_irfft(Y, b, -1, std::nullopt).view({T, n * b});
 }
 
 // Shared forward of c3a (weight undefined) and c3a_linear.
@@ -181,8 +202,15 @@ std::tuple<at::Tensor, at::Tensor> c3a_forward_cpu(const char* op, const at::Ten
   // transform writes adapter + bias and the base GEMM accumulates onto it in place.
   at::Tensor bias_spec;
   if (bias) bias_spec = rfft_last(bias->reshape({sh.n_out, sh.block}), acc);
-  at::Tensor z = spectral_apply(X, KF, bias ? &bias_spec : nullptr, sh.tokens, sh.n_in, sh.n_out, sh.block, scale,
-                                /*transposed=*/false, acc);
+  at::Tensor Y = at::empty({sh.tokens, sh.n_out, sh.freqs}, X.options());
+  dispatch_acc(acc, [&](auto zero) {
+    using acc_t = decltype(zero);
+    contract_blocks<acc_t>(reinterpret_cast<const acc_t*>(X.data_ptr()), reinterpret_cast<const acc_t*>(KF.data_ptr()),
+                           bias ? reinterpret_cast<const acc_t*>(bias_spec.data_ptr()) : nullptr,
+                           reinterpret_cast<acc_t*>(Y.data_ptr()), sh.tokens, sh.n_in, sh.n_out, sh.freqs,
+                           static_cast<acc_t>(scale));
+  });
+  at::Tensor z = blocks_irfft(Y, sh.tokens, sh.n_out, sh.block, acc);
   at::Tensor y;
   if (weight == nullptr) {
     y = z.to(dt);
@@ -205,9 +233,20 @@ void c3a_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at:
   const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
   const at::Tensor DY = block_rfft(dy2, sh.n_out, sh.block, acc);
   const at::Tensor KF = kernel_fft.contiguous();
+  at::Tensor X, DX, DK;
+  if (want_k) {
+    X = block_rfft(x.reshape({sh.tokens, sh.in_features}), sh.n_in, sh.block, acc);
+    DK = at::empty({sh.n_out, sh.n_in, sh.freqs}, DY.options());
+  }
+  if (want_x) DX = at::empty({sh.tokens, sh.n_in, sh.freqs}, DY.options());
+  dispatch_acc(acc, [&](auto zero) {
+    using acc_t = decltype(zero);
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<acc_t*>(t.data_ptr()) : nullptr; };
+    backward_blocks<acc_t>(ptr(DY), ptr(KF), ptr(X), ptr(DX), ptr(DK), sh.tokens, sh.n_out, sh.n_in, sh.freqs,
+                           static_cast<acc_t>(scale));
+  });
   if (want_x) {
-    at::Tensor dz = spectral_apply(DY, KF, nullptr, sh.tokens, sh.n_out, sh.n_in, sh.block, scale,
-                                   /*transposed=*/true, acc);
+    at::Tensor dz = blocks_irfft(DX, sh.tokens, sh.n_in, sh.block, acc);
     at::Tensor dx;
     if (weight == nullptr) dx = dz.to(dt);
     else if (dt == acc) dx = dz.addmm_(dy2, *weight);
@@ -215,15 +254,6 @@ void c3a_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at:
     gx = dx.view(x.sizes());
   }
   if (want_k) {
-    const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features});
-    const at::Tensor X = block_rfft(x2, sh.n_in, sh.block, acc);
-    at::Tensor DK = at::empty({sh.n_out, sh.n_in, sh.freqs}, X.options());
-    dispatch_acc(acc, [&](auto zero) {
-      using acc_t = decltype(zero);
-      reduce_kernel_grad<acc_t>(reinterpret_cast<const acc_t*>(DY.data_ptr()),
-                                reinterpret_cast<const acc_t*>(X.data_ptr()), reinterpret_cast<acc_t*>(DK.data_ptr()),
-                                sh.tokens, sh.n_out, sh.n_in, sh.freqs, static_cast<acc_t>(scale));
-    });
     gk = DK.numel() == 0 ? at::zeros({sh.n_out, sh.n_in, sh.block}, x.options())
                          : at::fft_irfft(DK, sh.block, -1, std::nullopt).to(dt);
   }
