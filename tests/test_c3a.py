@@ -299,6 +299,16 @@ def test_from_peft_converter():
     torch.testing.assert_close(layer.base_layer.weight.detach(), w_ours, rtol=1e-5, atol=1e-6)
 
 
+def test_convert_peft_model():
+    model, layer = _peft_layer(12)
+    x = torch.randn(3, 24)
+    want = model(x).detach()
+    inner = model.base_model.model
+    assert lrkernels.nn.convert_peft_c3a(inner) == 1
+    assert isinstance(inner.proj, lrkernels.nn.C3ALinear)
+    torch.testing.assert_close(inner(x), want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- C3ALinear
 
 def test_c3a_linear_module_merge_unmerge():

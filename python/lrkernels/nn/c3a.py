@@ -122,3 +122,16 @@ class C3ALinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"block_size={self.block_size}, scaling={self.scaling:g}, merged={self.merged}")
+
+
+def convert_peft_c3a(model: nn.Module, adapter_name="default") -> int:
+    """Replace, in place, every PEFT C³A layer of `model` (one adapter, unmerged) by the
+    equivalent :class:`C3ALinear` (see :meth:`C3ALinear.from_peft`). Returns how many were
+    replaced. The base weights are shared, not copied."""
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if hasattr(mod, "c3a_kernel") and adapter_name in getattr(mod, "c3a_kernel", {})]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, C3ALinear.from_peft(mod, adapter_name))
+    return len(targets)
