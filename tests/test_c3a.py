@@ -154,6 +154,25 @@ def test_c3a_backward_matches_oracle(dtype, T, din, dout, b):
         assert_close_to_oracle(g, w, lo, name=f"grad {n}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_token_tiles_match_oracle(dtype):
+    # The CPU kernels walk the tokens in cache-sized tiles (128 rows at 1024 features) spread
+    # over threads, with per-thread kernel-gradient partial sums: 333 tokens = 3 tiles.
+    a = make_inputs(333, 1024, 384, 128, dtype, requires_grad=True)
+    names = ["x", "weight", "bias", "kernel"]
+    y = lrkernels.c3a_linear(a["x"], a["weight"], a["bias"], a["kernel"], scale=1 / 1024)
+    gy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    got = (y,) + torch.autograd.grad(y, [a[n] for n in names], gy)
+
+    def oracle(dt):
+        leaves = {n: a[n].detach().to(dt).requires_grad_(True) for n in names}
+        yo = ref.c3a_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["kernel"], scale=1 / 1024, dtype=dt)
+        return (yo,) + torch.autograd.grad(yo, [leaves[n] for n in names], gy.to(dt))
+
+    for n, g, w, lo in zip(["y"] + names, got, oracle(torch.float64), oracle(dtype)):
+        assert_close_to_oracle(g, w, lo, name=n)
+
+
 @pytest.mark.parametrize("T,din,dout,b", [(4, 12, 8, 4), (3, 6, 9, 3), (2, 5, 5, 5), (3, 4, 2, 1), (2, 8, 8, 8)])
 def test_gradcheck_float64(T, din, dout, b):
     a = make_inputs(T, din, dout, b, torch.float64, requires_grad=True)
