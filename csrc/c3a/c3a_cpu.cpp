@@ -1,6 +1,6 @@
 // C³A on CPU: the block-circulant product through ATen's real FFTs, with the frequency-domain
 // block contraction (Σ over blocks, one complex multiply-accumulate per frequency) in plain
-// loops parallelised over tokens. Everything spectral runs in the accumulation precision
+// loops, all run per cache-sized tile of tokens, tiles spread over the threads. Everything spectral runs in the accumulation precision
 // (float64 for float64 inputs, float32 otherwise). See include/lrkernels/c3a_params.h for
 // the notation; the dense ΔW is never built here (that is the oracle's job).
 #include <ATen/ATen.h>
@@ -27,9 +27,8 @@ inline void deinterleave(const acc_t* __restrict__ src, acc_t* __restrict__ re, 
   }
 }
 
-// The complex multiply-accumulates over frequencies carry nearly all of the contraction's
-// time; on x86-64 with GCC they are also compiled for AVX2 + FMA and picked at load time
-// (the package is built for the baseline ISA).
+// The complex multiply-accumulate loops over frequencies: on x86-64 with GCC they are also
+// compiled for AVX2 + FMA, picked at load time (the package is built for the baseline ISA).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define LRK_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
 #else

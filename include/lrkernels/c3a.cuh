@@ -20,6 +20,7 @@ namespace c3a {
 
 constexpr int kThreads = 256;
 constexpr int kOutChunk = 8;     // output blocks per thread in the contraction
+constexpr int kTokenGroup = 4;   // tokens per thread in the contraction
 constexpr int kGradChunk = 4;    // P and Q blocks per thread in the kernel gradient
 constexpr int kMaxGridY = 65535;
 
@@ -27,52 +28,72 @@ __device__ __forceinline__ float2 cmul(float2 a, float2 b) {
   return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x);
 }
 
-// One thread per (token, frequency); a y-slice of the grid per chunk of OC output blocks. The
-// input row in[t, i, f] is loaded once per chunk and used for all OC outputs.
-template <int OC, bool Transposed>
+// One thread per (group of TT tokens, frequency); a y-slice of the grid per chunk of OC output
+// blocks. Each K̂ value a thread loads serves its TT tokens (the kernel spectrum is re-read
+// from cache once per TT tokens, not per token), each input value its OC outputs.
+template <int OC, int TT, bool Transposed>
 __global__ void __launch_bounds__(kThreads) contract_kernel(C3AContractParams p) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (idx >= p.tokens * p.freqs) return;
-  const int64_t t = idx / p.freqs, f = idx - t * p.freqs;
   const int64_t F = p.freqs;
-  const float2* __restrict__ in = reinterpret_cast<const float2*>(p.in) + t * p.n_in * F + f;
+  const int64_t groups = (p.tokens + TT - 1) / TT;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (idx >= groups * F) return;
+  const int64_t g = idx / F, f = idx - g * F;
+  const int64_t t0 = g * TT;
+  const float2* __restrict__ in = reinterpret_cast<const float2*>(p.in);
   const float2* __restrict__ kf = reinterpret_cast<const float2*>(p.kernel_fft);
   const float2* __restrict__ bias = reinterpret_cast<const float2*>(p.bias_fft);
-  float2* __restrict__ out = reinterpret_cast<float2*>(p.out) + t * p.n_out * F + f;
+  float2* __restrict__ out = reinterpret_cast<float2*>(p.out);
   for (int64_t o0 = static_cast<int64_t>(blockIdx.y) * OC; o0 < p.n_out; o0 += static_cast<int64_t>(gridDim.y) * OC) {
-    float2 acc[OC];
+    float2 acc[TT][OC];
 #pragma unroll
-    for (int j = 0; j < OC; ++j) acc[j] = make_float2(0.f, 0.f);
+    for (int r = 0; r < TT; ++r)
+#pragma unroll
+      for (int j = 0; j < OC; ++j) acc[r][j] = make_float2(0.f, 0.f);
     for (int64_t i = 0; i < p.n_in; ++i) {
-      const float2 v = in[i * F];
+      float2 k[OC];
 #pragma unroll
       for (int j = 0; j < OC; ++j) {
         const int64_t o = o0 + j;
+        k[j] = make_float2(0.f, 0.f);
         if (o < p.n_out) {
-          float2 k;
           if (Transposed) {
-            k = kf[(i * p.n_out + o) * F + f];           // K̂[p = i, q = o]
+            k[j] = kf[(i * p.n_out + o) * F + f];  // K̂[p = i, q = o]
           } else {
-            k = kf[(o * p.n_in + i) * F + f];            // conj(K̂[p = o, q = i])
-            k.y = -k.y;
+            k[j] = kf[(o * p.n_in + i) * F + f];   // conj(K̂[p = o, q = i])
+            k[j].y = -k[j].y;
           }
-          const float2 m = cmul(v, k);
-          acc[j].x += m.x;
-          acc[j].y += m.y;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < TT; ++r) {
+        const int64_t t = t0 + r;
+        if (t < p.tokens) {
+          const float2 v = in[(t * p.n_in + i) * F + f];
+#pragma unroll
+          for (int j = 0; j < OC; ++j) {
+            const float2 m = cmul(v, k[j]);
+            acc[r][j].x += m.x;
+            acc[r][j].y += m.y;
+          }
         }
       }
     }
 #pragma unroll
-    for (int j = 0; j < OC; ++j) {
-      const int64_t o = o0 + j;
-      if (o < p.n_out) {
-        float2 r = make_float2(p.scale * acc[j].x, p.scale * acc[j].y);
-        if (bias != nullptr) {
-          const float2 bv = bias[o * F + f];
-          r.x += p.bias_scale * bv.x;
-          r.y += p.bias_scale * bv.y;
+    for (int r = 0; r < TT; ++r) {
+      const int64_t t = t0 + r;
+      if (t >= p.tokens) continue;
+#pragma unroll
+      for (int j = 0; j < OC; ++j) {
+        const int64_t o = o0 + j;
+        if (o < p.n_out) {
+          float2 v = make_float2(p.scale * acc[r][j].x, p.scale * acc[r][j].y);
+          if (bias != nullptr) {
+            const float2 bv = bias[o * F + f];
+            v.x += p.bias_scale * bv.x;
+            v.y += p.bias_scale * bv.y;
+          }
+          out[(t * p.n_out + o) * F + f] = v;
         }
-        out[o * F] = r;
       }
     }
   }
@@ -135,12 +156,12 @@ __global__ void __launch_bounds__(kThreads) kernel_grad_kernel(C3AKernelGradPara
 
 template <bool Transposed>
 inline cudaError_t launch_contract(const C3AContractParams& p, cudaStream_t stream) {
-  const int64_t work = p.tokens * p.freqs;
+  const int64_t work = (p.tokens + kTokenGroup - 1) / kTokenGroup * p.freqs;
   if (work == 0 || p.n_out == 0) return cudaSuccess;
   const int64_t chunks = (p.n_out + kOutChunk - 1) / kOutChunk;
   const dim3 grid(static_cast<unsigned>((work + kThreads - 1) / kThreads),
                   static_cast<unsigned>(std::min<int64_t>(chunks, kMaxGridY)));
-  contract_kernel<kOutChunk, Transposed><<<grid, kThreads, 0, stream>>>(p);
+  contract_kernel<kOutChunk, kTokenGroup, Transposed><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
