@@ -83,6 +83,28 @@ def test_c3a_linear_forward_matches_oracle(dtype, T, din, dout, b, bias):
     assert_close_to_oracle(y, want, low)
 
 
+def test_float32_kernel_with_bfloat16_input():
+    a = make_inputs(9, 24, 12, 6, torch.bfloat16, requires_grad=True)
+    k32 = a["kernel"].detach().float().requires_grad_(True)
+    y = lrkernels.c3a_linear(a["x"], a["weight"], a["bias"], k32, scale=0.5)
+    assert y.dtype == torch.bfloat16
+    names = ["x", "weight", "bias"]
+    want = ref.c3a_linear(a["x"], a["weight"], a["bias"], k32, scale=0.5)
+    low = ref.c3a_linear(a["x"], a["weight"], a["bias"], k32, scale=0.5, dtype=torch.bfloat16)
+    assert_close_to_oracle(y, want, low)
+    gy = torch.randn_like(y)
+    gx, gk = torch.autograd.grad(y, [a["x"], k32], gy)
+    assert gx.dtype == torch.bfloat16 and gk.dtype == torch.float32
+    leaves = {n: a[n].detach().double().requires_grad_(True) for n in names}
+    kk = k32.detach().double().requires_grad_(True)
+    yo = ref.c3a_linear(leaves["x"], leaves["weight"], leaves["bias"], kk, scale=0.5)
+    gx_ref, gk_ref = torch.autograd.grad(yo, [leaves["x"], kk], gy.double())
+    torch.testing.assert_close(gk.double(), gk_ref, rtol=2e-2, atol=2e-2 * gk_ref.abs().max().item())
+    torch.testing.assert_close(gx.double(), gx_ref, rtol=2e-2, atol=2e-2 * gx_ref.abs().max().item())
+    with pytest.raises(TypeError, match=r"kernel must have x's dtype \(or float32 when x is float16 or bfloat16\)"):
+        OP(a["x"].detach().float(), k32.detach().double(), 1.0)
+
+
 def test_kernel_fft_is_the_kernels_spectrum():
     a = make_inputs(3, 12, 8, 4, torch.float32)
     _, kfft = OP(a["x"], a["kernel"], 1.0)
@@ -352,6 +374,11 @@ def test_c3a_linear_module_merge_unmerge():
     torch.testing.assert_close(z(x), nn.functional.linear(x, z.weight, z.bias))
     with pytest.raises(ValueError, match="block_size 5 must divide in_features"):
         lrkernels.nn.C3ALinear(16, 12, block_size=5)
+    mb = lrkernels.nn.C3ALinear.from_linear(nn.Linear(16, 12).to(torch.bfloat16), block_size=4)
+    assert mb.kernel.dtype == torch.float32 and mb.weight.dtype == torch.bfloat16
+    yb = mb(x.to(torch.bfloat16))
+    yb.float().sum().backward()
+    assert yb.dtype == torch.bfloat16 and mb.kernel.grad.dtype == torch.float32
 
 
 def test_c3a_linear_module_trains():
@@ -520,3 +547,20 @@ def test_cuda_bad_inputs():
         OP(a["x"], torch.randn(3, 4, 5, device="cuda"), 1.0)
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
         OP(a["x"].double(), a["kernel"].double(), 1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_float32_kernel_with_low_precision_input(dtype):
+    a = make_inputs(65, 96, 64, 32, dtype, device="cuda", requires_grad=True)
+    k32 = a["kernel"].detach().float().requires_grad_(True)
+    y = lrkernels.c3a_linear(a["x"], a["weight"], a["bias"], k32, scale=1 / 96)
+    want = ref.c3a_linear(a["x"], a["weight"], a["bias"], k32, scale=1 / 96)
+    low = ref.c3a_linear(a["x"], a["weight"], a["bias"], k32, scale=1 / 96, dtype=dtype)
+    assert_close_to_oracle(y, want, low)
+    (gk,) = torch.autograd.grad(y, [k32], torch.ones_like(y))
+    assert gk.dtype == torch.float32
+    kk = k32.detach().double().requires_grad_(True)
+    (gk_ref,) = torch.autograd.grad(ref.c3a_linear(a["x"], a["weight"], a["bias"], kk, scale=1 / 96),
+                                    [kk], torch.ones(y.shape, dtype=torch.float64, device="cuda"))
+    torch.testing.assert_close(gk.double(), gk_ref, rtol=2e-2, atol=2e-2 * gk_ref.abs().max().item())

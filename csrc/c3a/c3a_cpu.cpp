@@ -235,8 +235,8 @@ std::tuple<at::Tensor, at::Tensor> c3a_forward_cpu(const at::Tensor& x, const at
 
 // Shared backward: gradients of x (and of the base layer when weight is given) and kernel.
 void c3a_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor* weight,
-                      const at::Tensor& kernel_fft, double scale, const C3AShapes& sh, bool want_x, bool want_k,
-                      std::optional<at::Tensor>& gx, std::optional<at::Tensor>& gk) {
+                      const at::Tensor& kernel_fft, at::ScalarType kernel_dtype, double scale, const C3AShapes& sh,
+                      bool want_x, bool want_k, std::optional<at::Tensor>& gx, std::optional<at::Tensor>& gk) {
   const auto acc = c3a_real_acc_dtype(x);
   const auto dt = x.scalar_type();
   if (!(want_x || want_k)) return;
@@ -295,8 +295,8 @@ void c3a_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at:
     gx = dx.view(x.sizes());
   }
   if (want_k) {
-    gk = DK.numel() == 0 ? at::zeros({sh.n_out, sh.n_in, sh.block}, x.options())
-                         : at::fft_irfft(DK, sh.block, -1, std::nullopt).to(dt);
+    gk = DK.numel() == 0 ? at::zeros({sh.n_out, sh.n_in, sh.block}, x.options().dtype(kernel_dtype))
+                         : at::fft_irfft(DK, sh.block, -1, std::nullopt).to(kernel_dtype);
   }
 }
 
@@ -316,7 +316,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> c3a_backward_op
   check_grad_out(op, grad_out, x, sh);
   check_kernel_fft(op, kernel_fft, x, sh);
   std::optional<at::Tensor> gx, gk;
-  c3a_backward_cpu(grad_out, x, nullptr, kernel_fft, scale, sh, mask[0], mask[1], gx, gk);
+  c3a_backward_cpu(grad_out, x, nullptr, kernel_fft, kernel.scalar_type(), scale, sh, mask[0], mask[1], gx, gk);
   return {gx, gk};
 }
 
@@ -343,7 +343,7 @@ c3a_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const a
   const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features});
   if (want_w) gw = at::mm(dy2.t(), x.reshape({sh.tokens, sh.in_features}));
   if (want_bias) gbias = dy2.sum(0);
-  c3a_backward_cpu(grad_out, x, &weight, kernel_fft, scale, sh, want_x, want_k, gx, gk);
+  c3a_backward_cpu(grad_out, x, &weight, kernel_fft, kernel.scalar_type(), scale, sh, want_x, want_k, gx, gk);
   return {gx, gw, gbias, gk};
 }
 

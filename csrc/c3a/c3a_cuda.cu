@@ -115,8 +115,8 @@ std::tuple<at::Tensor, at::Tensor> c3a_forward_cuda(const char* op, const at::Te
 }
 
 void c3a_backward_cuda(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor* weight,
-                       const at::Tensor& kernel_fft, double scale, const C3AShapes& sh, bool want_x, bool want_k,
-                       std::optional<at::Tensor>& gx, std::optional<at::Tensor>& gk) {
+                       const at::Tensor& kernel_fft, at::ScalarType kernel_dtype, double scale, const C3AShapes& sh,
+                       bool want_x, bool want_k, std::optional<at::Tensor>& gx, std::optional<at::Tensor>& gk) {
   if (!(want_x || want_k)) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto dt = x.scalar_type();
@@ -154,7 +154,7 @@ void c3a_backward_cuda(const char* op, const at::Tensor& grad_out, const at::Ten
     LRK_CUDA_CHECK_LAUNCH(op, "kernel_grad", c3a::launch_kernel_grad(p, stream));
     at::Tensor gk32 = at::empty({sh.n_out, sh.n_in, b}, x.options().dtype(at::kFloat));
     rows_irfft_into(op, dk_fft, gk32, sh.n_out * sh.n_in, b, stream);
-    gk = dt == at::kFloat ? gk32 : gk32.to(dt);
+    gk = kernel_dtype == at::kFloat ? gk32 : gk32.to(kernel_dtype);
   }
 }
 
@@ -176,7 +176,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> c3a_backward_op
   check_cuda_input(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   std::optional<at::Tensor> gx, gk;
-  c3a_backward_cuda(op, grad_out, x, nullptr, kernel_fft, scale, sh, mask[0], mask[1], gx, gk);
+  c3a_backward_cuda(op, grad_out, x, nullptr, kernel_fft, kernel.scalar_type(), scale, sh, mask[0], mask[1], gx, gk);
   return {gx, gk};
 }
 
@@ -206,7 +206,7 @@ c3a_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const 
   const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features});
   if (want_w) gw = at::mm(dy2.t(), x.reshape({sh.tokens, sh.in_features}));
   if (want_bias) gbias = dy2.sum(0);
-  c3a_backward_cuda(op, grad_out, x, &weight, kernel_fft, scale, sh, want_x, want_k, gx, gk);
+  c3a_backward_cuda(op, grad_out, x, &weight, kernel_fft, kernel.scalar_type(), scale, sh, want_x, want_k, gx, gk);
   return {gx, gw, gbias, gk};
 }
 

@@ -17,7 +17,9 @@ class C3ALinear(nn.Module):
     K of shape ``(out_features / b, in_features / b, b)``) and is applied through FFTs, never
     built, except by :meth:`delta_weight` and :meth:`merge`. ``scale`` defaults to
     ``1 / in_features`` as in PEFT's C³A. ``init`` follows PEFT's ``init_weights`` options and
-    default (xavier_uniform); ``"zeros"`` makes the layer start equal to its base.
+    default (xavier_uniform); ``"zeros"`` makes the layer start equal to its base. For a
+    float16/bfloat16 layer the kernel is kept in float32 (as PEFT does), so its updates are not
+    rounded away.
     """
 
     def __init__(self, in_features, out_features, block_size, *, bias=True, scale=None, init="xavier_uniform",
@@ -35,8 +37,9 @@ class C3ALinear(nn.Module):
         self.scaling = float(1.0 / in_features if scale is None else scale)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **fk), requires_grad=False) if bias else None
+        low_prec = dtype in (torch.float16, torch.bfloat16)
         self.kernel = nn.Parameter(torch.zeros(out_features // block_size, in_features // block_size, block_size,
-                                               **fk))
+                                               device=device, dtype=torch.float32 if low_prec else dtype))
         self.merged = False
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
@@ -77,8 +80,9 @@ class C3ALinear(nn.Module):
     @classmethod
     def from_peft(cls, layer, adapter_name="default"):
         """Convert a PEFT C³A layer (``peft.tuners.c3a.C3ALinear``, unmerged): the base weight and
-        bias are shared, the adapter's kernel is copied into this layer's dtype, and the scale
-        is PEFT's ``1 / in_features``."""
+        bias are shared, the adapter's kernel is copied into this layer's kernel, and the scale
+        is PEFT's ``1 / in_features``. A float32 PEFT kernel on a float16/bfloat16 base stays
+        float32 (exact conversion)."""
         kernels = getattr(layer, "c3a_kernel", None)
         if kernels is None or adapter_name not in kernels:
             raise ValueError(f"C3ALinear.from_peft: expected a PEFT C3A layer with adapter {adapter_name!r}, "

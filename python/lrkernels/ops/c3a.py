@@ -124,8 +124,9 @@ def c3a(x, kernel, *, scale=1.0):
             (``lrkernels.reference.c3a.delta_weight`` builds it densely).
         scale: s. PEFT's C³A uses ``1 / in_features``.
 
-    x and kernel share dtype and device: float32/float16/bfloat16 on CUDA, float32/float64/
-    bfloat16 on CPU; the FFTs and the block contraction run in float32 (float64 for float64).
+    x and kernel share a device and a dtype: float32/float16/bfloat16 on CUDA, float32/float64/
+    bfloat16 on CPU, except that the kernel may be float32 for float16/bfloat16 x (as PEFT keeps
+    it). The FFTs and the block contraction run in float32 (float64 for float64).
     Differentiable in x and kernel (the exact gradient of the dense product). Returns a
     tensor of shape ``(..., out_features)``.
     """
