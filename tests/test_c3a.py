@@ -101,6 +101,10 @@ def test_float32_kernel_with_bfloat16_input():
     gx_ref, gk_ref = torch.autograd.grad(yo, [leaves["x"], kk], gy.double())
     torch.testing.assert_close(gk.double(), gk_ref, rtol=2e-2, atol=2e-2 * gk_ref.abs().max().item())
     torch.testing.assert_close(gx.double(), gx_ref, rtol=2e-2, atol=2e-2 * gx_ref.abs().max().item())
+    torch.library.opcheck(LIN, (a["x"], a["weight"], a["bias"], k32, 0.5))
+    _, kfft = LIN(a["x"].detach(), a["weight"].detach(), a["bias"].detach(), k32.detach(), 0.5)
+    torch.library.opcheck(LIN_BWD, (gy, a["x"].detach(), a["weight"].detach(), k32.detach(), kfft, 0.5,
+                                    [True, True, True, True]))
     with pytest.raises(TypeError, match=r"kernel must have x's dtype \(or float32 when x is float16 or bfloat16\)"):
         OP(a["x"].detach().float(), k32.detach().double(), 1.0)
 
