@@ -203,7 +203,9 @@ std::tuple<at::Tensor, at::Tensor> c3a_forward_cpu(const at::Tensor& x, const at
   // transform writes adapter + bias and the base GEMM accumulates onto it in place.
   at::Tensor bias_spec;
   if (bias) bias_spec = rfft_last(bias->reshape({sh.n_out, sh.block}), acc);
-  at::Tensor z = at::zeros({sh.tokens, sh.out_features}, x.options().dtype(acc));
+  // Every row of z is written by its tile (no zero fill) unless the kernel is empty.
+  at::Tensor z = KF.numel() != 0 ? at::empty({sh.tokens, sh.out_features}, x.options().dtype(acc))
+                                 : at::zeros({sh.tokens, sh.out_features}, x.options().dtype(acc));
   if (KF.numel() != 0) {
     dispatch_acc(acc, [&](auto zero) {
       using acc_t = decltype(zero);
@@ -243,7 +245,11 @@ void c3a_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at:
   const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
   const at::Tensor x2 = want_k ? x.reshape({sh.tokens, sh.in_features}).contiguous() : at::Tensor();
   const at::Tensor KF = kernel_fft.contiguous();
-  at::Tensor dz = want_x ? at::zeros({sh.tokens, sh.in_features}, x.options().dtype(acc)) : at::Tensor();
+  at::Tensor dz;
+  if (want_x) {
+    dz = KF.numel() != 0 ? at::empty({sh.tokens, sh.in_features}, x.options().dtype(acc))
+                         : at::zeros({sh.tokens, sh.in_features}, x.options().dtype(acc));
+  }
   at::Tensor DK = at::zeros({sh.n_out, sh.n_in, sh.freqs}, KF.options());
   if (KF.numel() != 0) {
     dispatch_acc(acc, [&](auto zero) {
