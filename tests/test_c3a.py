@@ -32,7 +32,7 @@ SHAPES = [
 def make_inputs(T, din, dout, b, dtype, device="cpu", *, lead=None, bias=True, requires_grad=False):
     shape = (T, din) if lead is None else (*lead, din)
     t = lambda *s, sc=1.0: (torch.randn(*s, dtype=torch.float64) * sc).to(dtype=dtype, device=device)  # noqa: E731
-    a = dict(x=t(*shape), weight=t(dout, din, sc=din ** -0.5), bias=t(dout) if bias else None,
+    a = dict(x=t(*shape), weight=t(dout, din, sc=max(din, 1) ** -0.5), bias=t(dout) if bias else None,
              kernel=t(dout // b, din // b, b))
     if requires_grad:
         for v in a.values():
@@ -139,6 +139,16 @@ def test_empty_batch_backward():
     assert a["x"].grad.shape == a["x"].shape
     assert torch.equal(a["kernel"].grad, torch.zeros_like(a["kernel"]))
     assert torch.equal(a["weight"].grad, torch.zeros_like(a["weight"]))
+
+
+def test_zero_features():
+    # in_features = 0: an empty kernel, the adapter term is zero (c3a_linear gives the bias)
+    a = make_inputs(3, 0, 8, 4, torch.float32, requires_grad=True)
+    y = lrkernels.c3a_linear(a["x"], a["weight"], a["bias"], a["kernel"])
+    torch.testing.assert_close(y, a["bias"].expand(3, 8))
+    y.sum().backward()
+    assert a["kernel"].grad.shape == (2, 0, 4) and a["x"].grad.shape == (3, 0)
+    torch.testing.assert_close(lrkernels.c3a(a["x"], a["kernel"]), torch.zeros(3, 8))
 
 
 # ---------------------------------------------------------------------------- backward
