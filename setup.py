@@ -125,7 +125,11 @@ if USE_CUDA:
             break
     extra_link = []
     if cufft:
-        extra_link = [f"-L{cufft[0]}", f"-l:{cufft[1]}"]
+        # rpath: the wheel's lib folder as found now, and relative to an installed package
+        # (site-packages/lrkernels/_C.so -> site-packages/nvidia/cu13/lib); torch usually has
+        # loaded cuFFT already, this makes the extension load on its own too.
+        extra_link = [f"-L{cufft[0]}", f"-l:{cufft[1]}", f"-Wl,-rpath,{cufft[0]}",
+                      "-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib"]
     arch = re.sub(r"[;\s]+", ",", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
     define_macros.append(("LRKERNELS_CUDA_ARCH_LIST", arch))
     ext = CUDAExtension(

@@ -72,6 +72,25 @@ TORCH_LIBRARY(lrkernels, m) {
   // ---- galore ------------------------------------------------------------------------
 
   // ---- c3a ---------------------------------------------------------------------------
+  // Block-circulant adapter — C³A, "Parameter-Efficient Fine-Tuning via Circular Convolution"
+  // (arXiv 2407.19342). kernel K (out/b, in/b, b) defines ΔW[p·b+i, q·b+j] = K[p, q, (j − i) mod b];
+  // y = s · x ΔWᵀ, applied through real FFTs: y_p = irfft(Σ_q conj(rfft K_pq) · rfft x_q).
+  // Returns (y, kernel_fft) with kernel_fft = rfft(K) (out/b, in/b, b/2+1), complex64
+  // (complex128 for float64 inputs): computed once per step, saved for the backward op.
+  m.def("c3a(Tensor x, Tensor kernel, float scale) -> (Tensor, Tensor)");
+  // Gradients of c3a for (x, kernel): dx_q = s · irfft(Σ_p rfft K_pq · rfft dy_p) (exactly
+  // dy ΔW), dK_pq = s · irfft(Σ_t conj(rfft dy_tp) · rfft x_tq). kernel is read for its shape
+  // only; its spectrum comes from the forward.
+  m.def(
+      "c3a_backward(Tensor grad_out, Tensor x, Tensor kernel, Tensor kernel_fft, float scale, bool[2] output_mask) "
+      "-> (Tensor?, Tensor?)");
+  // y = x Wᵀ + b + s · x ΔWᵀ: the base linear fused in (the adapter and bias are written
+  // first, the base GEMM accumulates onto them). Returns (y, kernel_fft) as c3a.
+  m.def("c3a_linear(Tensor x, Tensor weight, Tensor? bias, Tensor kernel, float scale) -> (Tensor, Tensor)");
+  // Gradients of c3a_linear for (x, weight, bias, kernel); output_mask says which.
+  m.def(
+      "c3a_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor kernel, Tensor kernel_fft, float scale, "
+      "bool[4] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

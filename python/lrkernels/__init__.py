@@ -12,6 +12,7 @@ from . import ops  # noqa: F401  fakes + autograd for every op
 from ._build import build_info, registered_ops, has_kernel
 from .ops.common import dropout_mask
 from .ops.lora import lora_linear
+from .ops.c3a import c3a, c3a_linear
 from .ops.multi_lora import (MultiLoraSegments, lora_expand_, lora_shrink, multi_lora_linear,
                               multi_lora_segments)
 from . import nn, optim, reference  # noqa: E402
@@ -29,6 +30,8 @@ __all__ = [
     "multi_lora_linear",
     "lora_shrink",
     "lora_expand_",
+    "c3a",
+    "c3a_linear",
     "nn",
     "optim",
     "reference",
