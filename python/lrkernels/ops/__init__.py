@@ -1,3 +1,3 @@
 """Fake kernels, autograd and public wrappers, one module per op family."""
 
-from . import common, lora  # noqa: F401
+from . import common, galore, lora  # noqa: F401

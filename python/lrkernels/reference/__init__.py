@@ -1,3 +1,3 @@
 """Pure-PyTorch oracles for every op, evaluated in float64 by the tests."""
 
-from . import lora, philox  # noqa: F401
+from . import galore, lora, philox  # noqa: F401
