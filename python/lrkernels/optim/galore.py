@@ -227,19 +227,18 @@ class GaLoreAdamW(Optimizer):
             self._projected_step(p, p, grad.contiguous(), group, state, row_offset=0)
 
     def _adamw_step(self, p, grad, group, state):
-        if not self._check_finite(grad, p, state):
+        # A DTensor (FSDP2) weight is stepped shard by shard: AdamW is elementwise.
+        local = p.to_local() if _is_dtensor(p) else p
+        g = grad.to_local() if _is_dtensor(grad) else grad
+        if not self._check_finite(g, p, state):
             return
         if "exp_avg" not in state:
             dt = self._moment_dtype(group, p)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=dt, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dt, device=p.device)
+            state["exp_avg"] = torch.zeros(local.shape, dtype=dt, device=local.device)
+            state["exp_avg_sq"] = torch.zeros(local.shape, dtype=dt, device=local.device)
         beta1, beta2 = group["betas"]
-        local = p.to_local() if _is_dtensor(p) else p
-        g = grad.to_local() if _is_dtensor(grad) else grad
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        if _is_dtensor(m):
-            m, v = m.to_local(), v.to_local()
-        n = galore_adam_moments(m, v, g, beta1=beta1, beta2=beta2, eps=group["eps"])
+        n = galore_adam_moments(state["exp_avg"], state["exp_avg_sq"], g, beta1=beta1, beta2=beta2,
+                                eps=group["eps"])
         state["step"] += 1
         local.add_(n.to(local.dtype), alpha=-self._step_size(group, state["step"]))
         if group["weight_decay"] > 0.0:
