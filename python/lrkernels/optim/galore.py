@@ -52,7 +52,9 @@ class GaLoreAdamW(Optimizer):
             they do not all land on one step.
         state_dtype: dtype of the moments: float32 by default (float64 for float64 weights),
             torch.bfloat16 to halve their memory.
-        nonfinite: what a non-finite gradient does. 'skip' (default): that weight's step is
+        nonfinite: what a non-finite gradient does (checked on the r-sized projected gradient,
+            and on the full gradient only at refresh steps, by one reduction each; a sum past
+            the dtype's range counts as non-finite). 'skip' (default): that weight's step is
             skipped (weights, moments and projector untouched, its step count not advanced)
             and counted in ``skipped_steps``. 'error': raise FloatingPointError. None: no check
             (saves one host synchronisation per weight and step; also what happens under
@@ -192,7 +194,9 @@ class GaLoreAdamW(Optimizer):
         """True to go on; False to skip this weight's step. Host sync (nonfinite != None)."""
         if self.nonfinite is None or torch.compiler.is_compiling():
             return True
-        if bool(torch.isfinite(t).all()):
+        # One reduction and one sync: NaN and ±Inf propagate through a sum. A sum that
+        # overflows counts as non-finite too, rightly: its elements' squares (Adam's v) would.
+        if bool(torch.isfinite(t.sum())):
             return True
         if self.nonfinite == "error":
             raise FloatingPointError(f"{type(self).__name__}: non-finite gradient for a parameter of shape "

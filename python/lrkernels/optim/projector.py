@@ -35,14 +35,31 @@ def svd_projector(grad: torch.Tensor, rank: int, left: bool, dtype: torch.dtype)
     return p.to(dtype).contiguous()
 
 
+def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of y's columns (m × k, k small): CholeskyQR2, two Cholesky
+    factorisations of the k × k Gram matrix in float64, which cost O(m k²) instead of a
+    Householder QR's many passes; Householder QR when the Gram matrix is singular (a
+    rank-deficient gradient, e.g. all zeros)."""
+    q = y
+    for _ in range(2):
+        gram = (q.t() @ q).double()
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if bool(info != 0):  # host sync, at refresh time only
+            return torch.linalg.qr(y).Q
+        # y = Q Lᵀ  =>  Q = y L⁻ᵀ
+        q = torch.linalg.solve_triangular(chol.t().to(y.dtype), q, upper=True, left=False)
+    return q
+
+
 def randomized_projector(grad: torch.Tensor, rank: int, left: bool, dtype: torch.dtype, *, oversampling: int = 8,
                          power_iters: int = 2, generator=None, previous: torch.Tensor = None) -> torch.Tensor:
     """Top-r singular subspace of grad by a randomized range finder (Halko, Martinsson & Tropp,
     arXiv 0909.4061, algorithms 4.4 and 5.1): a Gaussian sketch with `oversampling` extra
-    columns, `power_iters` re-orthonormalised power iterations, then an exact SVD of the small
-    (r + oversampling) × n projection. With `previous` (the last projector) the sketch starts
-    from the old subspace, so one power iteration is usually enough, and the new vectors' signs
-    are aligned with the old ones so the moments kept across the refresh stay meaningful."""
+    columns, `power_iters` re-orthonormalised power iterations, then the top-r eigenvectors of
+    the small k × k matrix B Bᵀ, B = Qᵀ G (k = r + oversampling). With `previous` (the last
+    projector) the sketch starts from the old subspace, so one power iteration is usually
+    enough, and the new vectors' signs are aligned with the old ones so the moments kept
+    across the refresh stay meaningful."""
     work = torch.float64 if grad.dtype == torch.float64 else torch.float32
     a = grad.to(work)
     if not left:
@@ -59,12 +76,14 @@ def randomized_projector(grad: torch.Tensor, rank: int, left: bool, dtype: torch
         y = prev if k == rank else torch.cat([prev, a @ gaussian(k - rank)], dim=1)
     else:
         y = a @ gaussian(k)
-    q = torch.linalg.qr(y).Q
+    q = _orthonormalize(y)
     for _ in range(power_iters):
-        z = torch.linalg.qr(a.t() @ q).Q
-        q = torch.linalg.qr(a @ z).Q
-    ub = torch.linalg.svd(q.t() @ a, full_matrices=False)[0]
-    u = q @ ub[:, :rank]
+        z = _orthonormalize(a.t() @ q)
+        q = _orthonormalize(a @ z)
+    b = q.t() @ a
+    # Left singular vectors of B = eigenvectors of B Bᵀ (k × k, float64: cheap and exact enough).
+    _, vecs = torch.linalg.eigh((b @ b.t()).double())
+    u = q @ vecs[:, -rank:].flip(1).to(work)
     if previous is not None:
         sign = torch.sign((u * prev).sum(dim=0))
         u = u * torch.where(sign == 0, torch.ones_like(sign), sign)
