@@ -248,8 +248,12 @@ def curve_report(steps=200):
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                          if torch.is_tensor(v))
+        def tensors(v):  # galore-torch keeps its projector inside a GaLoreProjector object
+            v = getattr(v, "ortho_matrix", v)
+            return [v] if torch.is_tensor(v) else []
+
+        state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for v in s.values()
+                          for t in tensors(v))
         return losses, state_bytes
 
     with warnings.catch_warnings():

@@ -59,6 +59,7 @@ def rank_main(rank, port, outdir):
     try:
         for mode in ("ddp", "fsdp"):
             run_mode(rank, mode, outdir)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

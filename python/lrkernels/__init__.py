@@ -12,6 +12,7 @@ from . import ops  # noqa: F401  fakes + autograd for every op
 from ._build import build_info, registered_ops, has_kernel
 from .ops.common import dropout_mask
 from .ops.lora import lora_linear
+from .ops.galore import galore_adam_moments, galore_apply_update
 from . import nn, optim, reference  # noqa: E402
 
 __version__ = "0.1.0"
@@ -22,6 +23,8 @@ __all__ = [
     "has_kernel",
     "dropout_mask",
     "lora_linear",
+    "galore_adam_moments",
+    "galore_apply_update",
     "nn",
     "optim",
     "reference",

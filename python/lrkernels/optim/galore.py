@@ -167,17 +167,27 @@ class GaLoreAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step (does nothing but run the closure in layer-wise mode)."""
+        """One optimizer step (does nothing but run the closure in layer-wise mode).
+
+        With ``nonfinite`` set, the whole step costs one host synchronisation (plus one per
+        refreshing weight): every weight's gradient is prepared (projected) first, one reduction
+        over all of them says whether any is non-finite, and only then are states and weights
+        updated (weight by weight, to find the culprit, when one is)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if self.layerwise:
             return loss
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._step_param(p, group)
+        work = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        prepared = [w for w in (self._prepare(p, g) for p, g in work) if w is not None]
+        checked = self.nonfinite is not None and not torch.compiler.is_compiling()
+        if checked and len({w["check"].device for w in prepared}) == 1:
+            sums = torch.stack([w["check"].sum().float() for w in prepared]) if prepared else None
+            checked = sums is not None and not bool(torch.isfinite(sums).all())
+        for w in prepared:
+            if not checked or self._check_finite(w["check"], w["param"], w["state"]):
+                self._finish(w)
         return loss
 
     def _layerwise_hook(self, p):
@@ -185,9 +195,11 @@ class GaLoreAdamW(Optimizer):
         state["micro"] = int(state.get("micro", 0)) + 1
         if state["micro"] % self.accumulation_steps:
             return
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        groups = getattr(self, "_group_of", None)
+        if groups is None or id(p) not in groups:
+            groups = self._group_of = {id(q): g for g in self.param_groups for q in g["params"]}
         with torch.no_grad():
-            self._step_param(p, group)
+            self._step_param(p, groups[id(p)])
         p.grad = None
 
     def _check_finite(self, t, p, state) -> bool:
@@ -217,27 +229,49 @@ class GaLoreAdamW(Optimizer):
         return lr * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
 
     def _step_param(self, p, group):
-        grad = p.grad
-        if grad.is_sparse:
+        w = self._prepare(p, group)
+        if w is not None and self._check_finite(w["check"], p, w["state"]):
+            self._finish(w)
+
+    def _prepare(self, p, group):
+        """Everything before any state changes: the projector refresh when due (which checks
+        the full gradient first) and the projected gradient R. Returns the work item (with
+        "check", the tensor whose finiteness decides the step), or None when skipped."""
+        if p.grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
+        w = dict(param=p, group=group, state=state)
         if group.get("rank") is None:
-            self._adamw_step(p, grad, group, state)
-        elif _is_dtensor(p):
-            self._sharded_step(p, group, state)
+            # A DTensor (FSDP2) weight is stepped shard by shard: AdamW is elementwise.
+            w["weight"] = p.to_local() if _is_dtensor(p) else p
+            w["grad"] = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+            w["check"] = w["grad"]
+            return w
+        if _is_dtensor(p):
+            w["weight"], w["grad"], w["row_offset"] = self._shard_view(p)
         else:
-            self._projected_step(p, p, grad.contiguous(), group, state, row_offset=0)
+            w["weight"], w["grad"], w["row_offset"] = p, p.grad.contiguous(), 0
+        grad = w["grad"]
+        if self._refresh_due(group, state, p):
+            if not self._check_finite(grad, p, state):
+                return None
+            self._refresh(p, grad, group, state)
+        proj = state["projector"]
+        w["check"] = w["r_grad"] = proj.t() @ grad if state["project_left"] else grad @ proj.t()
+        return w
 
-    def _adamw_step(self, p, grad, group, state):
-        # A DTensor (FSDP2) weight is stepped shard by shard: AdamW is elementwise.
-        local = p.to_local() if _is_dtensor(p) else p
-        g = grad.to_local() if _is_dtensor(grad) else grad
-        if not self._check_finite(g, p, state):
-            return
+    def _finish(self, w):
+        if "r_grad" in w:
+            self._projected_finish(w)
+        else:
+            self._adamw_finish(w)
+
+    def _adamw_finish(self, w):
+        local, g, group, state = w["weight"], w["grad"], w["group"], w["state"]
         if "exp_avg" not in state:
-            dt = self._moment_dtype(group, p)
+            dt = self._moment_dtype(group, local)
             state["exp_avg"] = torch.zeros(local.shape, dtype=dt, device=local.device)
             state["exp_avg_sq"] = torch.zeros(local.shape, dtype=dt, device=local.device)
         beta1, beta2 = group["betas"]
@@ -302,21 +336,15 @@ class GaLoreAdamW(Optimizer):
         state["project_left"] = left
         state["refreshes"] = refreshes + 1
 
-    def _projected_step(self, p, weight, grad, group, state, row_offset, full_shape=None):
-        """Step of one projected weight. `weight` is what gets written (p itself, or its local
-        shard: rows [row_offset, row_offset + weight.shape[0]) of the full (grad-shaped) W)."""
-        if self._refresh_due(group, state, p):
-            if not self._check_finite(grad, p, state):
-                return
-            self._refresh(p, grad, group, state)
-        proj, left = state["projector"], bool(state["project_left"])
-        r_grad = proj.t() @ grad if left else grad @ proj.t()
-        if not self._check_finite(r_grad, p, state):
-            return
+    def _projected_finish(self, w):
+        """Adam on R and the fused update of one projected weight. w["weight"] is what gets
+        written: the parameter, or its local shard, rows [row_offset, row_offset + rows) of the
+        full (gradient-shaped) W."""
+        group, state, r_grad = w["group"], w["state"], w["r_grad"]
         if "exp_avg" not in state:
-            dt = self._moment_dtype(group, p)
-            state["exp_avg"] = torch.zeros(r_grad.shape, dtype=dt, device=grad.device)
-            state["exp_avg_sq"] = torch.zeros(r_grad.shape, dtype=dt, device=grad.device)
+            dt = self._moment_dtype(group, w["param"])
+            state["exp_avg"] = torch.zeros(r_grad.shape, dtype=dt, device=r_grad.device)
+            state["exp_avg_sq"] = torch.zeros(r_grad.shape, dtype=dt, device=r_grad.device)
         beta1, beta2 = group["betas"]
         n = galore_adam_moments(state["exp_avg"], state["exp_avg_sq"], r_grad, beta1=beta1, beta2=beta2,
                                 eps=group["eps"])
@@ -324,7 +352,8 @@ class GaLoreAdamW(Optimizer):
         step_size = self._step_size(group, state["step"])
         wd = group["weight_decay"]
         beta = 1.0 - group["lr"] * wd if wd > 0.0 else 1.0
-        self._apply(weight, grad, proj, left, n, r_grad, -beta * step_size, beta, group, state, row_offset)
+        self._apply(w["weight"], w["grad"], state["projector"], bool(state["project_left"]), n, r_grad,
+                    -beta * step_size, beta, group, state, w["row_offset"])
 
     def _apply(self, weight, grad, proj, left, n, r_grad, alpha, beta, group, state, row_offset):
         """W ← β·W + α·scale·back(N), restricted to W's rows when W is a shard."""
@@ -336,21 +365,19 @@ class GaLoreAdamW(Optimizer):
             galore_apply_update(weight, proj, n[rows], project_left=False, alpha=alpha * group[self._scale_key],
                                 beta=beta)
 
-    def _sharded_step(self, p, group, state):
+    def _shard_view(self, p):
         """FSDP2 (DTensor sharded on dim 0): the projector and moments are computed from the
-        full gradient (gathered), identically on every rank; each rank writes its own rows."""
+        full gradient (all-gathered: one gradient-sized buffer), identically on every rank; each
+        rank writes only its own rows. Returns (local weight, full gradient, first local row)."""
         from torch.distributed.tensor import Shard
         placements = p.placements
         if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
             raise NotImplementedError(f"{type(self).__name__}: DTensor parameters must be sharded on dim 0 over a "
                                       f"1-D mesh (FSDP2 fully_shard), got placements {placements}")
         full_grad = p.grad.full_tensor().contiguous()
-        local = p.to_local()
-        mesh = p.device_mesh
-        world, me = mesh.size(), mesh.get_local_rank()
-        chunk = -(-p.shape[0] // world)
-        offset = min(me * chunk, p.shape[0])
-        self._projected_step(p, local, full_grad, group, state, row_offset=offset)
+        world, me = p.device_mesh.size(), p.device_mesh.get_local_rank()
+        chunk = -(-p.shape[0] // world)  # torch.chunk's split, which FSDP2 uses
+        return p.to_local(), full_grad, min(me * chunk, p.shape[0])
 
     # ------------------------------------------------------------------ checkpoints
 
