@@ -21,8 +21,8 @@ CONFIGS = [("GaLoreAdamW", "svd"), ("FiraAdamW", "randomized")]
 def build(optim, method):
     import lrkernels.optim as lo
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 10), torch.nn.Tanh(),
-                                torch.nn.Linear(10, 4)).double()
+    model = torch.nn.Sequential(torch.nn.Linear(12, 21), torch.nn.Tanh(), torch.nn.Linear(21, 9), torch.nn.Tanh(),
+                                torch.nn.Linear(9, 4)).double()  # odd sizes: uneven FSDP shards
     return model, (lambda m: getattr(lo, optim)(
         [{"params": [m[0].bias, m[2].bias, m[4].weight, m[4].bias]},
          {"params": [m[0].weight, m[2].weight], "rank": 3, "update_proj_gap": 3, "proj_method": method}],
@@ -75,6 +75,7 @@ def run_mode(rank, mode, outdir):
             for i in (0, 2, 4):
                 fully_shard(model[i])
             wrapped = fully_shard(model)
+            assert all(hasattr(p, "placements") for p in model.parameters()), "expected DTensor parameters"
         train(wrapped, make_opt(model), rank, WORLD)
         torch.save(full_params(model), os.path.join(outdir, f"{optim}-{method}.{mode}.rank{rank}.pt"))
 

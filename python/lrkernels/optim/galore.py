@@ -250,9 +250,8 @@ class GaLoreAdamW(Optimizer):
             w["check"] = w["grad"]
             return w
         if _is_dtensor(p):
-            w["weight"], w["grad"], w["row_offset"] = self._shard_view(p)
-        else:
-            w["weight"], w["grad"], w["row_offset"] = p, p.grad.contiguous(), 0
+            return self._prepare_sharded(p, w)
+        w["weight"], w["grad"], w["row_offset"], w["pg"] = p, p.grad.contiguous(), 0, None
         grad = w["grad"]
         if self._refresh_due(group, state, p):
             if not self._check_finite(grad, p, state):
@@ -260,6 +259,43 @@ class GaLoreAdamW(Optimizer):
             self._refresh(p, grad, group, state)
         proj = state["projector"]
         w["check"] = w["r_grad"] = proj.t() @ grad if state["project_left"] else grad @ proj.t()
+        return w
+
+    def _prepare_sharded(self, p, w):
+        """FSDP2 (DTensor sharded on dim 0 over a 1-D mesh). The projector and the moments are
+        replicated: every rank computes the same ones. R is assembled from the shards with one
+        all-reduce of an r-sized tensor (Pᵀ G = Σ_k P_kᵀ G_k for a left projection; the rows
+        G_k Pᵀ for a right one), so the full gradient is only gathered at refresh steps, for the
+        SVD. Each rank then writes its own rows of W."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import Shard
+        group, state = w["group"], w["state"]
+        placements = p.placements
+        if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+            raise NotImplementedError(f"{type(self).__name__}: DTensor parameters must be sharded on dim 0 over a "
+                                      f"1-D mesh (FSDP2 fully_shard), got placements {placements}")
+        mesh = p.device_mesh
+        world, me = mesh.size(), mesh.get_local_rank()
+        chunk = -(-p.shape[0] // world)  # torch.chunk's split, which FSDP2 uses
+        local = p.to_local()
+        offset = min(me * chunk, p.shape[0])
+        rows = slice(offset, offset + local.shape[0])
+        g_local = p.grad.to_local().contiguous()
+        w.update(weight=local, grad=g_local, row_offset=offset, pg=mesh.get_group(), full_rows=p.shape[0])
+        if self._refresh_due(group, state, p):
+            full = p.grad.full_tensor()
+            if not self._check_finite(full, p, state):
+                return None
+            self._refresh(p, full, group, state)
+            del full
+        proj = state["projector"]
+        if state["project_left"]:
+            r_grad = proj[rows].t() @ g_local
+        else:
+            r_grad = g_local.new_zeros((p.shape[0], proj.shape[0]))
+            r_grad[rows] = g_local @ proj.t()
+        dist.all_reduce(r_grad, group=w["pg"])
+        w["check"] = w["r_grad"] = r_grad
         return w
 
     def _finish(self, w):
@@ -352,32 +388,19 @@ class GaLoreAdamW(Optimizer):
         step_size = self._step_size(group, state["step"])
         wd = group["weight_decay"]
         beta = 1.0 - group["lr"] * wd if wd > 0.0 else 1.0
-        self._apply(w["weight"], w["grad"], state["projector"], bool(state["project_left"]), n, r_grad,
-                    -beta * step_size, beta, group, state, w["row_offset"])
+        self._apply(w, n, -beta * step_size, beta)
 
-    def _apply(self, weight, grad, proj, left, n, r_grad, alpha, beta, group, state, row_offset):
+    def _apply(self, w, n, alpha, beta):
         """W ← β·W + α·scale·back(N), restricted to W's rows when W is a shard."""
-        rows = slice(row_offset, row_offset + weight.shape[0])
+        weight, group, state = w["weight"], w["group"], w["state"]
+        proj, left = state["projector"], bool(state["project_left"])
+        rows = slice(w["row_offset"], w["row_offset"] + weight.shape[0])
         if left:
             galore_apply_update(weight, proj[rows], n, project_left=True, alpha=alpha * group[self._scale_key],
                                 beta=beta)
         else:
             galore_apply_update(weight, proj, n[rows], project_left=False, alpha=alpha * group[self._scale_key],
                                 beta=beta)
-
-    def _shard_view(self, p):
-        """FSDP2 (DTensor sharded on dim 0): the projector and moments are computed from the
-        full gradient (all-gathered: one gradient-sized buffer), identically on every rank; each
-        rank writes only its own rows. Returns (local weight, full gradient, first local row)."""
-        from torch.distributed.tensor import Shard
-        placements = p.placements
-        if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
-            raise NotImplementedError(f"{type(self).__name__}: DTensor parameters must be sharded on dim 0 over a "
-                                      f"1-D mesh (FSDP2 fully_shard), got placements {placements}")
-        full_grad = p.grad.full_tensor().contiguous()
-        world, me = p.device_mesh.size(), p.device_mesh.get_local_rank()
-        chunk = -(-p.shape[0] // world)  # torch.chunk's split, which FSDP2 uses
-        return p.to_local(), full_grad, min(me * chunk, p.shape[0])
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -416,13 +439,31 @@ class FiraAdamW(GaLoreAdamW):
             raise TypeError("FiraAdamW: the scale is called 'alpha' (as in the fira package)")
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, scale=alpha, **kwargs)
 
-    def _apply(self, weight, grad, proj, left, n, r_grad, alpha, beta, group, state, row_offset):
+    @staticmethod
+    def _grad_channel_sq_norms(w, dim, dtype):
+        """Squared norms of G's columns (dim 0) or rows (dim 1); a shard contributes its part and
+        one all-reduce of a vector completes them."""
+        sq = torch.linalg.vector_norm(w["grad"], dim=dim, dtype=dtype).square()
+        if w["pg"] is None:
+            return sq
+        import torch.distributed as dist
+        if dim == 1:
+            full = sq.new_zeros(w["full_rows"])
+            full[w["row_offset"]:w["row_offset"] + sq.shape[0]] = sq
+            sq = full
+        dist.all_reduce(sq, group=w["pg"])
+        return sq
+
+    def _apply(self, w, n, alpha, beta):
+        weight, grad, group, state = w["weight"], w["grad"], w["group"], w["state"]
+        proj, left = state["projector"], bool(state["project_left"])
+        row_offset = w["row_offset"]
         a = float(group["alpha"])
         acc = n.dtype
-        r = r_grad.to(acc)
+        r = w["r_grad"].to(acc)
         dim = 0 if left else 1  # channels: columns of W for a left projection, rows for a right one
         phi = torch.linalg.vector_norm(n, dim=dim) / (torch.linalg.vector_norm(r, dim=dim) + 1e-8)
-        g_norm2 = torch.linalg.vector_norm(grad, dim=dim, dtype=acc).square()
+        g_norm2 = self._grad_channel_sq_norms(w, dim, acc)
         # ‖g_c − α P Pᵀ g_c‖² = ‖g_c‖² + (α² − 2α)‖r_c‖² for orthonormal P, per channel c.
         resid2 = (g_norm2 + (a * a - 2.0 * a) * r.square().sum(dim=dim)).clamp_min(0.0)
         s_norm = (phi.square() * resid2).sum().sqrt()
@@ -439,9 +480,9 @@ class FiraAdamW(GaLoreAdamW):
         rows = slice(row_offset, row_offset + weight.shape[0])
         if left:
             galore_apply_update(weight, proj[rows], n_eff, project_left=True, alpha=alpha * a, beta=beta,
-                                residual_grad=grad[rows], residual_scale=phi.unsqueeze(0),
+                                residual_grad=grad, residual_scale=phi.unsqueeze(0),
                                 residual_alpha=alpha)
         else:
             galore_apply_update(weight, proj, n_eff[rows], project_left=False, alpha=alpha * a, beta=beta,
-                                residual_grad=grad[rows], residual_scale=phi[rows].unsqueeze(1),
+                                residual_grad=grad, residual_scale=phi[rows].unsqueeze(1),
                                 residual_alpha=alpha)
