@@ -66,6 +66,12 @@ class GaLoreAdamW(Optimizer):
         seed: seeds the randomized projector's sketches (per weight and refresh), so every
             rank of a data-parallel job computes the same projector.
 
+    torch.compile: ``torch.compile(opt.step, fullgraph=True)`` traces without graph breaks
+    (the refresh's SVD included), but the step count and the refresh schedule are Python
+    ints, so dynamo specialises on them and compiles one graph per step: raise
+    ``torch._dynamo.config.recompile_limit`` or, better, compile the model and call the step
+    eagerly (its work is already two fused ops per weight).
+
     A projector refresh that fails (the SVD does not converge, or returns non-finite values)
     keeps the previous projector and is counted in ``refresh_failures``; on the first refresh,
     the randomized method is tried instead, and only if that fails too does the step raise.
