@@ -610,6 +610,54 @@ def test_compile_optimizer_step_fullgraph():
     assert max_param_diff(eager, comp) < 1e-6
 
 
+def train_capturable(model, opt, data, step):
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.prepare_step()
+        step()
+
+
+@pytest.mark.parametrize("cls,key", [(GaLoreAdamW, "scale"), (FiraAdamW, "alpha")])
+def test_capturable_matches_default(cls, key):
+    data = batches(9)
+    ref_model, cap = MLP(), MLP()
+    train(ref_model, cls(galore_groups(ref_model, gap=3, key=key), lr=1e-2, weight_decay=0.01), data)
+    opt = cls(galore_groups(cap, gap=3, key=key), lr=1e-2, weight_decay=0.01, capturable=True)
+    train_capturable(cap, opt, data, opt.step)
+    assert torch.is_tensor(opt.state[cap.net[0].weight]["step"])
+    assert opt.state[cap.net[0].weight]["refreshes"] == 3
+    assert max_param_diff(ref_model, cap) < 1e-5
+
+
+def test_capturable_step_compiles_once():
+    """capturable=True: the compiled step has no step-dependent Python value, so 10 steps
+    with 3 projector refreshes (done eagerly in prepare_step) need two graphs: the first step,
+    which creates the moments, and every later one."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    data = batches(10)
+    eager, comp = MLP(), MLP()
+    opt_e = GaLoreAdamW(galore_groups(eager, gap=4), lr=1e-2, weight_decay=0.01, capturable=True)
+    opt_c = GaLoreAdamW(galore_groups(comp, gap=4), lr=1e-2, weight_decay=0.01, capturable=True)
+    train_capturable(eager, opt_e, data, opt_e.step)
+    train_capturable(comp, opt_c, data, torch.compile(opt_c.step, fullgraph=True, backend="aot_eager"))
+    assert counters["stats"]["unique_graphs"] == 2
+    assert max_param_diff(eager, comp) < 1e-6
+
+
+def test_capturable_needs_prepare_step():
+    model = MLP()
+    opt = GaLoreAdamW(galore_groups(model), lr=1e-2, capturable=True)
+    x, y = batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="call prepare_step"):
+        opt.step()
+    with pytest.raises(ValueError, match="capturable and layerwise"):
+        GaLoreAdamW(galore_groups(model), capturable=True, layerwise=True)
+
+
 # ---------------------------------------------------------------------------- distributed
 
 def _free_port():

@@ -66,11 +66,18 @@ class GaLoreAdamW(Optimizer):
         seed: seeds the randomized projector's sketches (per weight and refresh), so every
             rank of a data-parallel job computes the same projector.
 
-    torch.compile: ``torch.compile(opt.step, fullgraph=True)`` traces without graph breaks
-    (the refresh's SVD included), but the step count and the refresh schedule are Python
-    ints, so dynamo specialises on them and compiles one graph per step: raise
-    ``torch._dynamo.config.recompile_limit`` or, better, compile the model and call the step
-    eagerly (its work is already two fused ops per weight).
+        capturable: keep the step count in a tensor on the weight's device and take the
+            projector refreshes out of ``step()``: call :meth:`prepare_step` eagerly before
+            each step (it refreshes the projectors that are due). ``step()`` is then free of
+            host synchronisation and of step-dependent Python values, so
+            ``torch.compile(opt.step, fullgraph=True)`` compiles it once (and it can be
+            captured in a CUDA graph). No non-finite check in this mode; plain tensors only
+            (no DTensor).
+
+    torch.compile without ``capturable``: ``torch.compile(opt.step, fullgraph=True)`` traces
+    without graph breaks (the refresh's SVD included), but the step count and the refresh
+    schedule are Python ints, so dynamo specialises on them and compiles one graph per step.
+    Use ``capturable=True`` for a compiled step.
 
     A projector refresh that fails (the SVD does not converge, or returns non-finite values)
     keeps the previous projector and is counted in ``refresh_failures``; on the first refresh,
@@ -83,7 +90,7 @@ class GaLoreAdamW(Optimizer):
                  correct_bias: bool = True, *, update_proj_gap: int = 200, scale: float = 1.0, proj_type: str = "std",
                  proj_method: str = "svd", oversampling: int = 8, power_iters: int = 2, warm_power_iters: int = 1,
                  stagger: bool = False, state_dtype: Optional[torch.dtype] = None, nonfinite: Optional[str] = "skip",
-                 layerwise: bool = False, accumulation_steps: int = 1, seed: int = 0):
+                 layerwise: bool = False, accumulation_steps: int = 1, seed: int = 0, capturable: bool = False):
         if not lr >= 0.0:
             raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -102,7 +109,10 @@ class GaLoreAdamW(Optimizer):
                         oversampling=oversampling, power_iters=power_iters, warm_power_iters=warm_power_iters,
                         stagger=stagger, state_dtype=state_dtype)
         defaults[self._scale_key] = scale
+        if capturable and layerwise:
+            raise ValueError(f"{type(self).__name__}: capturable and layerwise cannot be combined")
         self.nonfinite = nonfinite
+        self.capturable = bool(capturable)
         self.layerwise = bool(layerwise)
         self.accumulation_steps = int(accumulation_steps)
         self.seed = int(seed)
@@ -187,7 +197,7 @@ class GaLoreAdamW(Optimizer):
             return loss
         work = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
         prepared = [w for w in (self._prepare(p, g) for p, g in work) if w is not None]
-        checked = self.nonfinite is not None and not torch.compiler.is_compiling()
+        checked = self.nonfinite is not None and not self.capturable and not torch.compiler.is_compiling()
         if checked and len({w["check"].device for w in prepared}) == 1:
             sums = torch.stack([w["check"].sum().float() for w in prepared]) if prepared else None
             checked = sums is not None and not bool(torch.isfinite(sums).all())
@@ -210,7 +220,7 @@ class GaLoreAdamW(Optimizer):
 
     def _check_finite(self, t, p, state) -> bool:
         """True to go on; False to skip this weight's step. Host sync (nonfinite != None)."""
-        if self.nonfinite is None or torch.compiler.is_compiling():
+        if self.nonfinite is None or self.capturable or torch.compiler.is_compiling():
             return True
         # One reduction and one sync: NaN and ±Inf propagate through a sum. A sum that
         # overflows counts as non-finite too, rightly: its elements' squares (Adam's v) would.
@@ -232,6 +242,8 @@ class GaLoreAdamW(Optimizer):
         if not group["correct_bias"]:
             return lr
         beta1, beta2 = group["betas"]
+        if torch.is_tensor(step):  # capturable: a tensor, no host value to specialise on
+            return lr * (1.0 - beta2 ** step).sqrt() / (1.0 - beta1 ** step)
         return lr * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
 
     def _step_param(self, p, group):
@@ -247,7 +259,7 @@ class GaLoreAdamW(Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self.state[p]
         if "step" not in state:
-            state["step"] = 0
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if self.capturable else 0
         w = dict(param=p, group=group, state=state)
         if group.get("rank") is None:
             # A DTensor (FSDP2) weight is stepped shard by shard: AdamW is elementwise.
@@ -256,10 +268,16 @@ class GaLoreAdamW(Optimizer):
             w["check"] = w["grad"]
             return w
         if _is_dtensor(p):
+            if self.capturable:
+                raise NotImplementedError(f"{type(self).__name__}: capturable=True does not support DTensor parameters")
             return self._prepare_sharded(p, w)
         w["weight"], w["grad"], w["row_offset"], w["pg"] = p, p.grad.contiguous(), 0, None
         grad = w["grad"]
-        if self._refresh_due(group, state, p):
+        if self.capturable:
+            if "projector" not in state:
+                raise RuntimeError(f"{type(self).__name__}(capturable=True): no projector for a weight of shape "
+                                   f"{tuple(p.shape)}; call prepare_step() (eagerly) before each step")
+        elif self._refresh_due(group, state, p):
             if not self._check_finite(grad, p, state):
                 return None
             self._refresh(p, grad, group, state)
@@ -320,7 +338,11 @@ class GaLoreAdamW(Optimizer):
         n = galore_adam_moments(state["exp_avg"], state["exp_avg_sq"], g, beta1=beta1, beta2=beta2,
                                 eps=group["eps"])
         state["step"] += 1
-        local.add_(n.to(local.dtype), alpha=-self._step_size(group, state["step"]))
+        step_size = self._step_size(group, state["step"])
+        if torch.is_tensor(step_size):
+            local.add_((n * -step_size).to(local.dtype))
+        else:
+            local.add_(n.to(local.dtype), alpha=-step_size)
         if group["weight_decay"] > 0.0:
             local.add_(local, alpha=-group["lr"] * group["weight_decay"])
 
@@ -334,7 +356,8 @@ class GaLoreAdamW(Optimizer):
         if group["stagger"]:
             order = self._projected_order()
             offset = (order.get(id(p), 0) * gap) // max(len(order), 1)
-        return (state["step"] + offset) % gap == 0
+        step = state.get("host_step", 0) if self.capturable else state["step"]
+        return (step + offset) % gap == 0
 
     def _refresh(self, p, grad, group, state):
         rank = group["rank"]
@@ -394,10 +417,34 @@ class GaLoreAdamW(Optimizer):
         step_size = self._step_size(group, state["step"])
         wd = group["weight_decay"]
         beta = 1.0 - group["lr"] * wd if wd > 0.0 else 1.0
-        self._apply(w, n, -beta * step_size, beta)
+        if torch.is_tensor(step_size):  # capturable: the step size scales N on the device
+            self._apply(w, n, -beta, beta, step_size.to(n.dtype))
+        else:
+            self._apply(w, n, -beta * step_size, beta)
 
-    def _apply(self, w, n, alpha, beta):
-        """W ← β·W + α·scale·back(N), restricted to W's rows when W is a shard."""
+    @torch.no_grad()
+    def prepare_step(self):
+        """capturable mode: refreshes the projectors due at the coming step (the same schedule
+        as without capturable). Call it eagerly, once, before each ``step()``; it reads the
+        gradients, so after backward."""
+        if not self.capturable:
+            return
+        for group in self.param_groups:
+            if group.get("rank") is None:
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if self._refresh_due(group, state, p):
+                    self._refresh(p, p.grad.contiguous(), group, state)
+                state["host_step"] = int(state.get("host_step", 0)) + 1
+
+    def _apply(self, w, n, alpha, beta, step_scale=None):
+        """W ← β·W + α·scale·back(N) (N times step_scale, a tensor, in capturable mode),
+        restricted to W's rows when W is a shard."""
+        if step_scale is not None:
+            n = n * step_scale
         weight, group, state = w["weight"], w["group"], w["state"]
         proj, left = state["projector"], bool(state["project_left"])
         rows = slice(w["row_offset"], w["row_offset"] + weight.shape[0])
@@ -460,7 +507,7 @@ class FiraAdamW(GaLoreAdamW):
         dist.all_reduce(sq, group=w["pg"])
         return sq
 
-    def _apply(self, w, n, alpha, beta):
+    def _apply(self, w, n, alpha, beta, step_scale=None):
         weight, grad, group, state = w["weight"], w["grad"], w["group"], w["state"]
         proj, left = state["projector"], bool(state["project_left"])
         row_offset = w["row_offset"]
@@ -483,6 +530,9 @@ class FiraAdamW(GaLoreAdamW):
         phi = phi / limiter
         # β(W − step(α P N + φ ⊙ (G − α P R))) = βW − β·step·(φ ⊙ G) − β·step·α·back(N − φ ⊙ R)
         n_eff = n - (r * phi.unsqueeze(0) if left else r * phi.unsqueeze(1))
+        if step_scale is not None:  # capturable: the step size is a tensor, folded into N and φ
+            n_eff = n_eff * step_scale
+            phi = phi * step_scale
         rows = slice(row_offset, row_offset + weight.shape[0])
         if left:
             galore_apply_update(weight, proj[rows], n_eff, project_left=True, alpha=alpha * a, beta=beta,
