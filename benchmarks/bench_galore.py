@@ -232,6 +232,7 @@ def curve_report(steps=200):
         return [{"params": rest}, {"params": w, "rank": 16, "update_proj_gap": 50, "scale": 0.25, "proj_type": "std"}]
 
     gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
     teacher = torch.nn.Linear(128, 10)
     data = []
     for _ in range(steps):
