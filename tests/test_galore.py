@@ -460,8 +460,11 @@ def test_nonfinite_gradient_error_mode():
     x, y = batches(1)[0]
     nn.functional.mse_loss(model(x), y).backward()
     model.net[2].weight.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(FloatingPointError, match="non-finite gradient"):
         opt.step()
+    for p, b in zip(model.parameters(), before):  # nothing was updated, not even the finite ones
+        assert torch.equal(p, b)
 
 
 def test_failed_svd_keeps_previous_projector(monkeypatch):

@@ -201,8 +201,10 @@ class GaLoreAdamW(Optimizer):
         if checked and len({w["check"].device for w in prepared}) == 1:
             sums = torch.stack([w["check"].sum().float() for w in prepared]) if prepared else None
             checked = sums is not None and not bool(torch.isfinite(sums).all())
-        for w in prepared:
-            if not checked or self._check_finite(w["check"], w["param"], w["state"]):
+        # Every check before any update, so nonfinite='error' raises with nothing changed.
+        ok = [not checked or self._check_finite(w["check"], w["param"], w["state"]) for w in prepared]
+        for w, good in zip(prepared, ok):
+            if good:
                 self._finish(w)
         return loss
 
