@@ -650,6 +650,25 @@ def test_capturable_step_compiles_once():
     assert max_param_diff(eager, comp) < 1e-6
 
 
+def test_capturable_checkpoint_resume():
+    data = batches(10)
+    full, first, resumed = MLP(), MLP(), MLP()
+    opt_full = FiraAdamW(galore_groups(full, gap=3, key="alpha"), lr=1e-2, capturable=True)
+    train_capturable(full, opt_full, data, opt_full.step)
+    opt_first = FiraAdamW(galore_groups(first, gap=3, key="alpha"), lr=1e-2, capturable=True)
+    train_capturable(first, opt_first, data[:4], opt_first.step)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optim": opt_first.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed.load_state_dict(ckpt["model"])
+    opt_resumed = FiraAdamW(galore_groups(resumed, gap=3, key="alpha"), lr=1e-2, capturable=True)
+    opt_resumed.load_state_dict(ckpt["optim"])
+    train_capturable(resumed, opt_resumed, data[4:], opt_resumed.step)
+    assert max_param_diff(full, resumed) == 0
+    assert opt_resumed.state[resumed.net[0].weight]["refreshes"] == 4  # steps 0, 3 saved; 6, 9 after resuming
+
+
 def test_capturable_needs_prepare_step():
     model = MLP()
     opt = GaLoreAdamW(galore_groups(model), lr=1e-2, capturable=True)
