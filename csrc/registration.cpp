@@ -70,6 +70,21 @@ TORCH_LIBRARY(lrkernels, m) {
       "Tensor adapter_offsets, bool[6] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 
   // ---- galore ------------------------------------------------------------------------
+  // The low-rank Adam step of GaLore (arXiv 2403.03507) and Fira (arXiv 2410.01623), in place
+  // on the moments of the projected gradient R (HF-style ε, outside the square root):
+  //   m ← β₁m + (1 − β₁)R,  v ← β₂v + (1 − β₂)R²;  returns N = m / (√v + ε).
+  // Moments are float32 or bfloat16 (float64 on CPU); N is float32 (float64 for float64 moments).
+  // Bias correction is left to the caller (it is a scalar folded into alpha below).
+  m.def(
+      "galore_adam_moments(Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor grad, float beta1, float beta2, "
+      "float eps) -> Tensor");
+  // W ← β·W + α·(P N if project_left else N P) [+ γ·(G ⊙ s)], in place, W written once by a
+  // GEMM with beta: GaLore's back-projection, scale, step and decoupled weight decay
+  // (β = 1 − lr·wd, α = −β·step_size·scale). The optional residual term is Fira's channel-wise
+  // scaled full-rank gradient: s of shape (m, 1) scales rows, (1, n) columns; γ = residual_alpha.
+  m.def(
+      "galore_apply_update(Tensor(a!) weight, Tensor projector, Tensor update, bool project_left, float alpha, "
+      "float beta, Tensor? residual_grad=None, Tensor? residual_scale=None, float residual_alpha=0.0) -> ()");
 
   // ---- c3a ---------------------------------------------------------------------------
   // Block-circulant adapter — C³A, "Parameter-Efficient Fine-Tuning via Circular Convolution"

@@ -15,6 +15,7 @@ from .ops.lora import lora_linear
 from .ops.c3a import c3a, c3a_linear
 from .ops.multi_lora import (MultiLoraSegments, lora_expand_, lora_shrink, multi_lora_linear,
                               multi_lora_segments)
+from .ops.galore import galore_adam_moments, galore_apply_update
 from . import nn, optim, reference  # noqa: E402
 
 __version__ = "0.1.0"
@@ -32,6 +33,8 @@ __all__ = [
     "lora_expand_",
     "c3a",
     "c3a_linear",
+    "galore_adam_moments",
+    "galore_apply_update",
     "nn",
     "optim",
     "reference",

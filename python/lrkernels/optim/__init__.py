@@ -1,3 +1,5 @@
 """Optimizers built on the lrkernels ops."""
 
-__all__ = []
+from .galore import FiraAdamW, GaLoreAdamW
+
+__all__ = ["GaLoreAdamW", "FiraAdamW"]
