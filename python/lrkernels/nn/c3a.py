@@ -5,12 +5,13 @@ import math
 import torch
 from torch import nn
 
+from ._mergeable import MergeableAdapter
 from ..ops.c3a import c3a, c3a_linear
 
 _INITS = ("zeros", "gaussian", "kaiming_uniform", "xavier_uniform")
 
 
-class C3ALinear(nn.Module):
+class C3ALinear(MergeableAdapter, nn.Module):
     """``y = x Wᵀ + b + s · x ΔWᵀ`` with W frozen and the C³A kernel K trained.
 
     ΔW is block-circulant with block size b (``ΔW[p·b + i, q·b + j] = K[p, q, (j − i) mod b]``,
@@ -102,25 +103,9 @@ class C3ALinear(nn.Module):
         eye = torch.eye(self.in_features, dtype=acc, device=self.kernel.device)
         return c3a(eye, self.kernel.detach().to(acc), scale=self.scaling).T.to(self.weight.dtype)
 
-    @torch.no_grad()
-    def merge(self):
-        """Fold s · ΔW into the base weight; forward then runs the base linear alone."""
-        if self.merged:
-            raise RuntimeError("C3ALinear.merge: already merged")
-        self.weight.add_(self.delta_weight())
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        """Subtract s · ΔW from the base weight again (up to rounding in low precision)."""
-        if not self.merged:
-            raise RuntimeError("C3ALinear.unmerge: not merged")
-        self.weight.sub_(self.delta_weight())
-        self.merged = False
-
     def forward(self, x):
         if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return self.merged_forward(x)
         return c3a_linear(x, self.weight, self.bias, self.kernel, scale=self.scaling)
 
     def extra_repr(self):

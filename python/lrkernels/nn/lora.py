@@ -5,10 +5,11 @@ import math
 import torch
 from torch import nn
 
+from ._mergeable import MergeableAdapter
 from ..ops.lora import lora_linear
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(MergeableAdapter, nn.Module):
     """``y = x Wᵀ + b + s · ((g ⊙ (drop(x) Aᵀ)) Bᵀ) ⊙ o`` with W frozen and A, B trained.
 
     ``s = alpha / r`` (LoRA) or ``alpha / sqrt(r)`` (rsLoRA). Initialised like PEFT's LoRA:
@@ -66,25 +67,9 @@ class LoRALinear(nn.Module):
             delta = delta * self.out_scale.float().unsqueeze(1)
         return delta.to(self.weight.dtype)
 
-    @torch.no_grad()
-    def merge(self):
-        """Fold ΔW into the base weight; forward then runs the base linear alone."""
-        if self.merged:
-            raise RuntimeError("LoRALinear.merge: already merged")
-        self.weight.add_(self.delta_weight())
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        """Subtract ΔW from the base weight again (up to rounding in low precision)."""
-        if not self.merged:
-            raise RuntimeError("LoRALinear.unmerge: not merged")
-        self.weight.sub_(self.delta_weight())
-        self.merged = False
-
     def forward(self, x):
         if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return self.merged_forward(x)
         return lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, scale=self.scaling,
                            rank_scale=self.rank_scale, out_scale=self.out_scale,
                            dropout_p=self.dropout if self.training else 0.0)
