@@ -123,7 +123,8 @@ def multi_lora_segments(adapter_ids: torch.Tensor, num_adapters: int) -> MultiLo
     On CPU an id outside ``[-1, num_adapters)`` raises ValueError; on CUDA (where checking
     would synchronise) such a token is treated as base-only.
     """
-    order, offsets = _segments(adapter_ids, int(num_adapters))
+    with nvtx_range("lrkernels.multi_lora_segments"):
+        order, offsets = _segments(adapter_ids, int(num_adapters))
     return MultiLoraSegments(order, offsets)
 
 
@@ -179,7 +180,8 @@ def lora_shrink(x, lora_a, adapter_ids, segments: MultiLoraSegments, ranks=None)
     Entries past an adapter's rank, and rows of base-only tokens, are zero. Inference
     building block: not differentiable.
     """
-    return _shrink(x, lora_a, adapter_ids, segments.token_order, segments.adapter_offsets, ranks)
+    with nvtx_range("lrkernels.lora_shrink"):
+        return _shrink(x, lora_a, adapter_ids, segments.token_order, segments.adapter_offsets, ranks)
 
 
 def lora_expand_(y, hidden, lora_b, adapter_ids, segments: MultiLoraSegments, *, scales, ranks=None,
@@ -190,6 +192,7 @@ def lora_expand_(y, hidden, lora_b, adapter_ids, segments: MultiLoraSegments, *,
     ``(L, out_total, r_max)`` with the slices' B stacked along the output dimension,
     ``slice_sizes`` their widths (None: equal). Returns y. Inference building block.
     """
-    _expand(y, hidden, lora_b, adapter_ids.reshape(-1), segments.token_order, segments.adapter_offsets, scales,
-            ranks, None if slice_sizes is None else [int(s) for s in slice_sizes])
+    with nvtx_range("lrkernels.lora_expand_"):
+        _expand(y, hidden, lora_b, adapter_ids.reshape(-1), segments.token_order, segments.adapter_offsets, scales,
+                ranks, None if slice_sizes is None else [int(s) for s in slice_sizes])
     return y
