@@ -8,6 +8,7 @@
 #include <initializer_list>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace lrkernels {
 
@@ -51,6 +52,13 @@ inline void check_shape(const at::Tensor& t, c10::IntArrayRef expected, const ch
                         const char* what) {
   TORCH_CHECK_VALUE(t.sizes() == expected, "lrkernels.", op, ": ", name, " must have shape ", what, " = ",
                     shape_str(expected), ", got ", shape_str(t.sizes()));
+}
+
+// x's shape with its last dimension replaced: the (..., n) shape of an op's output.
+inline std::vector<int64_t> with_last_dim(const at::Tensor& x, int64_t last) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.back() = last;
+  return s;
 }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* what) {

@@ -106,4 +106,16 @@ inline GaloreUpdateShapes check_update_args(const char* op, const at::Tensor& we
   return GaloreUpdateShapes{m, n, r, has_g, rows_scale};
 }
 
+// W ← gemm_beta·W + alpha·back(N): the back-projection folded into one GEMM with beta, so W
+// is written once (cuBLAS on CUDA, BLAS on CPU through ATen).
+inline void apply_back_projection(const at::Tensor& weight, const at::Tensor& projector, const at::Tensor& update,
+                                  bool project_left, double gemm_beta, double alpha) {
+  const at::Tensor n_w = update.to(weight.scalar_type());
+  if (project_left) {
+    weight.addmm_(projector, n_w, gemm_beta, alpha);
+  } else {
+    weight.addmm_(n_w, projector, gemm_beta, alpha);
+  }
+}
+
 }  // namespace lrkernels

@@ -71,12 +71,7 @@ void galore_apply_update_cuda(const at::Tensor& weight, const at::Tensor& projec
     });
     gemm_beta = 1.0;
   }
-  const at::Tensor n_w = update.to(weight.scalar_type());
-  if (project_left) {
-    weight.addmm_(projector, n_w, gemm_beta, alpha);
-  } else {
-    weight.addmm_(n_w, projector, gemm_beta, alpha);
-  }
+  apply_back_projection(weight, projector, update, project_left, gemm_beta, alpha);
 }
 
 TORCH_LIBRARY_IMPL(lrkernels, CUDA, m) {

@@ -59,8 +59,6 @@ inline at::ScalarType lora_acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline std::vector<int64_t> lora_out_shape(const at::Tensor& x, int64_t last);
-
 inline LoraShapes check_lora_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
                                            const at::Tensor& weight, const at::Tensor& lora_a,
                                            const at::Tensor& lora_b, const at::Tensor& hidden, double scale,
@@ -69,23 +67,17 @@ inline LoraShapes check_lora_backward_args(const char* op, const at::Tensor& gra
                                            const std::array<bool, 7>& mask) {
   const LoraShapes sh = check_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, scale, rank_scale, out_scale);
   check_like(grad_out, x, op, "grad_out", "x");
-  check_shape(grad_out, lora_out_shape(x, sh.out_features), op, "grad_out", "(..., out_features)");
+  check_shape(grad_out, with_last_dim(x, sh.out_features), op, "grad_out", "(..., out_features)");
   TORCH_CHECK_VALUE(hidden.device() == x.device(), "lrkernels.", op, ": hidden is on ", hidden.device(),
                     " but x is on ", x.device());
   TORCH_CHECK_TYPE(hidden.scalar_type() == lora_acc_dtype(x), "lrkernels.", op, ": hidden must be ",
                    lora_acc_dtype(x), " (the forward's second output), got ", hidden.scalar_type());
-  check_shape(hidden, lora_out_shape(x, sh.rank), op, "hidden", "(..., r)");
+  check_shape(hidden, with_last_dim(x, sh.rank), op, "hidden", "(..., r)");
   TORCH_CHECK_VALUE(!mask[5] || (rank_scale.has_value() && rank_scale->defined()), "lrkernels.", op,
                     ": output_mask asks for the gradient of rank_scale, which is None");
   TORCH_CHECK_VALUE(!mask[6] || (out_scale.has_value() && out_scale->defined()), "lrkernels.", op,
                     ": output_mask asks for the gradient of out_scale, which is None");
   return sh;
-}
-
-inline std::vector<int64_t> lora_out_shape(const at::Tensor& x, int64_t last) {
-  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
-  s.back() = last;
-  return s;
 }
 
 inline const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) {

@@ -164,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
   at::Tensor y = opt_ptr(bias) ? at::addmm(bias->to(acc), h, b_eff.t()) : at::mm(h, b_eff.t());
   if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
   y.addmm_(x2, weight.t());
-  return {y.view(lora_out_shape(x, sh.out_features)), hidden.view(lora_out_shape(x, sh.rank))};
+  return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.rank))};
 }
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,

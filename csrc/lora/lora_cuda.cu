@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
     LRK_CUDA_CHECK_LAUNCH(op, "shrink", lora::launch_shrink<cuda_t>(sp, stream));
     LRK_CUDA_CHECK_LAUNCH(op, "expand", lora::launch_expand<cuda_t>(ep, stream));
   });
-  return {y.view(lora_out_shape(x, sh.out_features)), hidden.view(lora_out_shape(x, sh.rank))};
+  return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.rank))};
 }
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,

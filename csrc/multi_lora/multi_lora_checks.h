@@ -133,9 +133,7 @@ inline bool opt_ptr_defined(const std::optional<at::Tensor>& t) { return t.has_v
 inline void check_backward_extras(const char* op, const at::Tensor& grad_out, const at::Tensor& hidden,
                                   const at::Tensor& x, const MultiLoraShapes& sh) {
   check_like(grad_out, x, op, "grad_out", "x");
-  std::vector<int64_t> gs(x.sizes().begin(), x.sizes().end()), hs = gs;
-  gs.back() = sh.out_features;
-  hs.back() = sh.r_max;
+  const std::vector<int64_t> gs = with_last_dim(x, sh.out_features), hs = with_last_dim(x, sh.r_max);
   check_shape(grad_out, gs, op, "grad_out", "(..., out_features)");
   TORCH_CHECK_VALUE(hidden.device() == x.device(), "lrkernels.", op, ": hidden is on ", hidden.device(),
                     " but x is on ", x.device());

@@ -199,10 +199,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
       scatter_add_rows(y, idx_l, at::mm(h * sc[l], lora_b[l].narrow(1, 0, r).to(acc).t()));
     });
   }
-  std::vector<int64_t> ys(x.sizes().begin(), x.sizes().end()), hsz = ys;
-  ys.back() = sh.out_features;
-  hsz.back() = sh.r_max;
-  return {y.view(ys), hidden.view(hsz)};
+  return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.r_max))};
 }
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,

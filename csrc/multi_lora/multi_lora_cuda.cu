@@ -159,10 +159,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cuda(
   run_shrink(op, x2, lora_a.contiguous().unsqueeze(0), hidden, seg, stream);
   run_expand(op, y, hidden, lora_b.contiguous(), scales.to(at::kFloat).contiguous(), {sh.out_features}, seg,
              stream);
-  std::vector<int64_t> ys(x.sizes().begin(), x.sizes().end()), hs = ys;
-  ys.back() = sh.out_features;
-  hs.back() = sh.r_max;
-  return {y.view(ys), hidden.view(hs)};
+  return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.r_max))};
 }
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
