@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common/build_info.h"
+#include "common/cpu_features.h"
 
 TORCH_LIBRARY(lrkernels, m) {
   // ---- common ------------------------------------------------------------------------
@@ -112,4 +113,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lrkernels native library: the ops are registered under torch.ops.lrkernels";
   m.def("build_info", &lrkernels::build_info,
         "What this build contains: CUDA compiled in or not, arch list, torch and CUDA versions.");
+  m.def("cpu_has_avx512", &lrkernels::cpu_has_avx512, "Whether this CPU runs the AVX-512 kernels.");
+  m.def(
+      "get_cpu_kernels", [] { return static_cast<int>(lrkernels::cpu_kernels()); },
+      "CPU kernel selection: 0 auto, 1 portable, 2 fused.");
+  m.def(
+      "set_cpu_kernels",
+      [](int mode) {
+        TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "lrkernels: CPU kernel mode must be 0, 1 or 2, got ", mode);
+        lrkernels::set_cpu_kernels(static_cast<lrkernels::CpuKernels>(mode));
+      },
+      "Select the CPU kernels: 0 auto, 1 portable, 2 fused.");
 }

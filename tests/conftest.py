@@ -20,6 +20,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+HAS_AVX512 = lrkernels.build_info()["cpu_avx512"]
+
+
+@pytest.fixture(params=["portable", "fused"])
+def cpu_kernels(request):
+    """Runs a test once with the portable CPU kernels and once with the AVX-512 kernels forced
+    on at every size (skipped where the CPU has no AVX-512)."""
+    if request.param == "fused" and not HAS_AVX512:
+        pytest.skip("this CPU has no AVX-512")
+    previous = lrkernels.set_cpu_kernels(request.param)
+    try:
+        yield request.param
+    finally:
+        lrkernels.set_cpu_kernels(previous)
+
+
 def cpu_dtypes():
     return [torch.float32, torch.float64, torch.bfloat16]
 

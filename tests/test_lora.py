@@ -12,7 +12,7 @@ from lrkernels.ops._util import seed_tensor
 from lrkernels.reference import lora as ref
 from lrkernels.reference.philox import dropout_mask as ref_dropout_mask, philox4x32_10
 
-from conftest import assert_close_to_oracle, cpu_dtypes, cuda_dtypes
+from conftest import HAS_AVX512, assert_close_to_oracle, cpu_dtypes, cuda_dtypes
 
 OP = torch.ops.lrkernels.lora_linear.default
 BWD = torch.ops.lrkernels.lora_linear_backward.default
@@ -61,9 +61,10 @@ def test_philox_known_answers():
     assert [int(v) for v in out] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
 
 
-@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 8), (5, 13), (17, 70)])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 8), (5, 13), (17, 70), (3, 129), (2, 300)])
 @pytest.mark.parametrize("seed", [0, 1234567, 2**63 + 5])
-def test_dropout_mask_matches_reference(rows, cols, seed):
+def test_dropout_mask_matches_reference(rows, cols, seed, cpu_kernels):
+    # cols >= 128 covers the 16-group batches (hand-vectorised on AVX-512) and their tails
     got = lrkernels.dropout_mask(rows, cols, 0.3, seed, dtype=torch.float64)
     want = ref_dropout_mask(seed, rows, cols, 0.3)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -99,7 +100,9 @@ SHAPES = [  # (T, in, out, r)
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,r", SHAPES)
 @pytest.mark.parametrize("variant", ["plain", "gates+dropout", "nobias"])
-def test_forward_matches_oracle(dtype, T, din, dout, r, variant):
+def test_forward_matches_oracle(dtype, T, din, dout, r, variant, cpu_kernels):
+    if cpu_kernels == "fused" and dtype != torch.float32:
+        pytest.skip("the AVX-512 kernels are float32 only; other dtypes run the portable path")
     g = o = variant == "gates+dropout"
     p = 0.25 if variant == "gates+dropout" else 0.0
     a = make_inputs(T, din, dout, r, dtype, bias=variant != "nobias", g=g, o=o)
@@ -112,7 +115,9 @@ def test_forward_matches_oracle(dtype, T, din, dout, r, variant):
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,r", SHAPES[1:])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_backward_matches_oracle(dtype, T, din, dout, r, p):
+def test_backward_matches_oracle(dtype, T, din, dout, r, p, cpu_kernels):
+    if cpu_kernels == "fused" and dtype != torch.float32:
+        pytest.skip("the AVX-512 kernels are float32 only; other dtypes run the portable path")
     a = make_inputs(T, din, dout, r, dtype, g=True, o=True, requires_grad=True)
     y, _ = run_op(a, 1.3, p, seed=5)
     gy = torch.randn_like(y)
@@ -130,7 +135,7 @@ def test_backward_matches_oracle(dtype, T, din, dout, r, p):
         assert_close_to_oracle(got, want, low, name=f"grad {k}")
 
 
-def test_many_row_blocks_with_dropout_and_grad():
+def test_many_row_blocks_with_dropout_and_grad(cpu_kernels):
     """Enough rows for the CPU kernel to split the dropout pass across threads, with every
     input requiring grad (nested ATen calls on worker threads must stay below autograd)."""
     a = make_inputs(300, 40, 24, 5, torch.float32, g=True, o=True, requires_grad=True)
@@ -146,7 +151,7 @@ def test_many_row_blocks_with_dropout_and_grad():
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=f"grad {k}")
 
 
-def test_leading_dims_and_noncontiguous_input():
+def test_leading_dims_and_noncontiguous_input(cpu_kernels):
     a = make_inputs(0, 24, 10, 4, torch.float32, lead=(3, 5))
     base = torch.randn(24, 5, 3).permute(2, 1, 0)  # (3, 5, 24), non-contiguous
     a["x"] = base
@@ -156,7 +161,7 @@ def test_leading_dims_and_noncontiguous_input():
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_grad_only_where_needed():
+def test_grad_only_where_needed(cpu_kernels):
     a = make_inputs(6, 8, 5, 2, torch.float32, requires_grad=True)
     a["weight"].requires_grad_(False)
     a["bias"].requires_grad_(False)
@@ -165,6 +170,70 @@ def test_grad_only_where_needed():
     y.sum().backward()
     assert a["weight"].grad is None and a["x"].grad is None and a["bias"].grad is None
     assert a["lora_a"].grad is not None and a["lora_b"].grad is not None
+
+
+FUSED_CASES = [  # (T, in, out, r, p, gates, out_scale, bias): tails in every dimension, ranks 1..256
+    (1, 1, 1, 1, 0.0, False, False, True),
+    (37, 45, 29, 3, 0.3, True, True, True),
+    (100, 64, 80, 16, 0.1, False, False, False),
+    (64, 130, 17, 33, 0.5, True, False, True),
+    (300, 257, 96, 16, 0.1, False, True, True),
+    (9, 17, 300, 256, 0.2, True, True, False),
+]
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("T,din,dout,r,p,g,o,bias", FUSED_CASES)
+@pytest.mark.parametrize("needs", ["all", "x only", "lora only"])
+def test_fused_cpu_kernels_match_portable(T, din, dout, r, p, g, o, bias, needs):
+    """The AVX-512 path against the portable one on the same inputs and seed: outputs and every
+    gradient agree to float32 rounding (so the dropout masks are the same), whichever subset
+    of gradients is asked for."""
+    def run(mode):
+        previous = lrkernels.set_cpu_kernels(mode)
+        try:
+            torch.manual_seed(3)
+            a = make_inputs(T, din, dout, r, torch.float32, bias=bias, g=g, o=o, requires_grad=True)
+            a["weight"].requires_grad_(False)
+            if needs == "x only":
+                for k in ("lora_a", "lora_b", "rank_scale", "out_scale", "bias"):
+                    if a[k] is not None:
+                        a[k].requires_grad_(False)
+            if needs == "lora only":
+                a["x"].requires_grad_(False)
+            y, hidden = run_op(a, 1.7, p, seed=21)
+            names = [k for k, v in a.items() if v is not None and v.requires_grad]
+            grads = torch.autograd.grad(y, [a[k] for k in names], torch.randn_like(y))
+            return [y, hidden, *grads], names
+        finally:
+            lrkernels.set_cpu_kernels(previous)
+
+    fused, names = run("fused")
+    portable, _ = run("portable")
+    for name, u, v in zip(["y", "hidden", *names], fused, portable):
+        torch.testing.assert_close(u, v, rtol=2e-5, atol=2e-5 * max(1.0, v.abs().max().item()), msg=name)
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512")
+def test_auto_cpu_kernels_take_the_fused_path_at_scale():
+    """At 128 rows per thread "auto" runs the AVX-512 kernels: bitwise the same as "fused"."""
+    T = 128 * torch.get_num_threads()
+    a = make_inputs(T, 64, 48, 8, torch.float32)
+    outs = {}
+    for mode in ("auto", "fused", "portable"):
+        previous = lrkernels.set_cpu_kernels(mode)
+        try:
+            outs[mode] = run_op(a, 0.9, 0.2, seed=4)[0]
+        finally:
+            lrkernels.set_cpu_kernels(previous)
+    assert torch.equal(outs["auto"], outs["fused"])
+    torch.testing.assert_close(outs["auto"], outs["portable"], rtol=1e-5, atol=1e-5)
+
+
+def test_set_cpu_kernels_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        lrkernels.set_cpu_kernels("fast")
+    assert lrkernels.get_cpu_kernels() == "auto"
 
 
 def test_backward_op_output_mask():

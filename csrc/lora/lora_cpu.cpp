@@ -5,9 +5,12 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "common/avx512.h"
+#include "common/cpu_features.h"
 #include "common/dropout.h"
 #include "common/dropout_cpu.h"
 #include "lora/lora_checks.h"
+#include "lora/lora_cpu_avx512.h"
 
 namespace lrkernels {
 namespace {
@@ -137,6 +140,150 @@ at::Tensor rank_gain(const at::Tensor* g, double scale, int64_t r, const at::Ten
   return g->to(opts.dtype()) * scale;
 }
 
+// ---- the AVX-512 path (float32) ----------------------------------------------------------
+//
+// Rows are processed in blocks, one block at a time per thread, and each block does all of its
+// work while it is in cache: forward = shrink (with the mask) → base GEMM of the block (BLAS,
+// single-threaded inside the parallel region) → rank-r expand into the fresh output rows;
+// backward = one pass over the dy block for ∂L/∂h and dyᵀh → the block's dx GEMM → one pass
+// over the x block for dA and the rank-r part of dx (the mask regenerated). Compared with the
+// portable path this drops the separate trips through memory over x, y, dy and dx.
+
+// Whether lora_linear / lora_linear_backward take the AVX-512 path for this call.
+bool use_fused_cpu(const at::Tensor& x, int64_t tokens) {
+#if LRK_HAVE_AVX512_SOURCES
+  if (x.scalar_type() != at::kFloat || !use_avx512()) return false;
+  // Row blocks of at least 128 rows per thread keep the per-block GEMMs as fast as one big one.
+  return cpu_kernels() == CpuKernels::kFused || tokens >= 128 * at::get_num_threads();
+#else
+  (void)x;
+  (void)tokens;
+  return false;
+#endif
+}
+
+#if LRK_HAVE_AVX512_SOURCES
+
+int64_t fused_row_block(int64_t rows) {
+  const int64_t per_thread = (rows + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::clamp<int64_t>((per_thread + 7) / 8 * 8, 8, 256);
+}
+
+lora_avx512::RowDropout row_dropout(const DropoutParams& d) {
+  lora_avx512::RowDropout rd;
+  if (d.threshold) {
+    rd.seed = static_cast<uint64_t>(*d.seed);
+    rd.threshold = d.threshold;
+    rd.keep_scale = d.keep_scale;
+  }
+  return rd;
+}
+
+// bt = (r, out): row j is gain[j] · (o ⊙ B[:, j]), so the expand reads the saved hidden as is.
+std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor* bias,
+                                                 const at::Tensor& lora_a, const at::Tensor& bt,
+                                                 const DropoutParams& d) {
+  const int64_t rows = x2.size(0), in = x2.size(1), out = weight.size(0), r = lora_a.size(0);
+  const int64_t rp = lora_avx512::round_up16(r);
+  const auto opts = x2.options();
+  at::Tensor at_pad = at::zeros({in, rp}, opts);
+  at_pad.narrow(1, 0, r).copy_(lora_a.t());
+  at::Tensor hidden = at::empty({rows, r}, opts);
+  at::Tensor y = at::empty({rows, out}, opts);
+  if (rows == 0) return {y, hidden};
+  const at::Tensor wt = weight.t();
+  const lora_avx512::RowDropout rd = row_dropout(d);
+  const int64_t rb = fused_row_block(rows), nblocks = (rows + rb - 1) / rb;
+  const float* xp = x2.data_ptr<float>();
+  const float* ap = at_pad.data_ptr<float>();
+  const float* btp = bt.data_ptr<float>();
+  float* hp = hidden.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    // worker threads do not inherit the caller's dispatch state: stay below autograd here too
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::vector<float> scratch(static_cast<size_t>(lora_avx512::scratch_floats(in)));
+    std::vector<uint32_t> bits(static_cast<size_t>(lora_avx512::scratch_bits(in)));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * rb, nb = std::min(rb, rows - t0);
+      lora_avx512::shrink(xp + t0 * in, in, t0, nb, in, ap, r, hp + t0 * r, r, rd, scratch.data(), bits.data());
+      at::Tensor yb = y.narrow(0, t0, nb);
+      const at::Tensor xb = x2.narrow(0, t0, nb);
+      if (bias)
+        at::addmm_out(yb, *bias, xb, wt);
+      else
+        at::mm_out(yb, xb, wt);
+      lora_avx512::expand_acc(yp + t0 * out, out, nb, out, hp + t0 * r, r, r, btp);
+    }
+  });
+  return {y, hidden};
+}
+
+struct FusedGrads {
+  at::Tensor dx, p, dh, da;  // each defined only when asked for
+};
+
+// b_eff = o ⊙ B (out, r); gain = s · g (r,). want_p: P = dyᵀ (hidden ⊙ gain); need_dh: ∂L/∂h.
+FusedGrads backward_fused(const at::Tensor& dy2, const at::Tensor& x2, const at::Tensor& weight,
+                          const at::Tensor& lora_a, const at::Tensor& b_eff, const at::Tensor& gain,
+                          const at::Tensor& hid, bool want_x, bool want_a, bool want_p, bool need_dh,
+                          const DropoutParams& d) {
+  const int64_t rows = x2.size(0), in = x2.size(1), out = dy2.size(1), r = lora_a.size(0);
+  const int64_t rp = lora_avx512::round_up16(r);
+  const auto opts = x2.options();
+  const int nthreads = at::get_num_threads();
+  const bool want_du = want_x || want_a;
+  FusedGrads g;
+  at::Tensor beff_pad, hg_pad, du;
+  if (need_dh) {
+    beff_pad = at::zeros({out, rp}, opts);
+    beff_pad.narrow(1, 0, r).copy_(b_eff);
+    g.dh = at::empty({rows, rp}, opts);
+  }
+  if (want_p) {
+    hg_pad = at::zeros({rows, rp}, opts);
+    hg_pad.narrow(1, 0, r).copy_(hid * gain);
+    g.p = at::zeros({nthreads, out, rp}, opts);
+  }
+  if (want_du) du = at::empty({rows, r}, opts);
+  if (want_a) g.da = at::zeros({nthreads, r, in}, opts);
+  if (want_x) g.dx = at::empty({rows, in}, opts);
+  const lora_avx512::RowDropout rd = row_dropout(d);
+  const int64_t rb = fused_row_block(std::max<int64_t>(rows, 1)), nblocks = (rows + rb - 1) / rb;
+  const at::Tensor a_c = lora_a.contiguous();
+  const float* gainp = gain.data_ptr<float>();
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int tid = at::get_thread_num();
+    float* pp = want_p ? g.p[tid].data_ptr<float>() : nullptr;
+    float* dap = want_a ? g.da[tid].data_ptr<float>() : nullptr;
+    std::vector<uint32_t> bits(static_cast<size_t>(lora_avx512::scratch_bits(in)));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * rb, nb = std::min(rb, rows - t0);
+      float* dhp = need_dh ? g.dh.data_ptr<float>() + t0 * rp : nullptr;
+      lora_avx512::grad_out(dy2.data_ptr<float>() + t0 * out, out, nb, out, rp,
+                            need_dh ? beff_pad.data_ptr<float>() : nullptr,
+                            want_p ? hg_pad.data_ptr<float>() + t0 * rp : nullptr, dhp, pp);
+      if (!want_du) continue;
+      float* dup = du.data_ptr<float>() + t0 * r;
+      for (int64_t t = 0; t < nb; ++t)
+        for (int64_t j = 0; j < r; ++j) dup[t * r + j] = dhp[t * rp + j] * gainp[j];
+      if (want_x) {
+        at::Tensor dxb = g.dx.narrow(0, t0, nb);
+        at::mm_out(dxb, dy2.narrow(0, t0, nb), weight);
+      }
+      lora_avx512::grad_in(x2.data_ptr<float>() + t0 * in, in, t0, nb, in, dup, r, r, a_c.data_ptr<float>(), dap,
+                           want_x ? g.dx.data_ptr<float>() + t0 * in : nullptr, in, rd, bits.data());
+    }
+  });
+  if (want_p) g.p = g.p.sum(0).narrow(1, 0, r);
+  if (need_dh) g.dh = g.dh.narrow(1, 0, r);
+  if (want_a) g.da = g.da.sum(0);
+  return g;
+}
+
+#endif  // LRK_HAVE_AVX512_SOURCES
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -154,11 +301,19 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
   const auto acc_opts = x.options().dtype(acc);
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   const at::Tensor a_acc = lora_a.to(acc);
-  at::Tensor hidden = d.threshold ? shrink_with_dropout(x2, a_acc, d) : at::mm(x2.to(acc), a_acc.t());
-  const at::Tensor h = hidden * rank_gain(opt_ptr(rank_scale), scale, sh.rank, acc_opts);
+  const at::Tensor gain = rank_gain(opt_ptr(rank_scale), scale, sh.rank, acc_opts);
   at::Tensor b_eff = lora_b.to(acc);
   // ((h Bᵀ) ⊙ o) = h (o ⊙ B)ᵀ: the output scale folds into B's rows.
   if (const at::Tensor* o = opt_ptr(out_scale)) b_eff = b_eff * o->to(acc).unsqueeze(1);
+#if LRK_HAVE_AVX512_SOURCES
+  if (use_fused_cpu(x, sh.tokens)) {
+    const at::Tensor bt = (b_eff * gain.unsqueeze(0)).t().contiguous();
+    auto [y, hidden] = forward_fused(x2, weight, opt_ptr(bias), a_acc, bt, d);
+    return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.rank))};
+  }
+#endif
+  at::Tensor hidden = d.threshold ? shrink_with_dropout(x2, a_acc, d) : at::mm(x2.to(acc), a_acc.t());
+  const at::Tensor h = hidden * gain;
   // The rank-r term (and the bias) is written first; the base GEMM then accumulates into it
   // with beta = 1, reading y inside its own tiles, so y takes no extra pass through memory.
   at::Tensor y = opt_ptr(bias) ? at::addmm(bias->to(acc), h, b_eff.t()) : at::mm(h, b_eff.t());
@@ -198,6 +353,18 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
     const at::Tensor b_acc = lora_b.to(acc);
     const at::Tensor gain = rank_gain(g, scale, sh.rank, acc_opts);
     const at::Tensor b_eff = o ? b_acc * o->to(acc).unsqueeze(1) : b_acc;
+#if LRK_HAVE_AVX512_SOURCES
+    if (use_fused_cpu(x, sh.tokens)) {
+      FusedGrads fg = backward_fused(dy2, x2, weight, lora_a, b_eff, gain, hid.contiguous(), want_x, want_a,
+                                     want_b || want_o, need_dh, d);
+      if (want_b) gb = o ? fg.p * o->unsqueeze(1) : fg.p;
+      if (want_o && o) go = (fg.p * b_acc).sum(1);
+      if (want_g && g) gg = (fg.dh * hid).sum(0) * scale;
+      if (want_a) ga = fg.da;
+      if (want_x) gx = fg.dx.view(x.sizes());
+      return {gx, gw, gbias, ga, gb, gg, go};
+    }
+#endif
     // P = dyᵀ h and ∂L/∂h = dy (o ⊙ B) in one pass over dy.
     auto [p, dh] = grad_out_pass(dya, (want_b || want_o) ? (hid * gain).contiguous() : at::Tensor(),
                                  need_dh ? b_eff.contiguous() : at::Tensor());
