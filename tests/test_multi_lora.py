@@ -12,7 +12,7 @@ from torch import nn
 import lrkernels
 from lrkernels.reference import multi_lora as ref
 
-from conftest import assert_close_to_oracle, cpu_dtypes, cuda_dtypes
+from conftest import HAS_AVX512, assert_close_to_oracle, cpu_dtypes, cuda_dtypes
 
 SEG = torch.ops.lrkernels.multi_lora_segments.default
 SHRINK = torch.ops.lrkernels.lora_shrink.default
@@ -99,7 +99,9 @@ def mixed_ranks(L, r_max):
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,L,r", SHAPES)
 @pytest.mark.parametrize("variant", ["full-rank", "mixed-ranks", "nobias"])
-def test_forward_matches_oracle(dtype, T, din, dout, L, r, variant):
+def test_forward_matches_oracle(dtype, T, din, dout, L, r, variant, cpu_kernels):
+    if cpu_kernels == "fused" and dtype != torch.float32:
+        pytest.skip("the AVX-512 kernels are float32 only; other dtypes run the portable path")
     a = make_inputs(T, din, dout, L, r, dtype, ranks=mixed_ranks(L, r) if variant == "mixed-ranks" else None,
                     bias=variant != "nobias")
     y, hidden = run_op(a)
@@ -182,7 +184,7 @@ def test_leading_dims_noncontiguous_and_row_ids():
     torch.testing.assert_close(y_rows.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_segments_reused_across_layers_give_same_result():
+def test_segments_reused_across_layers_give_same_result(cpu_kernels):
     a = make_inputs(40, 32, 24, 5, 8, torch.float32, ranks=[8, 2, 5, 8, 1])
     seg = lrkernels.multi_lora_segments(a["adapter_ids"], 5)
     y1, h1 = run_op(a)
@@ -194,7 +196,7 @@ def test_segments_reused_across_layers_give_same_result():
     torch.testing.assert_close(y1, y3, rtol=0, atol=0)
 
 
-def test_all_base_and_single_adapter_batches():
+def test_all_base_and_single_adapter_batches(cpu_kernels):
     a = make_inputs(12, 16, 8, 3, 4, torch.float64, ids=torch.full((12,), -1))
     y, hidden = run_op(a)
     torch.testing.assert_close(y, a["x"] @ a["weight"].T + a["bias"])
@@ -204,7 +206,7 @@ def test_all_base_and_single_adapter_batches():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_lora_linear_per_adapter(dtype):
+def test_matches_lora_linear_per_adapter(dtype, cpu_kernels):
     L, r_max, ranks = 4, 8, [8, 3, 6, 1]
     a = make_inputs(60, 48, 40, L, r_max, dtype, ranks=ranks, requires_grad=True)
     y, _ = run_op(a)
@@ -225,6 +227,33 @@ def test_matches_lora_linear_per_adapter(dtype):
         torch.testing.assert_close(gb[l, :, :ranks[l]], gb_l, **tol)
     base = (ids == -1).nonzero().flatten()
     torch.testing.assert_close(y[base], (a["x"][base] @ a["weight"].T + a["bias"]).detach())
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("T,din,dout,L,r_max,ranks,base_frac,zero_scale", [
+    (300, 64, 80, 3, 16, None, 0.2, False),
+    (300, 70, 33, 5, 40, [40, 1, 17, 33, 8], 0.3, True),
+    (29, 17, 300, 2, 256, [256, 100], 0.0, False),
+    (530, 32, 24, 9, 8, [8, 2, 5, 8, 1, 3, 8, 7, 6], 0.5, False),
+    (64, 48, 40, 4, 8, None, 1.0, False),
+])
+def test_fused_cpu_forward_matches_portable(T, din, dout, L, r_max, ranks, base_frac, zero_scale):
+    """multi_lora_linear's AVX-512 path against the portable one: adapter runs crossing block
+    boundaries, mixed ranks up to 256, base-only tokens (also a batch of only those), an adapter
+    with scale 0, tails in every dimension."""
+    torch.manual_seed(7)
+    a = make_inputs(T, din, dout, L, r_max, torch.float32, ranks=ranks, base_frac=base_frac)
+    if zero_scale:
+        a["scales"][1] = 0.0
+    outs = {}
+    for mode in ("fused", "portable"):
+        previous = lrkernels.set_cpu_kernels(mode)
+        try:
+            outs[mode] = run_op(a)
+        finally:
+            lrkernels.set_cpu_kernels(previous)
+    for name, u, v in zip(("y", "hidden"), outs["fused"], outs["portable"]):
+        torch.testing.assert_close(u, v, rtol=2e-5, atol=2e-5 * max(1.0, v.abs().max().item()), msg=name)
 
 
 # ---------------------------------------------------------------------------- shrink / expand blocks

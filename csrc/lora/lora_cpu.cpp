@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include "common/avx512.h"
-#include "common/cpu_features.h"
+#include "common/fused_cpu.h"
 #include "common/dropout.h"
 #include "common/dropout_cpu.h"
 #include "lora/lora_checks.h"
@@ -149,25 +149,7 @@ at::Tensor rank_gain(const at::Tensor* g, double scale, int64_t r, const at::Ten
 // over the x block for dA and the rank-r part of dx (the mask regenerated). Compared with the
 // portable path this drops the separate trips through memory over x, y, dy and dx.
 
-// Whether lora_linear / lora_linear_backward take the AVX-512 path for this call.
-bool use_fused_cpu(const at::Tensor& x, int64_t tokens) {
 #if LRK_HAVE_AVX512_SOURCES
-  if (x.scalar_type() != at::kFloat || !use_avx512()) return false;
-  // Row blocks of at least 128 rows per thread keep the per-block GEMMs as fast as one big one.
-  return cpu_kernels() == CpuKernels::kFused || tokens >= 128 * at::get_num_threads();
-#else
-  (void)x;
-  (void)tokens;
-  return false;
-#endif
-}
-
-#if LRK_HAVE_AVX512_SOURCES
-
-int64_t fused_row_block(int64_t rows) {
-  const int64_t per_thread = (rows + at::get_num_threads() - 1) / at::get_num_threads();
-  return std::clamp<int64_t>((per_thread + 7) / 8 * 8, 8, 256);
-}
 
 lora_avx512::RowDropout row_dropout(const DropoutParams& d) {
   lora_avx512::RowDropout rd;
@@ -249,7 +231,7 @@ FusedGrads backward_fused(const at::Tensor& dy2, const at::Tensor& x2, const at:
   if (want_a) g.da = at::zeros({nthreads, r, in}, opts);
   if (want_x) g.dx = at::empty({rows, in}, opts);
   const lora_avx512::RowDropout rd = row_dropout(d);
-  const int64_t rb = fused_row_block(std::max<int64_t>(rows, 1)), nblocks = (rows + rb - 1) / rb;
+  const int64_t rb = fused_row_block(rows), nblocks = (rows + rb - 1) / rb;
   const at::Tensor a_c = lora_a.contiguous();
   const float* gainp = gain.data_ptr<float>();
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {

@@ -13,10 +13,13 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
+#include "common/fused_cpu.h"
+#include "lora/lora_cpu_avx512.h"
 #include "multi_lora/multi_lora_checks.h"
 
 namespace lrkernels {
@@ -92,6 +95,78 @@ void scatter_add_rows(at::Tensor& y2, const at::Tensor& idx, const at::Tensor& d
     });
   });
 }
+
+#if LRK_HAVE_AVX512_SOURCES
+
+// multi_lora_linear's AVX-512 path (float32). Positions of the grouped order (each adapter's
+// tokens contiguous, base-only tokens last) are cut into blocks; per block, its tokens' rows of
+// x are gathered once into a cache-sized buffer, the block's base GEMM runs on it, then every
+// adapter run inside the block does its shrink and expand (at its own rank) on the same rows
+// while they are in cache, and the finished rows are copied out to y and hidden. One trip
+// through memory for x and y, as for the base linear alone.
+std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor* bias,
+                                                 const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                 const at::Tensor& order, const HostGroups& g,
+                                                 const std::vector<double>& sc, int64_t r_max) {
+  const int64_t rows = x2.size(0), in = x2.size(1), out = weight.size(0);
+  const int64_t L = static_cast<int64_t>(g.ranks.size());
+  const auto opts = x2.options();
+  at::Tensor y = at::empty({rows, out}, opts);
+  at::Tensor hidden = at::zeros({rows, r_max}, opts);
+  if (rows == 0) return {y, hidden};
+  // Per adapter with tokens: Aᵀ zero-padded to a multiple of 16 ranks, and s·B[:, :r]ᵀ.
+  std::vector<at::Tensor> at_l(L), bt_l(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t r = g.ranks[l];
+    if (g.offsets[l + 1] == g.offsets[l] || r == 0) continue;
+    at_l[l] = at::zeros({in, lora_avx512::round_up16(r)}, opts);
+    at_l[l].narrow(1, 0, r).copy_(lora_a[l].narrow(0, 0, r).t());
+    bt_l[l] = (lora_b[l].narrow(1, 0, r) * sc[l]).t().contiguous();
+  }
+  const at::Tensor ord = order.to(at::kLong).contiguous();
+  const int64_t* op = ord.data_ptr<int64_t>();
+  const float* xp = x2.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* hp = hidden.data_ptr<float>();
+  const at::Tensor wt = weight.t();
+  const int64_t rb = fused_row_block(rows), nblocks = (rows + rb - 1) / rb;
+  const lora_avx512::RowDropout no_dropout;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    // worker threads do not inherit the caller's dispatch state: stay below autograd here too
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor xb = at::empty({rb, in}, opts), yb = at::empty({rb, out}, opts), hb = at::empty({rb, r_max}, opts);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t p0 = blk * rb, nb = std::min(rb, rows - p0);
+      float* xbp = xb.data_ptr<float>();
+      float* ybp = yb.data_ptr<float>();
+      float* hbp = hb.data_ptr<float>();
+      for (int64_t i = 0; i < nb; ++i) std::memcpy(xbp + i * in, xp + op[p0 + i] * in, sizeof(float) * in);
+      std::memset(hbp, 0, sizeof(float) * nb * r_max);
+      at::Tensor yv = yb.narrow(0, 0, nb);
+      const at::Tensor xv = xb.narrow(0, 0, nb);
+      if (bias)
+        at::addmm_out(yv, *bias, xv, wt);
+      else
+        at::mm_out(yv, xv, wt);
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t q0 = std::max(p0, g.offsets[l]), q1 = std::min(p0 + nb, g.offsets[l + 1]);
+        if (q1 <= q0 || !at_l[l].defined()) continue;
+        const int64_t i0 = q0 - p0, n = q1 - q0, r = g.ranks[l];
+        lora_avx512::shrink(xbp + i0 * in, in, 0, n, in, at_l[l].data_ptr<float>(), r, hbp + i0 * r_max, r_max,
+                            no_dropout, nullptr, nullptr);
+        if (sc[l] != 0.0)
+          lora_avx512::expand_acc(ybp + i0 * out, out, n, out, hbp + i0 * r_max, r_max, r, bt_l[l].data_ptr<float>());
+      }
+      for (int64_t i = 0; i < nb; ++i) {
+        std::memcpy(yp + op[p0 + i] * out, ybp + i * out, sizeof(float) * out);
+        std::memcpy(hp + op[p0 + i] * r_max, hbp + i * r_max, sizeof(float) * r_max);
+      }
+    }
+  });
+  return {y, hidden};
+}
+
+#endif  // LRK_HAVE_AVX512_SOURCES
 
 }  // namespace
 
@@ -182,9 +257,16 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
   }
   const auto acc = multi_lora_acc_dtype(x);
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
+  const HostGroups g = host_groups(order, offsets, ranks, sh.num_adapters, sh.r_max);
+#if LRK_HAVE_AVX512_SOURCES
+  if (use_fused_cpu(x, sh.tokens)) {
+    auto [y, hidden] = forward_fused(x2, weight, opt_ptr_defined(bias) ? &*bias : nullptr, lora_a, lora_b, order, g,
+                                     host_scales(scales), sh.r_max);
+    return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.r_max))};
+  }
+#endif
   at::Tensor y = opt_ptr_defined(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   at::Tensor hidden = at::zeros({sh.tokens, sh.r_max}, x.options().dtype(acc));
-  const HostGroups g = host_groups(order, offsets, ranks, sh.num_adapters, sh.r_max);
   if (g.n_valid > 0) {
     // One adapter per task, start to finish: its tokens' rows of x (gathered), hidden and
     // update all stay in cache, and the update is added straight into y's rows, so no

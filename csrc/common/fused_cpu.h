@@ -1,0 +1,35 @@
+// When the ops take their AVX-512 CPU paths, and how they split rows into blocks for them.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "common/avx512.h"
+#include "common/cpu_features.h"
+
+namespace lrkernels {
+
+// Whether a float32 op on `rows` rows takes its AVX-512 path: the CPU has AVX-512, the portable
+// path is not forced, and either the fused path is forced or there are at least 128 rows per
+// thread (row blocks that size keep the per-block base GEMMs as fast as one big GEMM).
+inline bool use_fused_cpu(const at::Tensor& x, int64_t rows) {
+#if LRK_HAVE_AVX512_SOURCES
+  if (x.scalar_type() != at::kFloat || !use_avx512()) return false;
+  return cpu_kernels() == CpuKernels::kFused || rows >= 128 * at::get_num_threads();
+#else
+  (void)x;
+  (void)rows;
+  return false;
+#endif
+}
+
+// Rows per block: an even share per thread, in multiples of 8, between 8 and 256.
+inline int64_t fused_row_block(int64_t rows) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_thread = (std::max<int64_t>(rows, 1) + threads - 1) / threads;
+  return std::clamp<int64_t>((per_thread + 7) / 8 * 8, 8, 256);
+}
+
+}  // namespace lrkernels
