@@ -12,15 +12,18 @@
 namespace lrkernels {
 
 // Whether a float32 op on `rows` rows takes its AVX-512 path: the CPU has AVX-512, the portable
-// path is not forced, and either the fused path is forced or there are at least 128 rows per
-// thread (row blocks that size keep the per-block base GEMMs as fast as one big GEMM).
-inline bool use_fused_cpu(const at::Tensor& x, int64_t rows) {
+// path is not forced, and either the fused path is forced or there are at least
+// `min_rows_per_thread` rows per thread. Forward passes use 128 (smaller per-block base GEMMs
+// lose to one multi-threaded GEMM); backward passes pay off from about 32 (measured on the
+// 2-core development machine at 1024 -> 1024, r 16).
+inline bool use_fused_cpu(const at::Tensor& x, int64_t rows, int64_t min_rows_per_thread = 128) {
 #if LRK_HAVE_AVX512_SOURCES
   if (x.scalar_type() != at::kFloat || !use_avx512()) return false;
-  return cpu_kernels() == CpuKernels::kFused || rows >= 128 * at::get_num_threads();
+  return cpu_kernels() == CpuKernels::kFused || rows >= min_rows_per_thread * at::get_num_threads();
 #else
   (void)x;
   (void)rows;
+  (void)min_rows_per_thread;
   return false;
 #endif
 }

@@ -336,7 +336,7 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
     const at::Tensor gain = rank_gain(g, scale, sh.rank, acc_opts);
     const at::Tensor b_eff = o ? b_acc * o->to(acc).unsqueeze(1) : b_acc;
 #if LRK_HAVE_AVX512_SOURCES
-    if (use_fused_cpu(x, sh.tokens)) {
+    if (use_fused_cpu(x, sh.tokens, /*min_rows_per_thread=*/32)) {
       FusedGrads fg = backward_fused(dy2, x2, weight, lora_a, b_eff, gain, hid.contiguous(), want_x, want_a,
                                      want_b || want_o, need_dh, d);
       if (want_b) gb = o ? fg.p * o->unsqueeze(1) : fg.p;
