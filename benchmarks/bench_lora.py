@@ -18,6 +18,19 @@ def _make(T, din, dout, r, dtype, device, seed=0):
                 lora_a=t(r, din, sc=1 / math.sqrt(din)), lora_b=t(dout, r, sc=1 / math.sqrt(r)), gy=t(T, dout))
 
 
+def portable(fn):
+    """fn run with lrkernels' portable CPU kernels (no AVX-512 paths)."""
+    def run():
+        import lrkernels
+
+        previous = lrkernels.set_cpu_kernels("portable")
+        try:
+            return fn()
+        finally:
+            lrkernels.set_cpu_kernels(previous)
+    return run
+
+
 def _candidates(T, din, dout, r, p, dtype, device, backward):
     def build():
         import lrkernels
@@ -54,6 +67,9 @@ def _candidates(T, din, dout, r, p, dtype, device, backward):
             "lrkernels": wrap(step(lambda: lrkernels.lora_linear(x, w, b, la, lb, scale=scale, dropout_p=p),
                                    [x, la, lb])),
         }
+        if device == "cpu":
+            # the same op with the hand-vectorised AVX-512 kernels turned off, for the record
+            c["lrkernels_portable"] = portable(c["lrkernels"])
         try:
             import peft
 
@@ -105,7 +121,7 @@ def cases(device, quick):
                         f"{'fwd+bwd' if backward else 'fwd (inference)'}")
                 targets = {"base_linear": 1.10, "peft_lora": 0.85} if (label == "issue target" and backward) else {}
                 out.append(Case(name, _candidates(T, din, dout, r, pp, dtype, device, backward), "lrkernels",
-                                ["base_linear", "eager_formula", "peft_lora"],
+                                ["base_linear", "eager_formula", "peft_lora", "lrkernels_portable"],
                                 flops=_flops(T, din, dout, r, backward),
                                 bytes=_bytes(T, din, dout, r, dtype, backward), targets=targets))
     else:
