@@ -7,7 +7,9 @@ from . import _C
 
 def build_info() -> dict:
     """The build: whether CUDA kernels are compiled in, the CUDA arch list and runtime version
-    they were built for, the torch they were built against, and the torch running now."""
+    they were built for, the torch they were built against, and the torch running now; whether
+    this CPU runs the AVX-512 kernels (``cpu_avx512``) and the CPU kernel mode in force
+    (``cpu_kernels``, see :func:`set_cpu_kernels`)."""
     info = dict(_C.build_info())
     info["torch_runtime_version"] = torch.__version__
     info["cuda_available"] = torch.cuda.is_available()
