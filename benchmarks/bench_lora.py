@@ -110,14 +110,15 @@ def _bytes(T, din, dout, r, dtype, backward):
 def cases(device, quick):
     out = []
     if device == "cpu":
-        shapes = [("issue target", 4096, 1024, 1024, 16, 0.1)]
+        shapes = [("issue target", 4096, 1024, 1024, 16, 0.1, torch.float32)]
         if not quick:
-            shapes.append(("rank 64", 4096, 1024, 1024, 64, 0.1))
-        dtype = torch.float32
-        for label, T, din, dout, r, p in shapes:
+            shapes.append(("rank 64", 4096, 1024, 1024, 64, 0.1, torch.float32))
+            shapes.append(("bf16", 4096, 1024, 1024, 16, 0.1, torch.bfloat16))
+        for label, T, din, dout, r, p, dtype in shapes:
             for backward in (True, False):
                 pp = p if backward else 0.0
-                name = (f"{label}: {T} tok {din}->{dout} r{r} p{pp} fp32 "
+                dname = "fp32" if dtype == torch.float32 else "bf16"
+                name = (f"{label}: {T} tok {din}->{dout} r{r} p{pp} {dname} "
                         f"{'fwd+bwd' if backward else 'fwd (inference)'}")
                 targets = {"base_linear": 1.10, "peft_lora": 0.85} if (label == "issue target" and backward) else {}
                 out.append(Case(name, _candidates(T, din, dout, r, pp, dtype, device, backward), "lrkernels",

@@ -5,6 +5,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "common/avx512.h"
 #include "common/fused_cpu.h"
 #include "common/dropout.h"
@@ -161,26 +163,37 @@ lora_avx512::RowDropout row_dropout(const DropoutParams& d) {
   return rd;
 }
 
+// The element pointer the AVX-512 kernels take: float for float32, the raw bits for bfloat16.
+template <typename E>
+E* elems(const at::Tensor& t) {
+  if constexpr (std::is_same_v<E, float>)
+    return t.data_ptr<float>();
+  else
+    return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+// E: float (float32 activations) or uint16_t (bfloat16). The low-rank side is float32.
 // bt = (r, out): row j is gain[j] · (o ⊙ B[:, j]), so the expand reads the saved hidden as is.
+template <typename E>
 std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor* bias,
                                                  const at::Tensor& lora_a, const at::Tensor& bt,
                                                  const DropoutParams& d) {
   const int64_t rows = x2.size(0), in = x2.size(1), out = weight.size(0), r = lora_a.size(0);
   const int64_t rp = lora_avx512::round_up16(r);
-  const auto opts = x2.options();
-  at::Tensor at_pad = at::zeros({in, rp}, opts);
+  const auto f32 = x2.options().dtype(at::kFloat);
+  at::Tensor at_pad = at::zeros({in, rp}, f32);
   at_pad.narrow(1, 0, r).copy_(lora_a.t());
-  at::Tensor hidden = at::empty({rows, r}, opts);
-  at::Tensor y = at::empty({rows, out}, opts);
+  at::Tensor hidden = at::empty({rows, r}, f32);
+  at::Tensor y = at::empty({rows, out}, x2.options());
   if (rows == 0) return {y, hidden};
   const at::Tensor wt = weight.t();
   const lora_avx512::RowDropout rd = row_dropout(d);
   const int64_t rb = fused_row_block(rows), nblocks = (rows + rb - 1) / rb;
-  const float* xp = x2.data_ptr<float>();
+  const E* xp = elems<E>(x2);
   const float* ap = at_pad.data_ptr<float>();
   const float* btp = bt.data_ptr<float>();
   float* hp = hidden.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  E* yp = elems<E>(y);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     // worker threads do not inherit the caller's dispatch state: stay below autograd here too
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -206,13 +219,15 @@ struct FusedGrads {
 };
 
 // b_eff = o ⊙ B (out, r); gain = s · g (r,). want_p: P = dyᵀ (hidden ⊙ gain); need_dh: ∂L/∂h.
+// dx comes back in x's dtype, the rest in float32.
+template <typename E>
 FusedGrads backward_fused(const at::Tensor& dy2, const at::Tensor& x2, const at::Tensor& weight,
                           const at::Tensor& lora_a, const at::Tensor& b_eff, const at::Tensor& gain,
                           const at::Tensor& hid, bool want_x, bool want_a, bool want_p, bool need_dh,
                           const DropoutParams& d) {
   const int64_t rows = x2.size(0), in = x2.size(1), out = dy2.size(1), r = lora_a.size(0);
   const int64_t rp = lora_avx512::round_up16(r);
-  const auto opts = x2.options();
+  const auto opts = x2.options().dtype(at::kFloat);
   const int nthreads = at::get_num_threads();
   const bool want_du = want_x || want_a;
   FusedGrads g;
@@ -229,10 +244,10 @@ FusedGrads backward_fused(const at::Tensor& dy2, const at::Tensor& x2, const at:
   }
   if (want_du) du = at::empty({rows, r}, opts);
   if (want_a) g.da = at::zeros({nthreads, r, in}, opts);
-  if (want_x) g.dx = at::empty({rows, in}, opts);
+  if (want_x) g.dx = at::empty({rows, in}, x2.options());
   const lora_avx512::RowDropout rd = row_dropout(d);
   const int64_t rb = fused_row_block(rows), nblocks = (rows + rb - 1) / rb;
-  const at::Tensor a_c = lora_a.contiguous();
+  const at::Tensor a_c = lora_a.to(at::kFloat).contiguous();
   const float* gainp = gain.data_ptr<float>();
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -243,7 +258,7 @@ FusedGrads backward_fused(const at::Tensor& dy2, const at::Tensor& x2, const at:
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * rb, nb = std::min(rb, rows - t0);
       float* dhp = need_dh ? g.dh.data_ptr<float>() + t0 * rp : nullptr;
-      lora_avx512::grad_out(dy2.data_ptr<float>() + t0 * out, out, nb, out, rp,
+      lora_avx512::grad_out(elems<E>(dy2) + t0 * out, out, nb, out, rp,
                             need_dh ? beff_pad.data_ptr<float>() : nullptr,
                             want_p ? hg_pad.data_ptr<float>() + t0 * rp : nullptr, dhp, pp);
       if (!want_du) continue;
@@ -254,8 +269,8 @@ FusedGrads backward_fused(const at::Tensor& dy2, const at::Tensor& x2, const at:
         at::Tensor dxb = g.dx.narrow(0, t0, nb);
         at::mm_out(dxb, dy2.narrow(0, t0, nb), weight);
       }
-      lora_avx512::grad_in(x2.data_ptr<float>() + t0 * in, in, t0, nb, in, dup, r, r, a_c.data_ptr<float>(), dap,
-                           want_x ? g.dx.data_ptr<float>() + t0 * in : nullptr, in, rd, bits.data());
+      lora_avx512::grad_in(elems<E>(x2) + t0 * in, in, t0, nb, in, dup, r, r, a_c.data_ptr<float>(), dap,
+                           want_x ? elems<E>(g.dx) + t0 * in : nullptr, in, rd, bits.data());
     }
   });
   if (want_p) g.p = g.p.sum(0).narrow(1, 0, r);
@@ -288,9 +303,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
   // ((h Bᵀ) ⊙ o) = h (o ⊙ B)ᵀ: the output scale folds into B's rows.
   if (const at::Tensor* o = opt_ptr(out_scale)) b_eff = b_eff * o->to(acc).unsqueeze(1);
 #if LRK_HAVE_AVX512_SOURCES
-  if (use_fused_cpu(x, sh.tokens)) {
+  if (use_fused_cpu(x, sh.tokens, /*min_rows_per_thread=*/128, /*bfloat16=*/true)) {
     const at::Tensor bt = (b_eff * gain.unsqueeze(0)).t().contiguous();
-    auto [y, hidden] = forward_fused(x2, weight, opt_ptr(bias), a_acc, bt, d);
+    auto [y, hidden] = x.scalar_type() == at::kFloat ? forward_fused<float>(x2, weight, opt_ptr(bias), a_acc, bt, d)
+                                                     : forward_fused<uint16_t>(x2, weight, opt_ptr(bias), a_acc, bt, d);
     return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.rank))};
   }
 #endif
@@ -331,23 +347,25 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
   if (want_bias) gbias = dy2.sum(0);
   const bool need_dh = want_x || want_a || (want_g && g);
   if (need_dh || want_b || want_o) {
-    const at::Tensor dya = dy2.to(acc);
     const at::Tensor b_acc = lora_b.to(acc);
     const at::Tensor gain = rank_gain(g, scale, sh.rank, acc_opts);
     const at::Tensor b_eff = o ? b_acc * o->to(acc).unsqueeze(1) : b_acc;
 #if LRK_HAVE_AVX512_SOURCES
-    if (use_fused_cpu(x, sh.tokens, /*min_rows_per_thread=*/32)) {
-      FusedGrads fg = backward_fused(dy2, x2, weight, lora_a, b_eff, gain, hid.contiguous(), want_x, want_a,
-                                     want_b || want_o, need_dh, d);
-      if (want_b) gb = o ? fg.p * o->unsqueeze(1) : fg.p;
-      if (want_o && o) go = (fg.p * b_acc).sum(1);
-      if (want_g && g) gg = (fg.dh * hid).sum(0) * scale;
-      if (want_a) ga = fg.da;
+    if (use_fused_cpu(x, sh.tokens, /*min_rows_per_thread=*/32, /*bfloat16=*/true)) {
+      const auto run = x.scalar_type() == at::kFloat ? &backward_fused<float> : &backward_fused<uint16_t>;
+      FusedGrads fg = run(dy2, x2, weight, lora_a, b_eff, gain, hid.contiguous(), want_x, want_a, want_b || want_o,
+                          need_dh, d);
+      const auto dt = x.scalar_type();
+      if (want_b) gb = (o ? fg.p * o->to(acc).unsqueeze(1) : fg.p).to(dt);
+      if (want_o && o) go = (fg.p * b_acc).sum(1).to(dt);
+      if (want_g && g) gg = ((fg.dh * hid).sum(0) * scale).to(dt);
+      if (want_a) ga = fg.da.to(dt);
       if (want_x) gx = fg.dx.view(x.sizes());
       return {gx, gw, gbias, ga, gb, gg, go};
     }
 #endif
     // P = dyᵀ h and ∂L/∂h = dy (o ⊙ B) in one pass over dy.
+    const at::Tensor dya = dy2.to(acc);
     auto [p, dh] = grad_out_pass(dya, (want_b || want_o) ? (hid * gain).contiguous() : at::Tensor(),
                                  need_dh ? b_eff.contiguous() : at::Tensor());
     // ∂L/∂B = o ⊙ P (row-wise), ∂L/∂o = Σ_j B ⊙ P.

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "common/avx512.h"
 #include "common/dropout_cpu.h"
@@ -46,6 +47,33 @@ inline __mmask16 keep16(const uint32_t* bits, int64_t k, int64_t group_count) {
   return static_cast<__mmask16>(m);
 }
 
+// ---- float32 / bfloat16 elements ------------------------------------------------------------
+// Activations (x, y, dy, dx) are float32 or bfloat16 (raw bits in uint16_t); all arithmetic is
+// float32. bfloat16 stores round to nearest even, NaN to the quiet NaN, exactly as c10::BFloat16.
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+inline void store16(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(uint16_t* p, __mmask16 m, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+
+inline float scalar(const float* p) { return *p; }
+inline float scalar(const uint16_t* p) {
+  const uint32_t u = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 // ---- shrink -------------------------------------------------------------------------------
 
 template <int G>
@@ -79,24 +107,27 @@ void shrink_rows(int g, const float* const* src, int64_t cols, const float* at, 
   }
 }
 
-// m ⊙ x of one row into dst (the keep scale is applied to the products instead).
-void masked_row(const float* x, int64_t cols, const uint32_t* bits, int64_t group_count, float* dst) {
+// m ⊙ x of one row (all of x when bits is null) into dst as float32 (the keep scale is applied
+// to the products instead).
+template <typename E>
+void masked_row(const E* x, int64_t cols, const uint32_t* bits, int64_t group_count, float* dst) {
   for (int64_t k = 0; k < cols; k += 16) {
     const __mmask16 m = tail_mask(cols - k);
-    _mm512_mask_storeu_ps(dst + k, m, _mm512_maskz_loadu_ps(keep16(bits, k, group_count) & m, x + k));
+    const __mmask16 keep = bits ? static_cast<__mmask16>(keep16(bits, k, group_count) & m) : m;
+    _mm512_mask_storeu_ps(dst + k, m, load16(x + k, keep));
   }
 }
 
 // ---- expand -------------------------------------------------------------------------------
 
-template <int G>
-void expand_tile(float* y, int64_t ldy, int64_t n, const float* h, int64_t ldh, int64_t r, const float* bt) {
+template <int G, typename E>
+void expand_tile(E* y, int64_t ldy, int64_t n, const float* h, int64_t ldh, int64_t r, const float* bt) {
   for (int64_t o = 0; o < n; o += 32) {
     const __mmask16 m0 = tail_mask(n - o), m1 = tail_mask(n - o - 16);
     __m512 a0[G], a1[G];
     for (int g = 0; g < G; ++g) {
-      a0[g] = _mm512_maskz_loadu_ps(m0, y + g * ldy + o);
-      a1[g] = _mm512_maskz_loadu_ps(m1, y + g * ldy + o + 16);
+      a0[g] = load16(y + g * ldy + o, m0);
+      a1[g] = load16(y + g * ldy + o + 16, m1);
     }
     for (int64_t j = 0; j < r; ++j) {
       const __m512 b0 = _mm512_maskz_loadu_ps(m0, bt + j * n + o);
@@ -108,13 +139,14 @@ void expand_tile(float* y, int64_t ldy, int64_t n, const float* h, int64_t ldh, 
       }
     }
     for (int g = 0; g < G; ++g) {
-      _mm512_mask_storeu_ps(y + g * ldy + o, m0, a0[g]);
-      _mm512_mask_storeu_ps(y + g * ldy + o + 16, m1, a1[g]);
+      store16(y + g * ldy + o, m0, a0[g]);
+      store16(y + g * ldy + o + 16, m1, a1[g]);
     }
   }
 }
 
-void expand_rows(int g, float* y, int64_t ldy, int64_t n, const float* h, int64_t ldh, int64_t r, const float* bt) {
+template <typename E>
+void expand_rows(int g, E* y, int64_t ldy, int64_t n, const float* h, int64_t ldh, int64_t r, const float* bt) {
   switch (g) {
     case 1: return expand_tile<1>(y, ldy, n, h, ldh, r, bt);
     case 2: return expand_tile<2>(y, ldy, n, h, ldh, r, bt);
@@ -131,8 +163,8 @@ void expand_rows(int g, float* y, int64_t ldy, int64_t n, const float* h, int64_
 
 // Outputs [o0, o0 + O) against every row: O lanes-of-rank accumulators of p stay in registers
 // for the whole sweep over rows; each row's dh strip is loaded, updated O times, stored.
-template <bool kDh, bool kP, int O>
-void grad_out_tile(const float* dy, int64_t ldy, int64_t rows, int64_t o0, int64_t rp, const float* beff,
+template <bool kDh, bool kP, int O, typename E>
+void grad_out_tile(const E* dy, int64_t ldy, int64_t rows, int64_t o0, int64_t rp, const float* beff,
                    const float* hg, float* dh, float* p) {
   for (int64_t c = 0; c < rp; c += 16) {
     __m512 pa[O], bv[O];
@@ -141,7 +173,7 @@ void grad_out_tile(const float* dy, int64_t ldy, int64_t rows, int64_t o0, int64
       if constexpr (kDh) bv[i] = _mm512_loadu_ps(beff + (o0 + i) * rp + c);
     }
     for (int64_t t = 0; t < rows; ++t) {
-      const float* dyr = dy + t * ldy + o0;
+      const E* dyr = dy + t * ldy + o0;
       __m512 hv, d0, d1;
       if constexpr (kP) hv = _mm512_loadu_ps(hg + t * rp + c);
       if constexpr (kDh) {
@@ -149,7 +181,7 @@ void grad_out_tile(const float* dy, int64_t ldy, int64_t rows, int64_t o0, int64
         d1 = _mm512_setzero_ps();
       }
       for (int i = 0; i < O; ++i) {
-        const __m512 s = _mm512_set1_ps(dyr[i]);
+        const __m512 s = _mm512_set1_ps(scalar(dyr + i));
         if constexpr (kP) pa[i] = _mm512_fmadd_ps(s, hv, pa[i]);
         if constexpr (kDh) {
           if (i & 1)
@@ -165,8 +197,8 @@ void grad_out_tile(const float* dy, int64_t ldy, int64_t rows, int64_t o0, int64
   }
 }
 
-template <bool kDh, bool kP>
-void grad_out_cols(int o, const float* dy, int64_t ldy, int64_t rows, int64_t o0, int64_t rp, const float* beff,
+template <bool kDh, bool kP, typename E>
+void grad_out_cols(int o, const E* dy, int64_t ldy, int64_t rows, int64_t o0, int64_t rp, const float* beff,
                    const float* hg, float* dh, float* p) {
   switch (o) {
     case 1: return grad_out_tile<kDh, kP, 1>(dy, ldy, rows, o0, rp, beff, hg, dh, p);
@@ -180,8 +212,8 @@ void grad_out_cols(int o, const float* dy, int64_t ldy, int64_t rows, int64_t o0
   }
 }
 
-template <bool kDh, bool kP>
-void grad_out_impl(const float* dy, int64_t ldy, int64_t rows, int64_t n, int64_t rp, const float* beff,
+template <bool kDh, bool kP, typename E>
+void grad_out_impl(const E* dy, int64_t ldy, int64_t rows, int64_t n, int64_t rp, const float* beff,
                    const float* hg, float* dh, float* p) {
   // Rows in slabs of 64 so the slab of dy swept once per group of 8 outputs stays in L2.
   constexpr int64_t kSlab = 64;
@@ -195,9 +227,9 @@ void grad_out_impl(const float* dy, int64_t ldy, int64_t rows, int64_t n, int64_
 
 // ---- grad_in ------------------------------------------------------------------------------
 
-template <bool kDa, bool kDx, int G>
-void grad_in_tile(const float* x, int64_t ldx, int64_t cols, const float* du, int64_t ldu, int64_t r, const float* a,
-                  float* da, float* dx, int64_t lddx, const uint32_t* bits, int64_t group_count, float ks) {
+template <bool kDa, bool kDx, int G, typename E>
+void grad_in_tile(const E* x, int64_t ldx, int64_t cols, const float* du, int64_t ldu, int64_t r, const float* a,
+                  float* da, E* dx, int64_t lddx, const uint32_t* bits, int64_t group_count, float ks) {
   const __m512 scale = _mm512_set1_ps(ks);
   for (int64_t k = 0; k < cols; k += 16) {
     const __mmask16 mk = tail_mask(cols - k);
@@ -205,7 +237,7 @@ void grad_in_tile(const float* x, int64_t ldx, int64_t cols, const float* du, in
     __m512 xd[G], dl[G];
     for (int g = 0; g < G; ++g) {
       keep[g] = bits ? static_cast<__mmask16>(keep16(bits + g * group_count, k, group_count) & mk) : mk;
-      if constexpr (kDa) xd[g] = _mm512_mul_ps(_mm512_maskz_loadu_ps(keep[g], x + g * ldx + k), scale);
+      if constexpr (kDa) xd[g] = _mm512_mul_ps(load16(x + g * ldx + k, keep[g]), scale);
       if constexpr (kDx) dl[g] = _mm512_setzero_ps();
     }
     for (int64_t j = 0; j < r; ++j) {
@@ -229,17 +261,16 @@ void grad_in_tile(const float* x, int64_t ldx, int64_t cols, const float* du, in
     }
     if constexpr (kDx) {
       for (int g = 0; g < G; ++g) {
-        float* o = dx + g * lddx + k;
-        const __m512 cur = _mm512_maskz_loadu_ps(mk, o);
-        _mm512_mask_storeu_ps(o, mk, _mm512_add_ps(cur, _mm512_maskz_mul_ps(keep[g], dl[g], scale)));
+        E* o = dx + g * lddx + k;
+        store16(o, mk, _mm512_add_ps(load16(o, mk), _mm512_maskz_mul_ps(keep[g], dl[g], scale)));
       }
     }
   }
 }
 
-template <bool kDa, bool kDx>
-void grad_in_rows(int g, const float* x, int64_t ldx, int64_t cols, const float* du, int64_t ldu, int64_t r,
-                  const float* a, float* da, float* dx, int64_t lddx, const uint32_t* bits, int64_t group_count,
+template <bool kDa, bool kDx, typename E>
+void grad_in_rows(int g, const E* x, int64_t ldx, int64_t cols, const float* du, int64_t ldu, int64_t r,
+                  const float* a, float* da, E* dx, int64_t lddx, const uint32_t* bits, int64_t group_count,
                   float ks) {
   switch (g) {
     case 1: return grad_in_tile<kDa, kDx, 1>(x, ldx, cols, du, ldu, r, a, da, dx, lddx, bits, group_count, ks);
@@ -253,38 +284,42 @@ void grad_in_rows(int g, const float* x, int64_t ldx, int64_t cols, const float*
   }
 }
 
-LRK_AVX512_END
-
-}  // namespace
-
-LRK_AVX512_BEGIN
-
-void shrink(const float* x, int64_t ldx, int64_t row0, int64_t rows, int64_t cols, const float* at, int64_t r,
-            float* h, int64_t ldh, const RowDropout& d, float* scratch, uint32_t* bits) {
+template <typename E>
+void shrink_impl(const E* x, int64_t ldx, int64_t row0, int64_t rows, int64_t cols, const float* at, int64_t r,
+                 float* h, int64_t ldh, const RowDropout& d, float* scratch, uint32_t* bits) {
   const int64_t rp = round_up16(r), group_count = (cols + 7) / 8;
+  // float32 rows without dropout are read in place; otherwise each row is first written to the
+  // scratch as float32 (masked when dropping), and the products read it from L1.
+  constexpr bool kInPlace = std::is_same_v<E, float>;
   for (int64_t t = 0; t < rows; t += kRows) {
     const int g = static_cast<int>(std::min<int64_t>(kRows, rows - t));
     const float* src[kRows];
     for (int i = 0; i < g; ++i) {
-      src[i] = x + (t + i) * ldx;
-      if (d.threshold) {
-        row_bits(d, row0 + t + i, group_count, bits);
-        masked_row(src[i], cols, bits, group_count, scratch + i * cols);
-        src[i] = scratch + i * cols;
+      const E* row = x + (t + i) * ldx;
+      if constexpr (kInPlace) {
+        if (!d.threshold) {
+          src[i] = row;
+          continue;
+        }
       }
+      if (d.threshold) row_bits(d, row0 + t + i, group_count, bits);
+      masked_row(row, cols, d.threshold ? bits : nullptr, group_count, scratch + i * cols);
+      src[i] = scratch + i * cols;
     }
     shrink_rows(g, src, cols, at, r, rp, h + t * ldh, ldh, d.threshold ? d.keep_scale : 1.0f);
   }
 }
 
-void expand_acc(float* y, int64_t ldy, int64_t rows, int64_t n, const float* h, int64_t ldh, int64_t r,
-                const float* bt) {
+template <typename E>
+void expand_acc_impl(E* y, int64_t ldy, int64_t rows, int64_t n, const float* h, int64_t ldh, int64_t r,
+                     const float* bt) {
   for (int64_t t = 0; t < rows; t += kRows)
     expand_rows(static_cast<int>(std::min<int64_t>(kRows, rows - t)), y + t * ldy, ldy, n, h + t * ldh, ldh, r, bt);
 }
 
-void grad_out(const float* dy, int64_t ldy, int64_t rows, int64_t n, int64_t rp, const float* beff,
-              const float* hg, float* dh, float* p) {
+template <typename E>
+void grad_out_dispatch(const E* dy, int64_t ldy, int64_t rows, int64_t n, int64_t rp, const float* beff,
+                       const float* hg, float* dh, float* p) {
   if (dh) std::memset(dh, 0, sizeof(float) * static_cast<size_t>(rows * rp));
   if (dh && p)
     grad_out_impl<true, true>(dy, ldy, rows, n, rp, beff, hg, dh, p);
@@ -294,8 +329,9 @@ void grad_out(const float* dy, int64_t ldy, int64_t rows, int64_t n, int64_t rp,
     grad_out_impl<false, true>(dy, ldy, rows, n, rp, beff, hg, dh, p);
 }
 
-void grad_in(const float* x, int64_t ldx, int64_t row0, int64_t rows, int64_t cols, const float* du, int64_t ldu,
-             int64_t r, const float* a, float* da, float* dx, int64_t lddx, const RowDropout& d, uint32_t* bits) {
+template <typename E>
+void grad_in_impl(const E* x, int64_t ldx, int64_t row0, int64_t rows, int64_t cols, const float* du, int64_t ldu,
+                  int64_t r, const float* a, float* da, E* dx, int64_t lddx, const RowDropout& d, uint32_t* bits) {
   const int64_t group_count = (cols + 7) / 8;
   const float ks = d.threshold ? d.keep_scale : 1.0f;
   for (int64_t t = 0; t < rows; t += kRows) {
@@ -303,9 +339,9 @@ void grad_in(const float* x, int64_t ldx, int64_t row0, int64_t rows, int64_t co
     if (d.threshold)
       for (int i = 0; i < g; ++i) row_bits(d, row0 + t + i, group_count, bits + i * group_count);
     const uint32_t* tb = d.threshold ? bits : nullptr;
-    const float* xt = x + t * ldx;
+    const E* xt = x + t * ldx;
     const float* dut = du + t * ldu;
-    float* dxt = dx ? dx + t * lddx : nullptr;
+    E* dxt = dx ? dx + t * lddx : nullptr;
     if (da && dx)
       grad_in_rows<true, true>(g, xt, ldx, cols, dut, ldu, r, a, da, dxt, lddx, tb, group_count, ks);
     else if (da)
@@ -313,6 +349,45 @@ void grad_in(const float* x, int64_t ldx, int64_t row0, int64_t rows, int64_t co
     else if (dx)
       grad_in_rows<false, true>(g, xt, ldx, cols, dut, ldu, r, a, da, dxt, lddx, tb, group_count, ks);
   }
+}
+
+}  // namespace
+
+void shrink(const float* x, int64_t ldx, int64_t row0, int64_t rows, int64_t cols, const float* at, int64_t r,
+            float* h, int64_t ldh, const RowDropout& d, float* scratch, uint32_t* bits) {
+  shrink_impl(x, ldx, row0, rows, cols, at, r, h, ldh, d, scratch, bits);
+}
+void shrink(const uint16_t* x, int64_t ldx, int64_t row0, int64_t rows, int64_t cols, const float* at, int64_t r,
+            float* h, int64_t ldh, const RowDropout& d, float* scratch, uint32_t* bits) {
+  shrink_impl(x, ldx, row0, rows, cols, at, r, h, ldh, d, scratch, bits);
+}
+
+void expand_acc(float* y, int64_t ldy, int64_t rows, int64_t n, const float* h, int64_t ldh, int64_t r,
+                const float* bt) {
+  expand_acc_impl(y, ldy, rows, n, h, ldh, r, bt);
+}
+void expand_acc(uint16_t* y, int64_t ldy, int64_t rows, int64_t n, const float* h, int64_t ldh, int64_t r,
+                const float* bt) {
+  expand_acc_impl(y, ldy, rows, n, h, ldh, r, bt);
+}
+
+void grad_out(const float* dy, int64_t ldy, int64_t rows, int64_t n, int64_t rp, const float* beff,
+              const float* hg, float* dh, float* p) {
+  grad_out_dispatch(dy, ldy, rows, n, rp, beff, hg, dh, p);
+}
+void grad_out(const uint16_t* dy, int64_t ldy, int64_t rows, int64_t n, int64_t rp, const float* beff,
+              const float* hg, float* dh, float* p) {
+  grad_out_dispatch(dy, ldy, rows, n, rp, beff, hg, dh, p);
+}
+
+void grad_in(const float* x, int64_t ldx, int64_t row0, int64_t rows, int64_t cols, const float* du, int64_t ldu,
+             int64_t r, const float* a, float* da, float* dx, int64_t lddx, const RowDropout& d, uint32_t* bits) {
+  grad_in_impl(x, ldx, row0, rows, cols, du, ldu, r, a, da, dx, lddx, d, bits);
+}
+void grad_in(const uint16_t* x, int64_t ldx, int64_t row0, int64_t rows, int64_t cols, const float* du,
+             int64_t ldu, int64_t r, const float* a, float* da, uint16_t* dx, int64_t lddx, const RowDropout& d,
+             uint32_t* bits) {
+  grad_in_impl(x, ldx, row0, rows, cols, du, ldu, r, a, da, dx, lddx, d, bits);
 }
 
 LRK_AVX512_END
