@@ -555,6 +555,21 @@ def test_cuda_graph_capture_after_warmup():
 
 
 @pytest.mark.cuda
+def test_cuda_graph_capture_without_warmup_says_so():
+    """A shape whose cuFFT plans do not exist yet cannot be captured (making a plan allocates):
+    a clear error, not an invalidated capture."""
+    a = make_inputs(37, 72, 48, 8, torch.float32, device="cuda")  # a shape no other test uses
+    s = torch.cuda.Stream()
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError) as info:
+        with torch.cuda.graph(g, stream=s):
+            lrkernels.c3a(a["x"], a["kernel"], scale=0.5)
+    # if ending the aborted capture raises too, ours is the exception it replaced
+    messages = str(info.value) + str(info.value.__context__)
+    assert "CUDA-graph capture needs the cuFFT plans" in messages
+
+
+@pytest.mark.cuda
 def test_cuda_bad_inputs():
     a = make_inputs(6, 16, 12, 4, torch.float32, device="cuda")
     with pytest.raises(ValueError, match="must divide in_features"):

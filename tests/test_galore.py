@@ -170,7 +170,7 @@ def test_moments_bad_inputs():
     z = torch.zeros(4, 5)
     with pytest.raises(ValueError, match="exp_avg must have shape grad.shape"):
         MOMENTS(torch.zeros(5, 4), z.clone(), z, 0.9, 0.99, 1e-6)
-    with pytest.raises(TypeError, match="exp_avg must be float32 or bfloat16"):
+    with pytest.raises(TypeError, match="exp_avg must be float32, bfloat16 or float64"):
         MOMENTS(torch.zeros(4, 5, dtype=torch.float16), z.clone(), z, 0.9, 0.99, 1e-6)
     with pytest.raises(TypeError, match="exp_avg_sq has dtype"):
         MOMENTS(z.clone(), torch.zeros(4, 5, dtype=torch.bfloat16), z, 0.9, 0.99, 1e-6)
@@ -777,6 +777,33 @@ def test_cuda_optimizer_matches_cpu(cls, key):
     train(cpu, opt_c, data)
     train(gpu, opt_g, [(x.cuda(), y.cuda()) for x, y in data])
     assert max_param_diff(cpu, gpu.cpu()) < 1e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls,key", [(GaLoreAdamW, "scale"), (FiraAdamW, "alpha")])
+def test_cuda_float64_optimizer_matches_cpu(cls, key):
+    """float64 weights keep float64 moments on CUDA too (double kernels), matching the CPU."""
+    data = batches(8, torch.float64)
+    cpu, gpu = MLP(torch.float64), MLP(torch.float64).cuda()
+    opt_c = cls(galore_groups(cpu, gap=100, key=key), lr=1e-2, weight_decay=0.01)
+    opt_g = cls(galore_groups(gpu, gap=100, key=key), lr=1e-2, weight_decay=0.01)
+    train(cpu, opt_c, data)
+    train(gpu, opt_g, [(x.cuda(), y.cuda()) for x, y in data])
+    assert opt_g.state[gpu.net[0].weight]["exp_avg"].dtype == torch.float64
+    assert max_param_diff(cpu, gpu.cpu()) < 1e-8
+
+
+@pytest.mark.cuda
+def test_cuda_moments_float64_match_oracle():
+    m = rnd(33, 70, dtype=torch.float64, scale=0.1)
+    v = rnd(33, 70, dtype=torch.float64, scale=0.1).abs()
+    g = rnd(33, 70, dtype=torch.float64)
+    m64, v64, n64 = ref.galore_adam_moments(m, v, g, 0.9, 0.99, 1e-6)
+    m_c, v_c = m.cuda(), v.cuda()
+    n = lrkernels.ops.galore.galore_adam_moments(m_c, v_c, g.cuda(), beta1=0.9, beta2=0.99, eps=1e-6)
+    assert n.dtype == torch.float64 and n.is_cuda
+    for got, want in ((m_c, m64), (v_c, v64), (n, n64)):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.cuda

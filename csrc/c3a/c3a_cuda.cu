@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <memory>
 
 #include "c3a/c3a_checks.h"
@@ -21,6 +22,20 @@ void check_cufft(cufftResult r, const char* op, const char* what) {
   TORCH_CHECK(r == CUFFT_SUCCESS, "lrkernels.", op, ": cuFFT ", what, " failed: ", c3a::cufft_error_string(r));
 }
 
+// The cached cuFFT plan for `rows` transforms of length b, with a clear error where a new one
+// would have to be made while the stream is being captured into a CUDA graph.
+std::shared_ptr<c3a::FftPlan> fft_plan(const char* op, int64_t b, int64_t rows, c3a::FftDir dir,
+                                       cudaStream_t stream) {
+  std::shared_ptr<c3a::FftPlan> plan;
+  c3a::PlanMiss miss = c3a::PlanMiss::kNone;
+  const cufftResult r = c3a::get_fft_plan(b, rows, dir, stream, &plan, &miss);
+  TORCH_CHECK(miss != c3a::PlanMiss::kDuringCapture, "lrkernels.", op,
+              ": CUDA-graph capture needs the cuFFT plans of this shape made beforehand (", rows,
+              " transforms of length ", b, "): run the op once with these shapes on this stream before capturing");
+  check_cufft(r, op, dir == c3a::FftDir::kRealToComplex ? "R2C plan creation" : "C2R plan creation");
+  return plan;
+}
+
 void check_cuda_input(const char* op, const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_cuda(), "lrkernels.", op, ": x must be a CUDA tensor, got one on ", x.device());
 }
@@ -31,11 +46,14 @@ at::Tensor rows_rfft(const char* op, const at::Tensor& real_f32, int64_t rows, i
   at::Tensor spec = at::empty({rows, b / 2 + 1}, real_f32.options().dtype(at::kComplexFloat));
   if (rows == 0) return spec;
   if (b == 1) return at::complex(real_f32.reshape({rows, 1}), at::zeros({rows, 1}, real_f32.options()));
-  std::shared_ptr<c3a::FftPlan> plan;
-  check_cufft(c3a::get_fft_plan(b, rows, c3a::FftDir::kRealToComplex, stream, &plan), op, "R2C plan creation");
+  const std::shared_ptr<c3a::FftPlan> plan = fft_plan(op, b, rows, c3a::FftDir::kRealToComplex, stream);
   at::Tensor work;
   if (plan->work_bytes) work = at::empty({static_cast<int64_t>(plan->work_bytes)}, real_f32.options().dtype(at::kByte));
-  check_cufft(c3a::exec_r2c(*plan, real_f32.data_ptr<float>(), static_cast<float*>(spec.data_ptr()),
+  // cuFFT wants its input aligned to the complex type (as torch.fft ensures); a view at an odd
+  // float offset is copied.
+  const at::Tensor in =
+      reinterpret_cast<std::uintptr_t>(real_f32.data_ptr()) % (2 * sizeof(float)) ? real_f32.clone() : real_f32;
+  check_cufft(c3a::exec_r2c(*plan, in.data_ptr<float>(), static_cast<float*>(spec.data_ptr()),
                             work.defined() ? work.data_ptr() : nullptr),
               op, "R2C");
   return spec;
@@ -49,8 +67,7 @@ void rows_irfft_into(const char* op, at::Tensor& spec, at::Tensor& out, int64_t 
     out.view({rows, 1}).copy_(at::real(spec.view({rows, 1})));
     return;
   }
-  std::shared_ptr<c3a::FftPlan> plan;
-  check_cufft(c3a::get_fft_plan(b, rows, c3a::FftDir::kComplexToReal, stream, &plan), op, "C2R plan creation");
+  const std::shared_ptr<c3a::FftPlan> plan = fft_plan(op, b, rows, c3a::FftDir::kComplexToReal, stream);
   at::Tensor work;
   if (plan->work_bytes) work = at::empty({static_cast<int64_t>(plan->work_bytes)}, out.options().dtype(at::kByte));
   check_cufft(c3a::exec_c2r(*plan, static_cast<float*>(spec.data_ptr()), out.data_ptr<float>(),
@@ -139,6 +156,8 @@ void c3a_backward_cuda(const char* op, const at::Tensor& grad_out, const at::Ten
     gx = dx.view(x.sizes());
   }
   if (want_k) {
+    // the kernel gradient sums token slices with float atomics: its bits vary run to run
+    at::globalContext().alertNotDeterministic("lrkernels.c3a_backward (kernel gradient on CUDA)");
     const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
     const at::Tensor x_fft = rows_rfft(op, as_f32(x2), sh.tokens * sh.n_in, b, stream);
     at::Tensor dk_fft = at::zeros({sh.n_out, sh.n_in, sh.freqs}, x_fft.options());

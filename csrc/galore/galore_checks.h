@@ -11,12 +11,11 @@
 
 namespace lrkernels {
 
-// Moment dtypes: float32 (default), bfloat16 (memory-saving option), float64 on CPU (tests).
+// Moment dtypes: float32 (default), bfloat16 (memory-saving option), float64 (float64 weights).
 inline void check_moment_dtype(const at::Tensor& t, const char* op, const char* name) {
   const auto st = t.scalar_type();
-  const bool ok = st == at::kFloat || st == at::kBFloat16 || (!t.is_cuda() && st == at::kDouble);
-  TORCH_CHECK_TYPE(ok, "lrkernels.", op, ": ", name, " must be float32 or bfloat16",
-                   t.is_cuda() ? "" : " (or float64 on CPU)", ", got ", t.scalar_type());
+  const bool ok = st == at::kFloat || st == at::kBFloat16 || st == at::kDouble;
+  TORCH_CHECK_TYPE(ok, "lrkernels.", op, ": ", name, " must be float32, bfloat16 or float64, got ", t.scalar_type());
 }
 
 inline void check_finite_scalar(double v, const char* op, const char* name) {

@@ -21,6 +21,16 @@ at::Tensor galore_adam_moments_cuda(const at::Tensor& exp_avg, const at::Tensor&
   check_moments_args(op, exp_avg, exp_avg_sq, grad, beta1, beta2, eps);
   const c10::cuda::CUDAGuard guard(grad.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (exp_avg.scalar_type() == at::kDouble) {
+    // float64 moments (float64 weights): double arithmetic throughout, as on CPU
+    const at::Tensor g = grad.to(at::kDouble).contiguous();
+    at::Tensor update = at::empty(grad.sizes(), grad.options().dtype(at::kDouble));
+    LRK_CUDA_CHECK_LAUNCH(op, "moments (float64)",
+                          galore::launch_moments_f64(exp_avg.data_ptr<double>(), exp_avg_sq.data_ptr<double>(),
+                                                     g.data_ptr<double>(), update.data_ptr<double>(), g.numel(),
+                                                     beta1, beta2, eps, stream));
+    return update;
+  }
   const at::Tensor g = grad.contiguous();
   at::Tensor update = at::empty(grad.sizes(), grad.options().dtype(at::kFloat));
   GaloreMomentsParams p;
@@ -54,7 +64,15 @@ void galore_apply_update_cuda(const at::Tensor& weight, const at::Tensor& projec
   const c10::cuda::CUDAGuard guard(weight.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   double gemm_beta = beta;
-  if (sh.has_residual) {
+  if (sh.has_residual && weight.scalar_type() == at::kDouble) {
+    const at::Tensor g = residual_grad->contiguous();
+    const at::Tensor s = residual_scale->to(at::kDouble).contiguous();
+    LRK_CUDA_CHECK_LAUNCH(op, "residual (float64)",
+                          galore::launch_residual_f64(weight.data_ptr<double>(), g.data_ptr<double>(),
+                                                      s.data_ptr<double>(), sh.rows, sh.cols, sh.residual_rows, beta,
+                                                      residual_alpha, stream));
+    gemm_beta = 1.0;
+  } else if (sh.has_residual) {
     const at::Tensor g = residual_grad->contiguous();
     const at::Tensor s = residual_scale->to(at::kFloat).contiguous();
     GaloreResidualParams p;

@@ -154,15 +154,25 @@ __global__ void __launch_bounds__(kThreads) kernel_grad_kernel(C3AKernelGradPara
     }
 }
 
+template <int OC, bool Transposed>
+inline cudaError_t launch_contract_oc(const C3AContractParams& p, int64_t work, cudaStream_t stream) {
+  const int64_t chunks = (p.n_out + OC - 1) / OC;
+  const dim3 grid(static_cast<unsigned>((work + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(std::min<int64_t>(chunks, kMaxGridY)));
+  contract_kernel<OC, kTokenGroup, Transposed><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Output blocks per thread: kOutChunk, or fewer when there are fewer outputs (b = out, or the
+// input gradient of a layer with few input blocks), so no multiply is spent on absent ones.
 template <bool Transposed>
 inline cudaError_t launch_contract(const C3AContractParams& p, cudaStream_t stream) {
   const int64_t work = (p.tokens + kTokenGroup - 1) / kTokenGroup * p.freqs;
   if (work == 0 || p.n_out == 0) return cudaSuccess;
-  const int64_t chunks = (p.n_out + kOutChunk - 1) / kOutChunk;
-  const dim3 grid(static_cast<unsigned>((work + kThreads - 1) / kThreads),
-                  static_cast<unsigned>(std::min<int64_t>(chunks, kMaxGridY)));
-  contract_kernel<kOutChunk, kTokenGroup, Transposed><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  if (p.n_out <= 1) return launch_contract_oc<1, Transposed>(p, work, stream);
+  if (p.n_out <= 2) return launch_contract_oc<2, Transposed>(p, work, stream);
+  if (p.n_out <= 4) return launch_contract_oc<4, Transposed>(p, work, stream);
+  return launch_contract_oc<kOutChunk, Transposed>(p, work, stream);
 }
 
 // y-slices: enough blocks to fill the GPU (~1024), each slice at least 16 tokens.

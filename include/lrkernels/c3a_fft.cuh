@@ -47,15 +47,28 @@ inline const char* cufft_error_string(cufftResult r) {
   }
 }
 
+// Why get_fft_plan did not hand out a plan, beyond cuFFT's own errors.
+enum class PlanMiss : int { kNone = 0, kDuringCapture = 1 };
+
+inline bool stream_is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream, &status) == cudaSuccess && status != cudaStreamCaptureStatusNone;
+}
+
 // The cached plan for `batch` transforms of length n (real side n, complex side n / 2 + 1,
 // rows contiguous) on the current device, bound to `stream`. Beyond kMaxPlans entries the
-// cache is cleared (shapes churning), never during a call that holds a plan.
+// cache is cleared (shapes churning), never during a call that holds a plan. Creating or
+// destroying a plan allocates or frees device memory, which a stream being captured into a
+// CUDA graph does not allow: then nothing is created and *miss = kDuringCapture.
 inline cufftResult get_fft_plan(int64_t n, int64_t batch, FftDir dir, cudaStream_t stream,
-                                std::shared_ptr<FftPlan>* out) {
+                                std::shared_ptr<FftPlan>* out, PlanMiss* miss) {
   constexpr size_t kMaxPlans = 256;
   using Key = std::tuple<int64_t, int64_t, int, int, uintptr_t>;
   static std::mutex cache_mu;
-  static std::map<Key, std::shared_ptr<FftPlan>> cache;
+  // Deliberately never destroyed: static teardown at exit may run after the CUDA runtime has
+  // unloaded, when cufftDestroy would fail.
+  static auto& cache = *new std::map<Key, std::shared_ptr<FftPlan>>();
+  *miss = PlanMiss::kNone;
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return CUFFT_INVALID_DEVICE;
   const Key key{n, batch, static_cast<int>(dir), device, reinterpret_cast<uintptr_t>(stream)};
@@ -64,6 +77,10 @@ inline cufftResult get_fft_plan(int64_t n, int64_t batch, FftDir dir, cudaStream
   if (it != cache.end()) {
     *out = it->second;
     return CUFFT_SUCCESS;
+  }
+  if (stream_is_capturing(stream)) {
+    *miss = PlanMiss::kDuringCapture;
+    return CUFFT_SETUP_FAILED;
   }
   if (cache.size() >= kMaxPlans) cache.clear();
   auto plan = std::make_shared<FftPlan>();

@@ -41,16 +41,74 @@ __global__ void __launch_bounds__(kThreads) moments_kernel(GaloreMomentsParams p
   }
 }
 
+// Rows over grid.y, columns over grid.x (both grid-stride), so no per-element 64-bit division
+// to find an element's row or column.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) residual_kernel(GaloreResidualParams p) {
   T* __restrict__ w = static_cast<T*>(p.weight);
   const T* __restrict__ g = static_cast<const T*>(p.grad);
-  const int64_t n = p.rows * p.cols;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float s = p.scale[p.row_scale ? i / p.cols : i % p.cols];
-    w[i] = from_float<T>(p.beta * to_float(w[i]) + p.gamma * s * to_float(g[i]));
+  const int64_t col_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
+    const float rs = p.row_scale ? p.scale[r] : 0.f;
+    T* __restrict__ wr = w + r * p.cols;
+    const T* __restrict__ gr = g + r * p.cols;
+    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < p.cols; c += col_stride) {
+      const float s = p.row_scale ? rs : p.scale[c];
+      wr[c] = from_float<T>(p.beta * to_float(wr[c]) + p.gamma * s * to_float(gr[c]));
+    }
   }
+}
+
+// float64 (moments, gradient and N all double; reference runs and tests): the same update in
+// double arithmetic, as the CPU kernel does for float64.
+__global__ void __launch_bounds__(kThreads) moments_kernel_f64(double* __restrict__ m, double* __restrict__ v,
+                                                               const double* __restrict__ g, double* __restrict__ u,
+                                                               int64_t numel, double beta1, double beta2, double eps) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    const double gi = g[i];
+    const double mi = beta1 * m[i] + (1.0 - beta1) * gi;
+    const double vi = beta2 * v[i] + (1.0 - beta2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    u[i] = mi / (sqrt(vi) + eps);
+  }
+}
+
+// float64 weight and gradient: W ← β·W + γ·(G ⊙ s) in double, rows over grid.y as above.
+__global__ void __launch_bounds__(kThreads) residual_kernel_f64(double* __restrict__ w, const double* __restrict__ g,
+                                                                const double* __restrict__ scale, int64_t rows,
+                                                                int64_t cols, bool row_scale, double beta,
+                                                                double gamma) {
+  const int64_t col_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const double rs = row_scale ? scale[r] : 0.0;
+    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < cols; c += col_stride) {
+      const int64_t i = r * cols + c;
+      w[i] = beta * w[i] + gamma * (row_scale ? rs : scale[c]) * g[i];
+    }
+  }
+}
+
+inline dim3 residual_grid(int64_t rows, int64_t cols) {
+  const int64_t col_blocks = (cols + kThreads - 1) / kThreads;
+  return dim3(static_cast<unsigned int>(col_blocks < 1024 ? col_blocks : 1024),
+              static_cast<unsigned int>(rows < 65535 ? rows : 65535));
+}
+
+inline cudaError_t launch_moments_f64(double* m, double* v, const double* g, double* u, int64_t numel, double beta1,
+                                      double beta2, double eps, cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  moments_kernel_f64<<<grid_for(numel), kThreads, 0, stream>>>(m, v, g, u, numel, beta1, beta2, eps);
+  return cudaGetLastError();
+}
+
+inline cudaError_t launch_residual_f64(double* w, const double* g, const double* scale, int64_t rows, int64_t cols,
+                                       bool row_scale, double beta, double gamma, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  residual_kernel_f64<<<residual_grid(rows, cols), kThreads, 0, stream>>>(w, g, scale, rows, cols, row_scale, beta,
+                                                                          gamma);
+  return cudaGetLastError();
 }
 
 template <typename MomentT, typename GradT>
@@ -63,7 +121,7 @@ cudaError_t launch_moments(const GaloreMomentsParams& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_residual(const GaloreResidualParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.cols == 0) return cudaSuccess;
-  residual_kernel<T><<<grid_for(p.rows * p.cols), kThreads, 0, stream>>>(p);
+  residual_kernel<T><<<residual_grid(p.rows, p.cols), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
