@@ -43,6 +43,8 @@ TORCH_LIBRARY(lrkernels, m) {
   // Grouping metadata: token_order (T,) int32 lists the tokens sorted (stably) by adapter,
   // tokens of adapter l at token_order[adapter_offsets[l] : adapter_offsets[l + 1]];
   // adapter_offsets (L + 1,) int32; base-only tokens come after adapter_offsets[L].
+  // token_order must be a permutation of [0, T) and the grouping must come from the same
+  // adapter_ids: the ops follow the grouping (a token listed twice would be computed twice).
   m.def("multi_lora_segments(Tensor adapter_ids, int num_adapters) -> (Tensor, Tensor)");
   // Shrink (SGMV/BGMV "shrink"): hidden[s, t, :r_a] = x_t A[s, a_t, :r_a]ᵀ in float32 (float64 for
   // float64 x), zero elsewhere. lora_a (L, r_max, in) -> hidden (T, r_max), or (S, L, r_max, in)

@@ -103,6 +103,8 @@ lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
   const bool need_dh = want_x || want_a || want_g;
   if (!(need_dh || want_b || want_o)) return {gx, gw, gbias, ga, gb, gg, go};
 
+  // The passes below sum partial products with float atomics: bits vary from run to run.
+  at::globalContext().alertNotDeterministic("lrkernels.lora_linear_backward (CUDA)");
   // Pass 1 over dy: ∂L/∂h and P = dyᵀ h together.
   at::Tensor dh = at::zeros({sh.tokens, sh.rank}, f32);
   at::Tensor p_raw = at::zeros({sh.out_features, sh.rank}, f32);

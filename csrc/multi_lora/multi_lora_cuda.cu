@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "common/cuda_dispatch.h"
@@ -53,6 +54,8 @@ bool on_tensor_cores(const at::Tensor& t, const MultiLoraSegmentsView& seg) {
 
 void run_shrink(const char* op, const at::Tensor& x2, const at::Tensor& a4, at::Tensor& hidden,
                 const MultiLoraSegmentsView& seg, cudaStream_t stream) {
+  // split-K partial sums meet in hidden through float atomics
+  at::globalContext().alertNotDeterministic("lrkernels.lora_shrink / multi_lora_linear (CUDA)");
   MultiLoraShrinkParams p;
   p.x = x2.data_ptr();
   p.a = a4.data_ptr();
@@ -195,6 +198,7 @@ multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
   if (want_x) dx = at::mm(dy2, weight);
   const bool need_dz = want_x || want_a || want_s;
   if (need_dz || want_b) {
+    at::globalContext().alertNotDeterministic("lrkernels.multi_lora_linear_backward (CUDA)");
     // Pass 1 over dy: grad_z = dy B (per token's adapter) and grad_b = s · dyᵀ h (per adapter).
     at::Tensor dz, gb32;
     if (need_dz) dz = at::zeros({sh.tokens, sh.r_max}, f32);
@@ -213,8 +217,15 @@ multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
     });
     if (want_b) gb = gb32.to(dt);
     if (need_dz) {
-      // Per-token adapter, with out-of-range ids as base-only (their rows of dz are zero).
-      const at::Tensor ids = adapter_ids.reshape({-1}).to(at::kLong);
+      // Each token's adapter as the grouping says (the kernels and the CPU backward follow the
+      // grouping, not adapter_ids), computed on the device: sorted position p belongs to the
+      // adapter l with offsets[l] <= p < offsets[l + 1]; past offsets[L], base-only (dz rows 0).
+      const auto i64 = token_order.options().dtype(at::kLong);
+      const at::Tensor pos_adapter =
+          at::searchsorted(adapter_offsets.to(at::kLong), at::arange(sh.tokens, i64), /*out_int32=*/false,
+                           /*right=*/true) - 1;
+      const at::Tensor tok = token_order.to(at::kLong).clamp(0, std::max<int64_t>(sh.tokens - 1, 0));
+      const at::Tensor ids = at::full({sh.tokens}, -1, i64).index_put_({tok}, pos_adapter);
       const at::Tensor valid = (ids >= 0).logical_and(ids < sh.num_adapters);
       const at::Tensor safe = at::where(valid, ids, at::zeros_like(ids));
       if (want_s) {

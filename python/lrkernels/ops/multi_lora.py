@@ -110,7 +110,9 @@ class MultiLoraSegments(NamedTuple):
 
     ``token_order`` (T,) int32: the tokens sorted stably by adapter id; those of adapter ``l``
     are ``token_order[adapter_offsets[l]:adapter_offsets[l + 1]]``; base-only tokens follow
-    ``adapter_offsets[L]``. ``adapter_offsets`` (L + 1,) int32.
+    ``adapter_offsets[L]``. ``adapter_offsets`` (L + 1,) int32. Make it with
+    :func:`multi_lora_segments` from the same ``adapter_ids`` the ops get: the ops follow the
+    grouping, and a hand-made one must list every token exactly once.
     """
     token_order: torch.Tensor
     adapter_offsets: torch.Tensor
