@@ -592,3 +592,68 @@ def test_cuda_bad_inputs():
     a = make_inputs(6, 16, 12, 4, torch.float64, device="cuda")
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         run_op(a, 1.0, 0.0, 0)
+
+
+# ---------------------------------------------------------------------------- CUDA tensor cores
+# fp16/bf16 with >= 64 tokens take the tensor-core shrink and expand (lora_tc.cuh) on sm_80+;
+# LRKERNELS_LORA_SIMT_ONLY=1 forces the SIMT kernels. Shapes: odd sizes (tails of the 64-token
+# tiles, the 64-column K steps and output tiles), every rank chunk (16, 32, 64, 128 and
+# several chunks), and a wide, short input that splits K across blocks.
+TC_SHAPES = [(64, 16, 16, 1), (65, 9, 130, 3), (130, 130, 9, 19), (200, 72, 64, 64), (97, 136, 33, 100),
+             (130, 40, 70, 256), (64, 4096, 48, 16)]
+
+
+def low_precision_oracle(cpu, scale, p, seed, dtype):
+    if dtype == torch.float16:  # CPU has no fast fp16 matmul: the fp16 formula in fp32 on fp16 data
+        data = {k: (v.half().float() if v is not None else None) for k, v in cpu.items()}
+        return oracle(data, scale, p, seed, dtype=torch.float32).half()
+    return oracle(cpu, scale, p, seed, dtype=dtype).to(dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("simt_only", ["0", "1"], ids=["tensor_cores", "simt"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,din,dout,r", TC_SHAPES)
+@pytest.mark.parametrize("p,gates", [(0.0, False), (0.3, True), (0.3, False)])
+def test_cuda_tensor_core_forward_matches_oracle(simt_only, dtype, T, din, dout, r, p, gates, monkeypatch):
+    monkeypatch.setenv("LRKERNELS_LORA_SIMT_ONLY", simt_only)
+    a = make_inputs(T, din, dout, r, dtype, device="cuda", g=gates, o=gates)
+    y, hidden = run_op(a, 0.9, p, seed=33)
+    assert y.dtype == dtype and hidden.dtype == torch.float32
+    cpu = {k: (v.cpu() if v is not None else None) for k, v in a.items()}
+    assert_close_to_oracle(y, oracle(cpu, 0.9, p, 33), low_precision_oracle(cpu, 0.9, p, 33, dtype),
+                           name=f"y ({'SIMT' if simt_only == '1' else 'tensor cores'})")
+    xd = cpu["x"].double() * (ref_dropout_mask(33, T, din, p) if p > 0 else 1.0)
+    h_want = xd @ cpu["lora_a"].double().T
+    # the tensor cores take drop(x) rounded to the input dtype: compare with that formula's error
+    h_low = xd.to(dtype).double() @ cpu["lora_a"].double().T
+    assert_close_to_oracle(hidden, h_want, h_low, name="hidden", floor=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_tensor_core_and_simt_agree(dtype, monkeypatch):
+    a = make_inputs(257, 300, 130, 40, dtype, device="cuda", g=True, o=True)
+    outs = []
+    for simt_only in ("0", "1"):
+        monkeypatch.setenv("LRKERNELS_LORA_SIMT_ONLY", simt_only)
+        outs.append(run_op(a, 0.5, 0.2, seed=5))
+    (y_tc, h_tc), (y_simt, h_simt) = outs
+    torch.testing.assert_close(h_tc, h_simt, rtol=1e-2, atol=1e-2)
+    # The tensor cores round drop(x) to the input dtype, the SIMT kernels keep it in fp32: the
+    # two differ by ~1e-3 of the O(1) values (the oracle tests above bound each path's error).
+    torch.testing.assert_close(y_tc.float(), y_simt.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_tensor_core_deterministic_mode_does_not_split_k():
+    # 64 tokens × 4096 inputs splits K (atomics) by default; deterministic mode must not.
+    a = make_inputs(64, 4096, 48, 16, torch.bfloat16, device="cuda")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # cuBLAS needs a workspace setting otherwise
+    try:
+        runs = [run_op(a, 1.0, 0.3, seed=2) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for y, h in runs[1:]:
+        assert torch.equal(h, runs[0][1]) and torch.equal(y, runs[0][0])

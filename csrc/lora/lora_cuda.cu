@@ -1,6 +1,7 @@
 // lora_linear on CUDA: base GEMMs in cuBLAS (through ATen), the low-rank path in the
-// hand-written kernels of include/lrkernels/lora.cuh. No host synchronisation: the dropout
-// seed is read by the kernels from device memory, grids depend on shapes only.
+// hand-written kernels of include/lrkernels/lora.cuh (SIMT) and lora_tc.cuh (tensor cores,
+// forward shrink and expand for fp16/bf16). No host synchronisation: the dropout seed is
+// read by the kernels from device memory, grids depend on shapes only.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,10 +9,13 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "common/cuda_dispatch.h"
 #include "common/dropout.h"
 #include "lora/lora_checks.h"
 #include "lrkernels/lora.cuh"
+#include "lrkernels/lora_tc.cuh"
 
 namespace lrkernels {
 namespace {
@@ -20,6 +24,18 @@ const void* opt_data(const std::optional<at::Tensor>& t, std::optional<at::Tenso
   if (!(t.has_value() && t->defined())) return nullptr;
   keep = t->contiguous();
   return keep->data_ptr();
+}
+
+// The tensor-core shrink and expand pay off once their 64-token tiles are mostly full:
+// fp16/bf16, sm_80+, at least 64 tokens. Decided from shapes and the (cached) device
+// properties only, so no host sync. LRKERNELS_LORA_SIMT_ONLY=1 forces the SIMT kernels, e.g.
+// to compare the two; it is read on every call (like LRKERNELS_MULTI_LORA_SIMT_ONLY) so a
+// test can flip it between calls.
+bool lora_on_tensor_cores(at::ScalarType dtype, int64_t tokens, const cudaDeviceProp& props) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  if (props.major < 8 || tokens < lora::kTcTM) return false;
+  const char* simt_only = std::getenv("LRKERNELS_LORA_SIMT_ONLY");
+  return !(simt_only != nullptr && simt_only[0] == '1');
 }
 
 }  // namespace
@@ -40,7 +56,15 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
 
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   at::Tensor y = opt_ptr(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  at::Tensor hidden = at::empty({sh.tokens, sh.rank}, x.options().dtype(at::kFloat));
+  const cudaDeviceProp& props = *at::cuda::getCurrentDeviceProperties();
+  const bool tensor_cores = lora_on_tensor_cores(x.scalar_type(), sh.tokens, props);
+  // Few tokens and wide layers leave most SMs idle unless the tensor-core shrink splits K;
+  // the split sums partial products with atomics, so not in deterministic mode.
+  const int64_t k_split = (tensor_cores && !at::globalContext().deterministicAlgorithms())
+                              ? lora::shrink_tc_k_split(sh.tokens, sh.in_features, 2 * props.multiProcessorCount)
+                              : 0;
+  at::Tensor hidden = k_split > 0 ? at::zeros({sh.tokens, sh.rank}, x.options().dtype(at::kFloat))
+                                  : at::empty({sh.tokens, sh.rank}, x.options().dtype(at::kFloat));
   const at::Tensor a = lora_a.contiguous(), b = lora_b.contiguous();
   std::optional<at::Tensor> g_keep, o_keep;
 
@@ -52,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
   sp.in_features = sh.in_features;
   sp.rank = sh.rank;
   sp.dropout = d;
+  sp.k_split = k_split;
 
   LoraExpandParams ep;
   ep.hidden = hidden.data_ptr<float>();
@@ -65,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
   ep.scale = static_cast<float>(scale);
 
   LRK_DISPATCH_CUDA_FLOAT(x.scalar_type(), op, [&] {
-    LRK_CUDA_CHECK_LAUNCH(op, "shrink", lora::launch_shrink<cuda_t>(sp, stream));
-    LRK_CUDA_CHECK_LAUNCH(op, "expand", lora::launch_expand<cuda_t>(ep, stream));
+    LRK_CUDA_CHECK_LAUNCH(op, "shrink", lora::launch_shrink_on<cuda_t>(sp, tensor_cores, stream));
+    LRK_CUDA_CHECK_LAUNCH(op, "expand", lora::launch_expand_on<cuda_t>(ep, tensor_cores, stream));
   });
   return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.rank))};
 }

@@ -22,6 +22,9 @@ struct LoraShrinkParams {
   float* hidden = nullptr;       // (T, r)
   int64_t tokens = 0, in_features = 0, rank = 0;
   DropoutParams dropout;
+  // Tensor-core shrink only (lora_tc.cuh): K columns per block, a multiple of 64; 0 = all.
+  // When this splits K, hidden must be zero-filled: the partial sums meet there by atomics.
+  int64_t k_split = 0;
 };
 
 // y += ((s · g ⊙ u) Bᵀ) ⊙ o, in place on the base output.
