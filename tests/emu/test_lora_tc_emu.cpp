@@ -1,0 +1,151 @@
+// The tensor-core lora_linear shrink and expand of lora_tc.cuh (fp16/bf16, WMMA) run under
+// the host emulator and checked against a float64 reference of the CPU semantics
+// (csrc/lora/lora_cpu.cpp); next to them, the SIMT shrink through the same dispatcher
+// (launch_shrink_on(..., false)), and the tensor-core shrink's output fed to the tensor-core
+// expand. Covers tails of the 64-token / 64-column / 16-lane tiles, every rank-chunk width,
+// unaligned x and A (the scalar staging path), and K split over blocks (atomics).
+#include "emu_check.h"
+
+#include "lrkernels/lora_tc.cuh"
+
+using namespace lrkernels;
+using namespace emu_check;
+
+namespace {
+
+struct Case {
+  bool bf16;
+  int64_t tokens, in, out, rank;
+  bool rank_scale, out_scale;
+  double dropout_p;
+  float scale;
+  int64_t k_split;  // shrink: K columns per block (multiple of 64), 0 = no split
+  int offset;       // x and A start `offset` elements into 32-byte-aligned buffers
+};
+
+template <typename T>
+void run(Checker& check, Random& rng, const Case& c) {
+  const int64_t T_ = c.tokens, in = c.in, out = c.out, r = c.rank;
+  char buf[240];
+  std::snprintf(buf, sizeof buf, "[%s T=%ld in=%ld out=%ld r=%ld g=%d o=%d p=%.2f s=%.2f k_split=%ld offset=%d]",
+                type_name<T>(), T_, in, out, r, c.rank_scale, c.out_scale, c.dropout_p, c.scale, c.k_split,
+                c.offset);
+  const std::string config = buf;
+  const double tol = tolerance<T>();
+  // std::vector's allocation is at least 16-byte aligned; 32-byte alignment is not needed
+  // for global memory (the WMMA tiles live in shared memory), offset 1 breaks 16 bytes.
+  const auto x_buf = rng.tensor<T>(T_ * in + 16, 1.0);
+  const auto a_buf = rng.tensor<T>(r * in + 16, 1 / std::sqrt(double(std::max<int64_t>(in, 1))));
+  const T* x = x_buf.data() + c.offset;
+  const T* a = a_buf.data() + c.offset;
+  const auto b = rng.tensor<T>(out * r, 1 / std::sqrt(double(r)));
+  const auto g = rng.tensor<T>(r, 1.0), o = rng.tensor<T>(out, 1.0), y0 = rng.tensor<T>(T_ * out, 1.0);
+  const auto B = to_double(b), G = to_double(g), O = to_double(o);
+  int64_t seed = 0x5DEECE66DLL * 977;
+  DropoutParams dropout;
+  if (c.dropout_p > 0) {
+    dropout.threshold = dropout_threshold(c.dropout_p);
+    dropout.keep_scale = dropout_keep_scale(dropout.threshold);
+    dropout.seed = &seed;
+  }
+
+  // float64 reference: u = drop(x) Aᵀ, y = y0 + ((s g ⊙ u) Bᵀ) ⊙ o
+  std::vector<double> U(T_ * r), Y = to_double(y0);
+  for (int64_t t = 0; t < T_; ++t)
+    for (int64_t j = 0; j < r; ++j) {
+      double acc = 0;
+      for (int64_t k = 0; k < in; ++k) {
+        double v = to_double(x[t * in + k]);
+        if (dropout.threshold) {
+          const uint32_t bits = dropout_keep_bits(static_cast<uint64_t>(seed), t, k >> 3, dropout.threshold);
+          v = ((bits >> (k & 7)) & 1u) ? v * dropout.keep_scale : 0.0;
+        }
+        acc += v * to_double(a[j * in + k]);
+      }
+      U[t * r + j] = acc;
+    }
+  for (int64_t t = 0; t < T_; ++t)
+    for (int64_t n = 0; n < out; ++n) {
+      double acc = 0;
+      for (int64_t j = 0; j < r; ++j) acc += U[t * r + j] * c.scale * (c.rank_scale ? G[j] : 1.0) * B[n * r + j];
+      Y[t * out + n] += acc * (c.out_scale ? O[n] : 1.0);
+    }
+
+  // tensor-core shrink: hidden pre-filled with NaN (every element must be written), or with
+  // zeros when K is split (the partial sums meet there by atomics, as the binding zeroes it)
+  const int64_t splits = (c.k_split > 0 && in > 0) ? (in + c.k_split - 1) / c.k_split : 1;
+  std::vector<float> hidden(T_ * r, splits > 1 ? 0.f : NAN);
+  LoraShrinkParams sp;
+  sp.x = x; sp.a = a; sp.hidden = hidden.data();
+  sp.tokens = T_; sp.in_features = in; sp.rank = r; sp.dropout = dropout; sp.k_split = c.k_split;
+  if (lora::launch_shrink_on<T>(sp, true, nullptr) != cudaSuccess) check.launch_failed("shrink tc", config);
+  check.compare("hidden-tc", config, hidden, U, tol);
+
+  // the SIMT shrink through the same dispatcher, same inputs
+  std::vector<float> hidden_simt(T_ * r, NAN);
+  sp.hidden = hidden_simt.data();
+  sp.k_split = 0;
+  if (lora::launch_shrink_on<T>(sp, false, nullptr) != cudaSuccess) check.launch_failed("shrink simt", config);
+  check.compare("hidden-simt", config, hidden_simt, U, tol);
+
+  // tensor-core expand from the reference u
+  const std::vector<float> u_ref(U.begin(), U.end());
+  auto y = y0;
+  LoraExpandParams ep;
+  ep.hidden = u_ref.data(); ep.b = b.data(); ep.y = y.data();
+  ep.rank_scale = c.rank_scale ? g.data() : nullptr; ep.out_scale = c.out_scale ? o.data() : nullptr;
+  ep.tokens = T_; ep.out_features = out; ep.rank = r; ep.scale = c.scale;
+  if (lora::launch_expand_on<T>(ep, true, nullptr) != cudaSuccess) check.launch_failed("expand tc", config);
+  check.compare("y-tc", config, y, Y, tol);
+
+  // tensor-core shrink output into the tensor-core expand
+  auto y_chain = y0;
+  ep.hidden = hidden.data();
+  ep.y = y_chain.data();
+  if (lora::launch_expand_on<T>(ep, true, nullptr) != cudaSuccess) check.launch_failed("expand tc chain", config);
+  check.compare("y-tc-chain", config, y_chain, Y, tol);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Checker check("lora (tensor cores)", argc, argv);
+  // A grid of T × in × out × r, rotating dtype, gates, dropout and alignment over its points;
+  // the quick run takes every 7th point (96 of 672), the full run all of them.
+  const std::vector<int64_t> token_counts = {0, 1, 7, 64, 65, 130};
+  const std::vector<int64_t> features = {1, 9, 16, 130};
+  const std::vector<int64_t> ranks = {1, 3, 16, 19, 64, 100, 256};
+  std::vector<Case> quick, extra;
+  int n = 0;
+  for (int64_t T_ : token_counts)
+    for (int64_t in : features)
+      for (int64_t out : features)
+        for (int64_t r : ranks) {
+          ++n;
+          const Case c{n % 2 == 0, T_, in, out, r, n % 2 == 1, (n / 2) % 2 == 1, (n / 4) % 2 ? 0.3 : 0.0,
+                       n % 3 ? 0.7f : 1.3f, 0, n % 5 == 0 ? 1 : 0};
+          (n % 7 == 0 ? quick : extra).push_back(c);
+        }
+  // Both dtypes × dropout × gates at tensor-core-sized shapes (every rank-chunk width of the
+  // expand: 16, 32, 64), and K split over 2-10 blocks, aligned and not.
+  std::vector<Case> fixed;
+  for (double p : {0.0, 0.3})
+    for (int gates = 0; gates < 4; ++gates) {
+      fixed.push_back({false, 130, 130, 130, 19, (gates & 1) != 0, (gates & 2) != 0, p, 0.7f, 0, 0});
+      fixed.push_back({true, 65, 136, 9, 100, (gates & 1) != 0, (gates & 2) != 0, p, 0.5f, 0, 0});
+    }
+  for (int64_t k_split : {64, 192}) {
+    fixed.push_back({false, 70, 520, 33, 40, true, true, 0.3, 1.f, k_split, 0});
+    fixed.push_back({true, 70, 521, 33, 130, false, true, 0.3, 1.f, k_split, 1});
+    fixed.push_back({true, 3, 600, 16, 3, true, false, 0.0, 1.f, k_split, 0});
+  }
+  // the split the binding would choose for a decode-like shape (64 tokens, in = 4096)
+  fixed.push_back({false, 64, 4096, 64, 16, true, true, 0.3, 1.f, lora::shrink_tc_k_split(64, 4096, 264), 0});
+  quick.insert(quick.begin(), fixed.begin(), fixed.end());
+  Random rng(4321);
+  for (const Case& c : check.select(quick, extra, 4)) {
+    if (c.bf16) run<bf16>(check, rng, c);
+    else run<half>(check, rng, c);
+  }
+  return check.finish();
+}
