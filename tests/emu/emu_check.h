@@ -1,6 +1,6 @@
-// Shared harness of the emulator tests: random inputs in fp32/fp16/bf16, the comparison of a
+// Shared harness of the emulator tests: random inputs in fp32/fp16/bf16/f64, the comparison of a
 // kernel's output with a float64 reference, the case selection (quick / full), and the
-// negative control.
+// negative control, and guard tails that catch writes past the end of an output buffer.
 //
 // Comparison: with e = got - want, n elements and rms = max(RMS(want), 0.1), a check fails
 // when ||e||_2 > tol * sqrt(n) * rms (the norm-wise relative error exceeds tol), when any
@@ -39,23 +39,28 @@ using half = __half;
 template <typename T>
 const char* type_name() {
   if constexpr (std::is_same_v<T, float>) return "f32";
+  else if constexpr (std::is_same_v<T, double>) return "f64";
   else if constexpr (std::is_same_v<T, half>) return "f16";
   else return "bf16";
 }
 
 // Tolerance of the norm-wise relative error: fp32 kernels accumulate in fp32; fp16/bf16
-// outputs (and operands rounded to 16 bits inside the tensor-core kernels) lose more.
+// outputs (and operands rounded to 16 bits inside the tensor-core kernels) lose more;
+// float64 kernels (the reference-run paths) are held to double rounding.
 template <typename T>
 double tolerance() {
+  if constexpr (std::is_same_v<T, double>) return 1e-12;
   return std::is_same_v<T, float> ? 1e-5 : 1e-2;
 }
 
 template <typename T>
 T from_double(double v) {
   if constexpr (std::is_same_v<T, float>) return static_cast<float>(v);
+  else if constexpr (std::is_same_v<T, double>) return v;
   else if constexpr (std::is_same_v<T, half>) return __float2half_rn(static_cast<float>(v));
   else return __float2bfloat16_rn(static_cast<float>(v));
 }
+inline double to_double(double v) { return v; }
 inline double to_double(float v) { return v; }
 inline double to_double(half v) { return __half2float(v); }
 inline double to_double(bf16 v) { return __bfloat162float(v); }
@@ -217,5 +222,34 @@ class Checker {
   long checks_ = 0, empty_checks_ = 0, perturbed_checks_ = 0, undetected_ = 0, failures_ = 0;
   double worst_norm_ratio_ = 0, worst_max_ratio_ = 0;
 };
+
+// Guard tails: an output buffer gets kGuard elements of kSentinel (exact in every dtype) past
+// its end (guarded), the kernel writes the first n (body), and check_guards compares the tails
+// with the sentinel, so an out-of-bounds write past the end fails without a sanitizer.
+constexpr int64_t kGuard = 64;
+constexpr double kSentinel = 1024.0;
+
+template <typename T>
+std::vector<T> guarded(const std::vector<T>& v) {
+  std::vector<T> out = v;
+  out.resize(v.size() + kGuard, from_double<T>(kSentinel));
+  return out;
+}
+
+template <typename T>
+std::vector<double> body(const std::vector<T>& v, int64_t n) {
+  return to_double(std::vector<T>(v.begin(), v.begin() + n));
+}
+
+template <typename T>
+std::vector<double> tail(const std::vector<T>& v, int64_t n) {
+  return to_double(std::vector<T>(v.begin() + n, v.end()));
+}
+
+inline void check_guards(Checker& check, const std::string& config, const std::vector<std::vector<double>>& tails) {
+  std::vector<double> got;
+  for (const auto& t : tails) got.insert(got.end(), t.begin(), t.end());
+  check.compare("guard (out-of-bounds writes)", config, got, std::vector<double>(got.size(), kSentinel), 1e-12);
+}
 
 }  // namespace emu_check
