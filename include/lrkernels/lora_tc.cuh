@@ -18,6 +18,7 @@
 
 #include "lrkernels/common/math.cuh"
 #include "lrkernels/common/philox.h"
+#include "lrkernels/common/wmma_tiles.cuh"
 #include "lrkernels/lora.cuh"
 #include "lrkernels/lora_params.h"
 
@@ -203,21 +204,8 @@ __global__ void __launch_bounds__(kTcThreads) expand_tc_kernel(LoraExpandParams 
       bs[nn][jj] = (n < out && j < rank) ? b[n * rank + j] : zero;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < RC; kk += 16) {
-      if (r0 + kk >= rank) break;  // k-steps past the rank: zeros, skipped
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> h_hi, h_lo;
-      wmma::load_matrix_sync(h_hi, &hs_hi[warp * 16][kk], LDR);
-      wmma::load_matrix_sync(h_lo, &hs_lo[warp * 16][kk], LDR);
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        // B'(k, n) = B[n0 + n, r0 + k]: bs rows read column-major.
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
-        wmma::load_matrix_sync(bf, &bs[f * 16][kk], LDR);
-        wmma::mma_sync(acc[f], h_hi, bf, acc[f]);
-        wmma::mma_sync(acc[f], h_lo, bf, acc[f]);
-      }
-    }
+    // B'(k, n) = B[n0 + n, r0 + k]; rank steps past the rank are zeros and skipped
+    mma_hi_lo_chunk<T, RC>(acc, hs_hi, hs_lo, bs, warp, rank - r0);
     __syncthreads();
   }
 #pragma unroll

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "lrkernels/common/math.cuh"
+#include "lrkernels/common/wmma_tiles.cuh"
 #include "lrkernels/multi_lora_params.h"
 #include "lrkernels/multi_lora_tiles.h"
 
@@ -141,21 +142,8 @@ __global__ void __launch_bounds__(kTcThreads) expand_tc_kernel(MultiLoraExpandPa
       bs[nn][jj] = (n < n_end && j < r) ? b[n * r_max + j] : zero;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < RC; kk += 16) {
-      if (r0 + kk >= r) break;  // k-steps past this adapter's rank: all zero, skipped
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_hi, a_lo;
-      wmma::load_matrix_sync(a_hi, &hs_hi[warp * 16][kk], LD);
-      wmma::load_matrix_sync(a_lo, &hs_lo[warp * 16][kk], LD);
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        // B(k, n) = B[n0 + n, r0 + k]: bs rows read column-major.
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
-        wmma::load_matrix_sync(bf, &bs[f * 16][kk], LD);
-        wmma::mma_sync(acc[f], a_hi, bf, acc[f]);
-        wmma::mma_sync(acc[f], a_lo, bf, acc[f]);
-      }
-    }
+    // B(k, n) = B[n0 + n, r0 + k]; steps past this adapter's rank are zeros and skipped
+    mma_hi_lo_chunk<T, RC>(acc, hs_hi, hs_lo, bs, warp, r - r0);
     __syncthreads();
   }
 #pragma unroll
