@@ -23,11 +23,8 @@ def portable(fn):
     def run():
         import lrkernels
 
-        previous = lrkernels.set_cpu_kernels("portable")
-        try:
+        with lrkernels.use_cpu_kernels("portable"):
             return fn()
-        finally:
-            lrkernels.set_cpu_kernels(previous)
     return run
 
 

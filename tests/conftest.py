@@ -29,11 +29,8 @@ def cpu_kernels(request):
     on at every size (skipped where the CPU has no AVX-512)."""
     if request.param == "fused" and not HAS_AVX512:
         pytest.skip("this CPU has no AVX-512")
-    previous = lrkernels.set_cpu_kernels(request.param)
-    try:
+    with lrkernels.use_cpu_kernels(request.param):
         yield request.param
-    finally:
-        lrkernels.set_cpu_kernels(previous)
 
 
 def cpu_dtypes():

@@ -192,8 +192,7 @@ def test_fused_cpu_kernels_match_portable(T, din, dout, r, p, g, o, bias, needs,
     at different points), so the dropout masks are the same, whichever subset of gradients is
     asked for."""
     def run(mode):
-        previous = lrkernels.set_cpu_kernels(mode)
-        try:
+        with lrkernels.use_cpu_kernels(mode):
             torch.manual_seed(3)
             a = make_inputs(T, din, dout, r, dtype, bias=bias, g=g, o=o, requires_grad=True)
             a["weight"].requires_grad_(False)
@@ -207,8 +206,6 @@ def test_fused_cpu_kernels_match_portable(T, din, dout, r, p, g, o, bias, needs,
             names = [k for k, v in a.items() if v is not None and v.requires_grad]
             grads = torch.autograd.grad(y, [a[k] for k in names], torch.randn_like(y))
             return [y, hidden, *grads], names
-        finally:
-            lrkernels.set_cpu_kernels(previous)
 
     fused, names = run("fused")
     portable, _ = run("portable")
@@ -226,13 +223,18 @@ def test_auto_cpu_kernels_take_the_fused_path_at_scale():
     a = make_inputs(T, 64, 48, 8, torch.float32)
     outs = {}
     for mode in ("auto", "fused", "portable"):
-        previous = lrkernels.set_cpu_kernels(mode)
-        try:
+        with lrkernels.use_cpu_kernels(mode):
             outs[mode] = run_op(a, 0.9, 0.2, seed=4)[0]
-        finally:
-            lrkernels.set_cpu_kernels(previous)
     assert torch.equal(outs["auto"], outs["fused"])
     torch.testing.assert_close(outs["auto"], outs["portable"], rtol=1e-5, atol=1e-5)
+
+
+def test_use_cpu_kernels_restores_the_previous_mode():
+    with pytest.raises(RuntimeError, match="inside"):
+        with lrkernels.use_cpu_kernels("portable"):
+            assert lrkernels.get_cpu_kernels() == "portable"
+            raise RuntimeError("inside")
+    assert lrkernels.get_cpu_kernels() == "auto"
 
 
 def test_set_cpu_kernels_rejects_unknown_modes():

@@ -247,11 +247,8 @@ def test_fused_cpu_forward_matches_portable(T, din, dout, L, r_max, ranks, base_
         a["scales"][1] = 0.0
     outs = {}
     for mode in ("fused", "portable"):
-        previous = lrkernels.set_cpu_kernels(mode)
-        try:
+        with lrkernels.use_cpu_kernels(mode):
             outs[mode] = run_op(a)
-        finally:
-            lrkernels.set_cpu_kernels(previous)
     for name, u, v in zip(("y", "hidden"), outs["fused"], outs["portable"]):
         torch.testing.assert_close(u, v, rtol=2e-5, atol=2e-5 * max(1.0, v.abs().max().item()), msg=name)
 

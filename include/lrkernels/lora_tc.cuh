@@ -194,9 +194,7 @@ __global__ void __launch_bounds__(kTcThreads) expand_tc_kernel(LoraExpandParams 
         v = p.hidden[t * rank + j] * p.scale;
         if (g != nullptr) v *= to_float(g[j]);
       }
-      const T hi = from_float<T>(v);
-      hs_hi[row][jj] = hi;
-      hs_lo[row][jj] = from_float<T>(v - to_float(hi));
+      split_hi_lo(v, hs_hi[row][jj], hs_lo[row][jj]);
     }
     for (int idx = tid; idx < TN * RC; idx += kTcThreads) {
       const int nn = idx / RC, jj = idx % RC;

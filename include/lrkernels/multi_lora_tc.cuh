@@ -132,9 +132,7 @@ __global__ void __launch_bounds__(kTcThreads) expand_tc_kernel(MultiLoraExpandPa
       const int row = idx / RC, jj = idx % RC;
       const int64_t t = toks[row], j = r0 + jj;
       const float v = (t >= 0 && j < r) ? hidden[t * r_max + j] * scale : 0.f;
-      const T hi = from_float<T>(v);
-      hs_hi[row][jj] = hi;
-      hs_lo[row][jj] = from_float<T>(v - to_float(hi));
+      split_hi_lo(v, hs_hi[row][jj], hs_lo[row][jj]);
     }
     for (int idx = tid; idx < TN * RC; idx += kTcThreads) {
       const int nn = idx / RC, jj = idx % RC;

@@ -9,7 +9,8 @@ import torch  # noqa: F401  (the native library links against torch: import it f
 
 from . import _C  # noqa: F401  registers torch.ops.lrkernels.*
 from . import ops  # noqa: F401  fakes + autograd for every op
-from ._build import build_info, registered_ops, has_kernel, get_cpu_kernels, set_cpu_kernels
+from ._build import (build_info, get_cpu_kernels, has_kernel, registered_ops, set_cpu_kernels,
+                     use_cpu_kernels)
 from .ops.common import dropout_mask
 from .ops.lora import lora_linear
 from .ops.c3a import c3a, c3a_linear
@@ -26,6 +27,7 @@ __all__ = [
     "has_kernel",
     "get_cpu_kernels",
     "set_cpu_kernels",
+    "use_cpu_kernels",
     "dropout_mask",
     "lora_linear",
     "MultiLoraSegments",

@@ -1,5 +1,7 @@
 """What the loaded native library contains."""
 
+import contextlib
+
 import torch
 
 from . import _C
@@ -54,3 +56,14 @@ def set_cpu_kernels(mode: str) -> str:
     previous = get_cpu_kernels()
     _C.set_cpu_kernels(_CPU_KERNEL_MODES.index(mode))
     return previous
+
+
+@contextlib.contextmanager
+def use_cpu_kernels(mode: str):
+    """``with lrkernels.use_cpu_kernels("portable"): ...`` runs the block with that CPU kernel
+    mode (see set_cpu_kernels) and restores the previous one afterwards, also on error."""
+    previous = set_cpu_kernels(mode)
+    try:
+        yield
+    finally:
+        set_cpu_kernels(previous)

@@ -6,7 +6,16 @@
 
 #include <cstdint>
 
+#include "lrkernels/common/math.cuh"
+
 namespace lrkernels {
+
+// v as hi + lo in T (the split mma_hi_lo_chunk multiplies): hi = T(v), lo = T(v − hi).
+template <typename T>
+__device__ __forceinline__ void split_hi_lo(float v, T& hi, T& lo) {
+  hi = from_float<T>(v);
+  lo = from_float<T>(v - to_float(hi));
+}
 
 // One rank chunk of an expand: acc[f] += (hi + lo)[warp's 16 rows, :] · bs[16 f .. 16 f + 16, :]ᵀ
 // over the chunk's RC rank steps, skipping the steps at or past k_valid (they hold zeros).
