@@ -32,6 +32,12 @@ class Case:
     bytes: float = 0.0             # fewest bytes one iteration must move
     targets: Dict[str, float] = dataclasses.field(default_factory=dict)  # baseline -> max ratio
     note: str = ""
+    # For the report: the op family ("lora", "miss", ...), the case's natural sizes
+    # ({"tokens": 4096, "rank": 16, ...}), and the scaling curve it belongs to: cases of one
+    # family with the same `sweep` name and different values of params[sweep] form a curve.
+    family: str = ""
+    params: Dict[str, float] = dataclasses.field(default_factory=dict)
+    sweep: str = ""
 
 
 @dataclasses.dataclass
@@ -253,7 +259,8 @@ def write_results(outdir: str, stem: str, env: dict, cases: List[Case], results:
     payload = {
         "environment": env,
         "cases": [{"name": c.name, "subject": c.subject, "baselines": c.baselines, "targets": c.targets,
-                   "flops": c.flops, "bytes": c.bytes, "ratios": ratios(c, [r for r in results if r.case == c.name])}
+                   "flops": c.flops, "bytes": c.bytes, "family": c.family, "params": c.params, "sweep": c.sweep,
+                   "ratios": ratios(c, [r for r in results if r.case == c.name])}
                   for c in cases],
         "results": [dataclasses.asdict(r) for r in results],
     }
