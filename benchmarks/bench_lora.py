@@ -23,7 +23,7 @@ def portable(fn):
     def run():
         import lrkernels
 
-        with lrkernels.use_cpu_kernels("portable"):
+        with lrkernels.use_cpu_kernels("aten"):
             return fn()
     return run
 

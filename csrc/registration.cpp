@@ -5,6 +5,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
 #include "common/build_info.h"
 #include "common/cpu_features.h"
 
@@ -109,21 +112,46 @@ TORCH_LIBRARY(lrkernels, m) {
   m.def(
       "c3a_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor kernel, Tensor kernel_fft, float scale, "
       "bool[4] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
+
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lrkernels native library: the ops are registered under torch.ops.lrkernels";
   m.def("build_info", &lrkernels::build_info,
         "What this build contains: CUDA compiled in or not, arch list, torch and CUDA versions.");
-  m.def("cpu_has_avx512", &lrkernels::cpu_has_avx512, "Whether this CPU runs the AVX-512 kernels.");
+  m.def(
+      "cpu_capability", [] { return std::string(lrkernels::cpu_capability_name(lrkernels::cpu_capability())); },
+      "The instruction set the vectorised CPU kernels run with now: default, avx2 or avx512.");
+  m.def(
+      "cpu_capability_detected",
+      [] { return std::string(lrkernels::cpu_capability_name(lrkernels::cpu_capability_detected())); },
+      "The best instruction set this CPU runs and this build compiled.");
+  m.def(
+      "cpu_capabilities_compiled",
+      [] {
+        std::vector<std::string> out;
+        for (auto c : {lrkernels::CpuCapability::kDefault, lrkernels::CpuCapability::kAvx2,
+                       lrkernels::CpuCapability::kAvx512})
+          if (lrkernels::cpu_capability_compiled(c)) out.emplace_back(lrkernels::cpu_capability_name(c));
+        return out;
+      },
+      "The instruction sets this build compiled the vectorised CPU kernels for.");
+  m.def(
+      "set_cpu_capability",
+      [](int c) {
+        TORCH_CHECK_VALUE(c >= 0 && c <= 2, "lrkernels: CPU capability must be 0, 1 or 2, got ", c);
+        return std::string(
+            lrkernels::cpu_capability_name(lrkernels::set_cpu_capability(static_cast<lrkernels::CpuCapability>(c))));
+      },
+      "Cap the instruction set (0 default, 1 avx2, 2 avx512) at most at the detected one; returns the one in force.");
   m.def(
       "get_cpu_kernels", [] { return static_cast<int>(lrkernels::cpu_kernels()); },
-      "CPU kernel selection: 0 auto, 1 portable, 2 fused.");
+      "CPU kernel path: 0 auto, 1 aten, 2 blocked.");
   m.def(
       "set_cpu_kernels",
       [](int mode) {
         TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "lrkernels: CPU kernel mode must be 0, 1 or 2, got ", mode);
         lrkernels::set_cpu_kernels(static_cast<lrkernels::CpuKernels>(mode));
       },
-      "Select the CPU kernels: 0 auto, 1 portable, 2 fused.");
+      "Select the CPU kernel path: 0 auto, 1 aten, 2 blocked.");
 }

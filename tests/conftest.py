@@ -22,14 +22,31 @@ def _seed():
 
 HAS_AVX512 = lrkernels.build_info()["cpu_avx512"]
 
+# The CPU instruction sets the vectorised kernels can run with here: compiled by this build and
+# run by this CPU (e.g. ["default", "avx2"] on an AVX2 machine).
+_ORDER = ("default", "avx2", "avx512")
+CPU_CAPABILITIES = [c for c in _ORDER if c in lrkernels.build_info()["cpu_capabilities_compiled"]
+                    and _ORDER.index(c) <= _ORDER.index(lrkernels.build_info()["cpu_capability_detected"])]
 
-@pytest.fixture(params=["portable", "fused"])
+
+@pytest.fixture(params=["aten", "blocked"])
 def cpu_kernels(request):
-    """Runs a test once with the portable CPU kernels and once with the AVX-512 kernels forced
-    on at every size (skipped where the CPU has no AVX-512)."""
-    if request.param == "fused" and not HAS_AVX512:
+    """Runs a test once with the ATen-composition CPU path and once with the blocked kernels
+    forced on at every size (skipped where the CPU has no AVX-512: until the blocked kernels move
+    onto at::vec they are AVX-512 intrinsics)."""
+    if request.param == "blocked" and not HAS_AVX512:
         pytest.skip("this CPU has no AVX-512")
     with lrkernels.use_cpu_kernels(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=_ORDER)
+def cpu_capability(request):
+    """Runs a test once per CPU instruction set the vectorised kernels can use here; the ones
+    this CPU or build lacks are skipped (and say so)."""
+    if request.param not in CPU_CAPABILITIES:
+        pytest.skip(f"the {request.param} kernels cannot run here (available: {CPU_CAPABILITIES})")
+    with lrkernels.use_cpu_capability(request.param):
         yield request.param
 
 

@@ -1,6 +1,10 @@
 """The build: what it reports, and that every op has its kernels registered."""
 
 import os
+import subprocess
+import sys
+
+import pytest
 
 import torch
 
@@ -33,3 +37,37 @@ def test_every_op_has_cuda_kernel_in_cuda_build():
     if info["cuda"]:
         missing = [op for op in lrkernels.registered_ops() if not lrkernels.has_kernel(op, "cuda")]
         assert not missing, f"ops without a CUDA kernel: {missing}"
+
+
+def test_cpu_capability_reporting_and_cap():
+    info = lrkernels.build_info()
+    assert "default" in info["cpu_capabilities_compiled"]
+    assert info["cpu_capability_detected"] in info["cpu_capabilities_compiled"]
+    assert info["cpu_capability"] in ("default", "avx2", "avx512")
+    best = info["cpu_capability_detected"]
+    with lrkernels.use_cpu_capability("default"):
+        assert lrkernels.get_cpu_capability() == "default"
+        with lrkernels.use_cpu_capability("avx512"):  # capped at what this CPU and build run
+            assert lrkernels.get_cpu_capability() == best
+    assert lrkernels.get_cpu_capability() == info["cpu_capability"]
+    with pytest.raises(ValueError, match="capability must be"):
+        lrkernels.set_cpu_capability("sse9")
+
+
+def test_cpu_capability_environment_variable_caps_at_load():
+    """LRKERNELS_CPU_CAPABILITY (as ATEN_CPU_CAPABILITY for PyTorch) is read when the library loads."""
+    code = "import lrkernels; print(lrkernels.get_cpu_capability())"
+    env = dict(os.environ, LRKERNELS_CPU_CAPABILITY="default")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "default"
+    env = dict(os.environ, LRKERNELS_CPU_CAPABILITY="", ATEN_CPU_CAPABILITY="default")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "default"
+
+
+def test_old_cpu_kernel_mode_names_still_work():
+    with lrkernels.use_cpu_kernels("portable"):
+        assert lrkernels.get_cpu_kernels() == "aten"
+    with lrkernels.use_cpu_kernels("fused"):
+        assert lrkernels.get_cpu_kernels() == "blocked"
+    assert lrkernels.get_cpu_kernels() == "auto"

@@ -73,7 +73,7 @@ def test_c3a_forward_matches_oracle(dtype, T, din, dout, b):
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,b", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_c3a_linear_forward_matches_oracle(dtype, T, din, dout, b, bias):
+def test_c3a_linear_forward_matches_oracle(dtype, T, din, dout, b, bias, cpu_capability):
     a = make_inputs(T, din, dout, b, dtype, bias=bias)
     s = 0.37
     y, _ = LIN(a["x"], a["weight"], a["bias"], a["kernel"], s)
@@ -155,7 +155,7 @@ def test_zero_features():
 
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,b", SHAPES)
-def test_c3a_linear_backward_matches_oracle(dtype, T, din, dout, b):
+def test_c3a_linear_backward_matches_oracle(dtype, T, din, dout, b, cpu_capability):
     a = make_inputs(T, din, dout, b, dtype, requires_grad=True)
     s = 0.5
     y = lrkernels.c3a_linear(a["x"], a["weight"], a["bias"], a["kernel"], scale=s)

@@ -101,7 +101,7 @@ SHAPES = [  # (T, in, out, r)
 @pytest.mark.parametrize("T,din,dout,r", SHAPES)
 @pytest.mark.parametrize("variant", ["plain", "gates+dropout", "nobias"])
 def test_forward_matches_oracle(dtype, T, din, dout, r, variant, cpu_kernels):
-    if cpu_kernels == "fused" and dtype == torch.float64:
+    if cpu_kernels == "blocked" and dtype == torch.float64:
         pytest.skip("the AVX-512 kernels take float32 and bfloat16; float64 runs the portable path")
     g = o = variant == "gates+dropout"
     p = 0.25 if variant == "gates+dropout" else 0.0
@@ -116,7 +116,7 @@ def test_forward_matches_oracle(dtype, T, din, dout, r, variant, cpu_kernels):
 @pytest.mark.parametrize("T,din,dout,r", SHAPES[1:])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_backward_matches_oracle(dtype, T, din, dout, r, p, cpu_kernels):
-    if cpu_kernels == "fused" and dtype == torch.float64:
+    if cpu_kernels == "blocked" and dtype == torch.float64:
         pytest.skip("the AVX-512 kernels take float32 and bfloat16; float64 runs the portable path")
     a = make_inputs(T, din, dout, r, dtype, g=True, o=True, requires_grad=True)
     y, _ = run_op(a, 1.3, p, seed=5)
@@ -207,8 +207,8 @@ def test_fused_cpu_kernels_match_portable(T, din, dout, r, p, g, o, bias, needs,
             grads = torch.autograd.grad(y, [a[k] for k in names], torch.randn_like(y))
             return [y, hidden, *grads], names
 
-    fused, names = run("fused")
-    portable, _ = run("portable")
+    fused, names = run("blocked")
+    portable, _ = run("aten")
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     for name, u, v in zip(["y", "hidden", *names], fused, portable):
         assert u.dtype == v.dtype, name
@@ -222,17 +222,17 @@ def test_auto_cpu_kernels_take_the_fused_path_at_scale():
     T = 128 * torch.get_num_threads()
     a = make_inputs(T, 64, 48, 8, torch.float32)
     outs = {}
-    for mode in ("auto", "fused", "portable"):
+    for mode in ("auto", "blocked", "aten"):
         with lrkernels.use_cpu_kernels(mode):
             outs[mode] = run_op(a, 0.9, 0.2, seed=4)[0]
-    assert torch.equal(outs["auto"], outs["fused"])
-    torch.testing.assert_close(outs["auto"], outs["portable"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs["auto"], outs["blocked"])
+    torch.testing.assert_close(outs["auto"], outs["aten"], rtol=1e-5, atol=1e-5)
 
 
 def test_use_cpu_kernels_restores_the_previous_mode():
     with pytest.raises(RuntimeError, match="inside"):
-        with lrkernels.use_cpu_kernels("portable"):
-            assert lrkernels.get_cpu_kernels() == "portable"
+        with lrkernels.use_cpu_kernels("aten"):
+            assert lrkernels.get_cpu_kernels() == "aten"
             raise RuntimeError("inside")
     assert lrkernels.get_cpu_kernels() == "auto"
 

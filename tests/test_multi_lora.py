@@ -100,7 +100,7 @@ def mixed_ranks(L, r_max):
 @pytest.mark.parametrize("T,din,dout,L,r", SHAPES)
 @pytest.mark.parametrize("variant", ["full-rank", "mixed-ranks", "nobias"])
 def test_forward_matches_oracle(dtype, T, din, dout, L, r, variant, cpu_kernels):
-    if cpu_kernels == "fused" and dtype != torch.float32:
+    if cpu_kernels == "blocked" and dtype != torch.float32:
         pytest.skip("the AVX-512 kernels are float32 only; other dtypes run the portable path")
     a = make_inputs(T, din, dout, L, r, dtype, ranks=mixed_ranks(L, r) if variant == "mixed-ranks" else None,
                     bias=variant != "nobias")
@@ -246,10 +246,10 @@ def test_fused_cpu_forward_matches_portable(T, din, dout, L, r_max, ranks, base_
     if zero_scale:
         a["scales"][1] = 0.0
     outs = {}
-    for mode in ("fused", "portable"):
+    for mode in ("blocked", "aten"):
         with lrkernels.use_cpu_kernels(mode):
             outs[mode] = run_op(a)
-    for name, u, v in zip(("y", "hidden"), outs["fused"], outs["portable"]):
+    for name, u, v in zip(("y", "hidden"), outs["blocked"], outs["aten"]):
         torch.testing.assert_close(u, v, rtol=2e-5, atol=2e-5 * max(1.0, v.abs().max().item()), msg=name)
 
 

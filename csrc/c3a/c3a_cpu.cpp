@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "c3a/c3a_checks.h"
+#include "c3a/c3a_cpu_vec.h"
 
 namespace lrkernels {
 namespace {
@@ -27,36 +28,8 @@ inline void deinterleave(const acc_t* __restrict__ src, acc_t* __restrict__ re, 
   }
 }
 
-// The complex multiply-accumulate loops over frequencies: on x86-64 with GCC they are also
-// compiled for AVX2 + FMA, picked at load time (the package is built for the baseline ISA).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LRK_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define LRK_CPU_CLONES
-#endif
-
-// a += x · k over n frequencies, all planar.
-#define LRK_DEFINE_CMAC(T)                                                                                  \
-  LRK_CPU_CLONES void cmac(T* __restrict__ ar, T* __restrict__ ai, const T* __restrict__ xr,                \
-                           const T* __restrict__ xi, const T* __restrict__ kr, const T* __restrict__ ki,    \
-                           int64_t n) {                                                                     \
-    for (int64_t f = 0; f < n; ++f) {                                                                       \
-      ar[f] += xr[f] * kr[f] - xi[f] * ki[f];                                                               \
-      ai[f] += xr[f] * ki[f] + xi[f] * kr[f];                                                               \
-    }                                                                                                       \
-  }                                                                                                         \
-  /* a += conj(g) · x over n frequencies, all planar. */                                                   \
-  LRK_CPU_CLONES void cmac_conj(T* __restrict__ ar, T* __restrict__ ai, const T* __restrict__ gr,           \
-                                const T* __restrict__ gi, const T* __restrict__ xr, const T* __restrict__ xi, \
-                                int64_t n) {                                                                \
-    for (int64_t f = 0; f < n; ++f) {                                                                       \
-      ar[f] += gr[f] * xr[f] + gi[f] * xi[f];                                                               \
-      ai[f] += gr[f] * xi[f] - gi[f] * xr[f];                                                               \
-    }                                                                                                       \
-  }
-LRK_DEFINE_CMAC(float)
-LRK_DEFINE_CMAC(double)
-#undef LRK_DEFINE_CMAC
+// The complex multiply-accumulates over frequencies (cmac, cmac_conj) are the vectorised
+// kernels of c3a_cpu_vec.cpp, run for the instruction set in force.
 
 // The kernel spectrum as planar rows (F re values, then F im values per row), in the order
 // and with the sign the inner loops want.

@@ -48,6 +48,26 @@ inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* o
                    "; mixed dtypes are not supported");
 }
 
+// The mixed-precision rule shared by every adapter family. The compute tensors (x, the frozen
+// base weight and its bias) share one dtype; an adapter tensor (trainable low-rank factors,
+// gates, scales, blocks) has that dtype, or float32 when x is float16/bfloat16 (PEFT keeps
+// adapters in float32 on a low-precision base: `autocast_adapter_dtype`). Low-rank arithmetic
+// accumulates in float32 (float64 for float64), outputs have x's dtype and every gradient comes
+// back in its own tensor's dtype.
+inline bool is_low_precision(at::ScalarType st) { return st == at::kHalf || st == at::kBFloat16; }
+
+inline void check_adapter_param(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(t.defined(), "lrkernels.", op, ": ", name, " is undefined");
+  TORCH_CHECK_VALUE(t.device() == x.device(), "lrkernels.", op, ": ", name, " is on ", t.device(),
+                    " but x is on ", x.device(), "; all tensors must be on one device");
+  const bool ok = t.scalar_type() == x.scalar_type() ||
+                  (t.scalar_type() == at::kFloat && is_low_precision(x.scalar_type()));
+  TORCH_CHECK_TYPE(ok, "lrkernels.", op, ": ", name, " has dtype ", t.scalar_type(), " but x has dtype ",
+                   x.scalar_type(), "; ", name, " must have x's dtype",
+                   is_low_precision(x.scalar_type()) ? " or float32 (an adapter kept in float32 on a low-precision base)"
+                                                     : "");
+}
+
 inline void check_shape(const at::Tensor& t, c10::IntArrayRef expected, const char* op, const char* name,
                         const char* what) {
   TORCH_CHECK_VALUE(t.sizes() == expected, "lrkernels.", op, ": ", name, " must have shape ", what, " = ",

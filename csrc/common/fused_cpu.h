@@ -22,7 +22,7 @@ inline bool use_fused_cpu(const at::Tensor& x, int64_t rows, int64_t min_rows_pe
 #if LRK_HAVE_AVX512_SOURCES
   const bool dtype_ok = x.scalar_type() == at::kFloat || (bfloat16 && x.scalar_type() == at::kBFloat16);
   if (!dtype_ok || !use_avx512()) return false;
-  return cpu_kernels() == CpuKernels::kFused || rows >= min_rows_per_thread * at::get_num_threads();
+  return cpu_kernels() == CpuKernels::kBlocked || rows >= min_rows_per_thread * at::get_num_threads();
 #else
   (void)x;
   (void)rows;

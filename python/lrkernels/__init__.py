@@ -9,8 +9,8 @@ import torch  # noqa: F401  (the native library links against torch: import it f
 
 from . import _C  # noqa: F401  registers torch.ops.lrkernels.*
 from . import ops  # noqa: F401  fakes + autograd for every op
-from ._build import (build_info, get_cpu_kernels, has_kernel, registered_ops, set_cpu_kernels,
-                     use_cpu_kernels)
+from ._build import (build_info, get_cpu_capability, get_cpu_kernels, has_kernel, registered_ops,
+                     set_cpu_capability, set_cpu_kernels, use_cpu_capability, use_cpu_kernels)
 from .ops.common import dropout_mask
 from .ops.lora import lora_linear
 from .ops.c3a import c3a, c3a_linear
@@ -28,6 +28,9 @@ __all__ = [
     "get_cpu_kernels",
     "set_cpu_kernels",
     "use_cpu_kernels",
+    "get_cpu_capability",
+    "set_cpu_capability",
+    "use_cpu_capability",
     "dropout_mask",
     "lora_linear",
     "MultiLoraSegments",

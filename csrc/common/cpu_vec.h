@@ -1,0 +1,45 @@
+// First include of every `*_cpu_vec.cpp` source: the portable vector layer (ATen's
+// at::vec::Vectorized) for the instruction set this copy of the source is compiled for.
+//
+// setup.py compiles each `*_cpu_vec.cpp` once per instruction set, through a generated wrapper
+// in the build folder, with
+//   DEFAULT: -DCPU_CAPABILITY=DEFAULT -DCPU_CAPABILITY_DEFAULT -DLRK_ISA_NS=isa_default
+//   AVX2:    -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -DLRK_ISA_NS=isa_avx2 -mavx2 -mfma -mf16c
+//   AVX-512: -DCPU_CAPABILITY=AVX512 -DCPU_CAPABILITY_AVX512 -DLRK_ISA_NS=isa_avx512
+//            -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c
+// so at::vec's code lands in at::vec::<CAPABILITY> and ours in lrkernels::<LRK_ISA_NS>: the
+// copies never collide. Only these sources are compiled with the wider instruction sets; the
+// ops call them through a kernel table (LRK_DECLARE_VEC_KERNELS in common/cpu_features.h) and
+// only when the CPU runs them. Keep these sources free of at::Tensor and ATen ops: raw pointers
+// and sizes in, results out (the op files do the ATen work, threading included).
+#pragma once
+
+#ifndef LRK_ISA_NS
+#error "a *_cpu_vec.cpp source is compiled by setup.py once per instruction set; do not compile it directly"
+#endif
+
+// (setup.py also passes -Wno-unknown-pragmas: at::vec's headers carry `#pragma unroll` and clang
+// pragmas that GCC does not know, and GCC ignores diagnostic pragmas for those.)
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "common/cpu_features.h"
+
+namespace lrkernels::LRK_ISA_NS {
+
+using at::vec::Vectorized;
+
+// The capability this copy was compiled for.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr CpuCapability kThisCapability = CpuCapability::kAvx512;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr CpuCapability kThisCapability = CpuCapability::kAvx2;
+#else
+constexpr CpuCapability kThisCapability = CpuCapability::kDefault;
+#endif
+
+}  // namespace lrkernels::LRK_ISA_NS
