@@ -204,6 +204,33 @@ def test_apply_update_bad_inputs():
         APPLY(w, proj, upd, True, float("inf"), 1.0, None, None, 0.0)
 
 
+def test_step_ops_refuse_inputs_that_require_grad():
+    """Not differentiable: with grad mode on and an input requiring grad they raise, instead of
+    returning a result that silently has no gradient; under no_grad / on detached inputs they run."""
+    m, v, g = torch.zeros(4, 6), torch.zeros(4, 6), torch.randn(4, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"galore_adam_moments is not differentiable, but its input\(s\) grad"):
+        MOMENTS(m, v, g, 0.9, 0.99, 1e-8)
+    w, proj, upd = torch.zeros(6, 8, requires_grad=True), torch.randn(6, 2), torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match=r"galore_apply_update is not differentiable, but its input\(s\) weight"):
+        APPLY(w, proj, upd, True, -1.0, 1.0, None, None, 0.0)
+    with torch.no_grad():
+        n = MOMENTS(m, v, g, 0.9, 0.99, 1e-8)
+        APPLY(w, proj, upd, True, -1.0, 1.0, None, None, 0.0)
+    assert not n.requires_grad and torch.count_nonzero(w) > 0
+    MOMENTS(m, v, g.detach(), 0.9, 0.99, 1e-8)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_step_ops_under_inference_mode_and_no_grad(mode):
+    m, v, g = torch.zeros(30, 64), torch.zeros(30, 64), torch.randn(30, 64)
+    w, proj = torch.randn(40, 64), torch.randn(40, 30)
+    with getattr(torch, mode)():
+        n = MOMENTS(m, v, g, 0.9, 0.99, 1e-8)
+        APPLY(w, proj, n, True, -1e-3, 1.0, None, None, 0.0)
+    m2, v2 = torch.zeros(30, 64), torch.zeros(30, 64)
+    torch.testing.assert_close(n, MOMENTS(m2, v2, g, 0.9, 0.99, 1e-8))
+
+
 # ---------------------------------------------------------------------------- projectors
 
 @pytest.mark.parametrize("shape,proj_type,left", [((8, 5), "std", False), ((5, 8), "std", True),

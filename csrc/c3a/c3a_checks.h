@@ -43,14 +43,9 @@ inline C3AShapes check_c3a_args(const char* op, const at::Tensor& x, const at::T
                    ": kernel must be a real floating tensor (the circulant blocks' first rows), got ",
                    kernel.scalar_type());
   check_dim(kernel, 3, op, "kernel", "(out_features / b, in_features / b, b)");
-  // The kernel may stay in float32 for float16/bfloat16 inputs (as PEFT keeps it): the FFTs
-  // run in float32 anyway, and training then updates a float32 kernel.
-  TORCH_CHECK_VALUE(kernel.device() == x.device(), "lrkernels.", op, ": kernel is on ", kernel.device(),
-                    " but x is on ", x.device(), "; all tensors must be on one device");
-  const bool low_prec_x = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK_TYPE(kernel.scalar_type() == x.scalar_type() || (low_prec_x && kernel.scalar_type() == at::kFloat),
-                   "lrkernels.", op, ": kernel has dtype ", kernel.scalar_type(), " but x has dtype ",
-                   x.scalar_type(), "; kernel must have x's dtype (or float32 when x is float16 or bfloat16)");
+  // The kernel is an adapter tensor: x's dtype, or float32 on a float16/bfloat16 x (the
+  // mixed-precision rule of common/checks.h; the FFTs run in float32 anyway).
+  check_adapter_param(kernel, x, op, "kernel");
   const int64_t in = x.size(-1), b = kernel.size(2);
   TORCH_CHECK_VALUE(b >= 1, "lrkernels.", op, ": kernel must have shape (out_features / b, in_features / b, b) ",
                     "with block size b >= 1, got ", shape_str(kernel.sizes()));

@@ -5,6 +5,7 @@
 // the notation; the dense ΔW is never built here (that is the oracle's job).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/util/complex.h>
 #include <torch/library.h>
 
@@ -152,11 +153,16 @@ int64_t tile_rows(const C3AShapes& sh) {
   return std::clamp<int64_t>((int64_t{1} << 17) / width, 8, 4096);
 }
 
+// The tiles run ATen ops (FFTs, copies) on worker threads, which start with default
+// thread-local state: each gets the caller's (below autograd, inference mode, ...), so an op
+// called under torch.inference_mode() writes its inference-tensor outputs in inference mode too.
 template <typename Fn>
 void for_each_tile(const C3AShapes& sh, Fn&& fn) {
   const int64_t rows = tile_rows(sh);
   const int64_t tiles = (sh.tokens + rows - 1) / rows;
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, tiles, 1, [&](int64_t a, int64_t b) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t i = a; i < b; ++i) {
       const int64_t r0 = i * rows;
       fn(r0, std::min(rows, sh.tokens - r0));
@@ -283,6 +289,8 @@ void c3a_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at:
 
 std::tuple<at::Tensor, at::Tensor> c3a_cpu(const at::Tensor& x, const at::Tensor& kernel, double scale) {
   const char* op = "c3a";
+  // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const C3AShapes sh = check_c3a_args(op, x, kernel, scale);
   return c3a_forward_cpu(x, nullptr, nullptr, kernel, scale, sh);
 }
@@ -291,6 +299,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> c3a_backward_op
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& kernel_fft,
     double scale, std::array<bool, 2> mask) {
   const char* op = "c3a_backward";
+  // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const C3AShapes sh = check_c3a_args(op, x, kernel, scale);
   check_grad_out(op, grad_out, x, sh);
   check_kernel_fft(op, kernel_fft, x, sh);
@@ -303,6 +313,8 @@ std::tuple<at::Tensor, at::Tensor> c3a_linear_cpu(const at::Tensor& x, const at:
                                                   const std::optional<at::Tensor>& bias, const at::Tensor& kernel,
                                                   double scale) {
   const char* op = "c3a_linear";
+  // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_c3a_linear_base(op, x, weight, bias);
   const C3AShapes sh = check_c3a_args(op, x, kernel, scale, weight.size(0));
   const at::Tensor* bp = (bias.has_value() && bias->defined()) ? &*bias : nullptr;
@@ -313,6 +325,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
 c3a_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                         const at::Tensor& kernel, const at::Tensor& kernel_fft, double scale, std::array<bool, 4> mask) {
   const char* op = "c3a_linear_backward";
+  // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_c3a_linear_base(op, x, weight, std::nullopt);
   const C3AShapes sh = check_c3a_args(op, x, kernel, scale, weight.size(0));
   check_grad_out(op, grad_out, x, sh);

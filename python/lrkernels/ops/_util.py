@@ -46,3 +46,29 @@ def seed_tensor(seed: int, device) -> torch.Tensor:
     if seed >= 1 << 63:
         seed -= 1 << 64
     return torch.tensor(seed, dtype=torch.int64, device=device)
+
+
+_NOT_DIFFERENTIABLE_LIB = {}
+
+
+def register_not_differentiable(op_name: str, why: str) -> None:
+    """Make ``torch.ops.lrkernels.<op_name>`` raise a clear error when called with grad mode on
+    and an input that requires grad, instead of returning outputs with no (or a wrong) gradient.
+    `why` finishes the sentence "lrkernels.<op_name> is not differentiable: ..." (what to use
+    instead). Without such inputs the op runs as usual, below autograd."""
+    op = getattr(torch.ops.lrkernels, op_name).default
+    lib = _NOT_DIFFERENTIABLE_LIB.get("lib")
+    if lib is None:
+        lib = _NOT_DIFFERENTIABLE_LIB["lib"] = torch.library.Library("lrkernels", "IMPL")
+
+    def autograd_kernel(*args):
+        if torch.is_grad_enabled():
+            names = schema_arg_names(op)
+            wants = [n for n, a in zip(names, args) if isinstance(a, torch.Tensor) and a.requires_grad]
+            if wants:
+                raise RuntimeError(
+                    f"lrkernels.{op_name} is not differentiable, but its input(s) {', '.join(wants)} require grad: {why}")
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    lib.impl(op_name, autograd_kernel, "Autograd")

@@ -2,6 +2,7 @@
 
 import torch
 
+from ._autocast import register_autocast
 from ._util import bind, needs_grad, nvtx_range
 
 _fwd = torch.ops.lrkernels.c3a.default
@@ -110,6 +111,10 @@ def _c3a_linear_backward(ctx, grad_y, grad_kernel_fft):
 
 torch.library.register_autograd("lrkernels::c3a_linear", _c3a_linear_backward,
                                 setup_context=_c3a_linear_setup_context)
+# under torch.autocast the input (and the base layer) compute in the autocast dtype; the kernel
+# is an adapter tensor and stays as it is
+register_autocast("c3a", ("x",))
+register_autocast("c3a_linear", ("x", "weight", "bias"))
 
 
 # ---------------------------------------------------------------------------- public wrappers
@@ -126,7 +131,8 @@ def c3a(x, kernel, *, scale=1.0):
 
     x and kernel share a device and a dtype: float32/float16/bfloat16 on CUDA, float32/float64/
     bfloat16 on CPU, except that the kernel may be float32 for float16/bfloat16 x (as PEFT keeps
-    it). The FFTs and the block contraction run in float32 (float64 for float64).
+    it). The FFTs and the block contraction run in float32 (float64 for float64). Under
+    ``torch.autocast`` x is cast to the autocast dtype and the kernel left as it is.
     Differentiable in x and kernel (the exact gradient of the dense product). Returns a
     tensor of shape ``(..., out_features)``.
     """
@@ -144,8 +150,11 @@ def c3a_linear(x, weight, bias, kernel, *, scale=1.0):
         kernel: K, ``(out_features / b, in_features / b, b)`` (see :func:`c3a`).
         scale: s. PEFT's C³A uses ``1 / in_features``.
 
-    Same dtypes and devices as :func:`c3a`. Differentiable in x, weight, bias and kernel;
-    each gradient is computed only when required.
+    Dtypes: x, weight and bias share one (float32/float16/bfloat16 on CUDA, float32/float64/
+    bfloat16 on CPU); the kernel has it or float32 on a float16/bfloat16 x; the output has x's
+    dtype, each gradient its own tensor's. Under ``torch.autocast`` x, weight and bias are cast
+    to the autocast dtype. Differentiable in x, weight, bias and kernel; each gradient is
+    computed only when required.
     """
     with nvtx_range("lrkernels.c3a_linear"):
         y, _ = _lin_fwd(x, weight, bias, kernel, float(scale))

@@ -1,12 +1,13 @@
 """GaLore / Fira step ops: fake kernels and the public wrappers.
 
 Both ops mutate optimizer state or weights in place and are not differentiable (they run
-under ``torch.no_grad`` inside an optimizer step), so they register fakes but no autograd.
+under ``torch.no_grad`` inside an optimizer step): called with grad mode on and an input that
+requires grad they raise, rather than return a result with no gradient.
 """
 
 import torch
 
-from ._util import nvtx_range
+from ._util import nvtx_range, register_not_differentiable
 
 _moments = torch.ops.lrkernels.galore_adam_moments.default
 _apply = torch.ops.lrkernels.galore_apply_update.default
@@ -14,6 +15,12 @@ _apply = torch.ops.lrkernels.galore_apply_update.default
 
 def _update_dtype(exp_avg):
     return torch.float64 if exp_avg.dtype == torch.float64 else torch.float32
+
+
+register_not_differentiable("galore_adam_moments", "it is an optimizer-step kernel; call it under torch.no_grad() "
+                            "on detached gradients (GaLoreAdamW does)")
+register_not_differentiable("galore_apply_update", "it updates a weight in place inside an optimizer step; call it "
+                            "under torch.no_grad() (GaLoreAdamW does)")
 
 
 @torch.library.register_fake("lrkernels::galore_adam_moments")

@@ -1,5 +1,6 @@
 """Optimizers built on the lrkernels ops."""
 
-from .galore import FiraAdamW, GaLoreAdamW
+from .fira import FiraAdamW
+from .galore import GaLoreAdamW
 
 __all__ = ["GaLoreAdamW", "FiraAdamW"]

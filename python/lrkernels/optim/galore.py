@@ -1,4 +1,4 @@
-"""GaLore and Fira AdamW on the fused lrkernels step ops.
+"""GaLore AdamW on the fused lrkernels step ops (Fira in fira.py).
 
 GaLore (Zhao et al., arXiv 2403.03507) keeps Adam's moments in a rank-r subspace of each
 weight's gradient: R = project(G), Adam on R, W ← W − lr·scale·project_back(N), then decoupled
@@ -8,9 +8,12 @@ scaled channel-wise by how much Adam rescaled the subspace part, with a norm-gro
 Each step of a projected weight is two ops: ``galore_adam_moments`` (one pass over the r-sized
 moments) and ``galore_apply_update`` (one GEMM with beta writing W once, plus, for Fira, one
 elementwise pass), so no full-size temporary exists besides the gradient itself.
+
+The seams live in their own files: the AdamW step (_adamw.py), layer-wise hooks
+(_layerwise.py), capturable mode (_capturable.py), FSDP2 sharding (_sharding.py) and the
+checkpoint dtype policy (_checkpoint.py); this file holds the projected step itself.
 """
 
-import math
 import warnings
 from typing import Optional
 
@@ -18,20 +21,17 @@ import torch
 from torch.optim import Optimizer
 
 from ..ops.galore import galore_adam_moments, galore_apply_update
+from ._adamw import AdamWSteps
+from ._capturable import CapturableSteps
+from ._checkpoint import KeepsStateDtypes
+from ._layerwise import LayerwiseSteps
+from ._sharding import ShardedProjection, is_dtensor
 from .projector import PROJ_METHODS, PROJ_TYPES, projects_left, randomized_projector, svd_projector
 
 _NONFINITE = ("skip", "error", None)
 
 
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-class GaLoreAdamW(Optimizer):
+class GaLoreAdamW(AdamWSteps, LayerwiseSteps, CapturableSteps, ShardedProjection, KeepsStateDtypes, Optimizer):
     """AdamW with GaLore's gradient low-rank projection, on fused kernels.
 
     Args:
@@ -117,11 +117,7 @@ class GaLoreAdamW(Optimizer):
         self.accumulation_steps = int(accumulation_steps)
         self.seed = int(seed)
         super().__init__(params, defaults)
-        self._hooks = []
-        if self.layerwise:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._layerwise_hook))
+        self._install_layerwise_hooks()
 
     # ------------------------------------------------------------------ set-up and checks
 
@@ -208,18 +204,6 @@ class GaLoreAdamW(Optimizer):
                 self._finish(w)
         return loss
 
-    def _layerwise_hook(self, p):
-        state = self.state[p]
-        state["micro"] = int(state.get("micro", 0)) + 1
-        if state["micro"] % self.accumulation_steps:
-            return
-        groups = getattr(self, "_group_of", None)
-        if groups is None or id(p) not in groups:
-            groups = self._group_of = {id(q): g for g in self.param_groups for q in g["params"]}
-        with torch.no_grad():
-            self._step_param(p, groups[id(p)])
-        p.grad = None
-
     def _check_finite(self, t, p, state) -> bool:
         """True to go on; False to skip this weight's step. Host sync (nonfinite != None)."""
         if self.nonfinite is None or self.capturable or torch.compiler.is_compiling():
@@ -233,20 +217,6 @@ class GaLoreAdamW(Optimizer):
                                      f"{tuple(p.shape)} at step {state.get('step', 0)}")
         state["skipped"] = int(state.get("skipped", 0)) + 1
         return False
-
-    def _moment_dtype(self, group, p):
-        if group["state_dtype"] is not None:
-            return group["state_dtype"]
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-    def _step_size(self, group, step):
-        lr = group["lr"]
-        if not group["correct_bias"]:
-            return lr
-        beta1, beta2 = group["betas"]
-        if torch.is_tensor(step):  # capturable: a tensor, no host value to specialise on
-            return lr * (1.0 - beta2 ** step).sqrt() / (1.0 - beta1 ** step)
-        return lr * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
 
     def _step_param(self, p, group):
         w = self._prepare(p, group)
@@ -265,11 +235,11 @@ class GaLoreAdamW(Optimizer):
         w = dict(param=p, group=group, state=state)
         if group.get("rank") is None:
             # A DTensor (FSDP2) weight is stepped shard by shard: AdamW is elementwise.
-            w["weight"] = p.to_local() if _is_dtensor(p) else p
-            w["grad"] = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+            w["weight"] = p.to_local() if is_dtensor(p) else p
+            w["grad"] = p.grad.to_local() if is_dtensor(p.grad) else p.grad
             w["check"] = w["grad"]
             return w
-        if _is_dtensor(p):
+        if is_dtensor(p):
             if self.capturable:
                 raise NotImplementedError(f"{type(self).__name__}: capturable=True does not support DTensor parameters")
             return self._prepare_sharded(p, w)
@@ -287,66 +257,11 @@ class GaLoreAdamW(Optimizer):
         w["check"] = w["r_grad"] = proj.t() @ grad if state["project_left"] else grad @ proj.t()
         return w
 
-    def _prepare_sharded(self, p, w):
-        """FSDP2 (DTensor sharded on dim 0 over a 1-D mesh). The projector and the moments are
-        replicated: every rank computes the same ones. R is assembled from the shards with one
-        all-reduce of an r-sized tensor (Pᵀ G = Σ_k P_kᵀ G_k for a left projection; the rows
-        G_k Pᵀ for a right one), so the full gradient is only gathered at refresh steps, for the
-        SVD. Each rank then writes its own rows of W."""
-        import torch.distributed as dist
-        from torch.distributed.tensor import Shard
-        group, state = w["group"], w["state"]
-        placements = p.placements
-        if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
-            raise NotImplementedError(f"{type(self).__name__}: DTensor parameters must be sharded on dim 0 over a "
-                                      f"1-D mesh (FSDP2 fully_shard), got placements {placements}")
-        mesh = p.device_mesh
-        world, me = mesh.size(), mesh.get_local_rank()
-        chunk = -(-p.shape[0] // world)  # torch.chunk's split, which FSDP2 uses
-        local = p.to_local()
-        offset = min(me * chunk, p.shape[0])
-        rows = slice(offset, offset + local.shape[0])
-        g_local = p.grad.to_local().contiguous()
-        w.update(weight=local, grad=g_local, row_offset=offset, pg=mesh.get_group(), full_rows=p.shape[0])
-        if self._refresh_due(group, state, p):
-            full = p.grad.full_tensor()
-            if not self._check_finite(full, p, state):
-                return None
-            self._refresh(p, full, group, state)
-            del full
-        proj = state["projector"]
-        if state["project_left"]:
-            r_grad = proj[rows].t() @ g_local
-        else:
-            r_grad = g_local.new_zeros((p.shape[0], proj.shape[0]))
-            r_grad[rows] = g_local @ proj.t()
-        dist.all_reduce(r_grad, group=w["pg"])
-        w["check"] = w["r_grad"] = r_grad
-        return w
-
     def _finish(self, w):
         if "r_grad" in w:
             self._projected_finish(w)
         else:
             self._adamw_finish(w)
-
-    def _adamw_finish(self, w):
-        local, g, group, state = w["weight"], w["grad"], w["group"], w["state"]
-        if "exp_avg" not in state:
-            dt = self._moment_dtype(group, local)
-            state["exp_avg"] = torch.zeros(local.shape, dtype=dt, device=local.device)
-            state["exp_avg_sq"] = torch.zeros(local.shape, dtype=dt, device=local.device)
-        beta1, beta2 = group["betas"]
-        n = galore_adam_moments(state["exp_avg"], state["exp_avg_sq"], g, beta1=beta1, beta2=beta2,
-                                eps=group["eps"])
-        state["step"] += 1
-        step_size = self._step_size(group, state["step"])
-        if torch.is_tensor(step_size):
-            local.add_((n * -step_size).to(local.dtype))
-        else:
-            local.add_(n.to(local.dtype), alpha=-step_size)
-        if group["weight_decay"] > 0.0:
-            local.add_(local, alpha=-group["lr"] * group["weight_decay"])
 
     # -- projected weights
 
@@ -424,24 +339,6 @@ class GaLoreAdamW(Optimizer):
         else:
             self._apply(w, n, -beta * step_size, beta)
 
-    @torch.no_grad()
-    def prepare_step(self):
-        """capturable mode: refreshes the projectors due at the coming step (the same schedule
-        as without capturable). Call it eagerly, once, before each ``step()``; it reads the
-        gradients, so after backward."""
-        if not self.capturable:
-            return
-        for group in self.param_groups:
-            if group.get("rank") is None:
-                continue
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if self._refresh_due(group, state, p):
-                    self._refresh(p, p.grad.contiguous(), group, state)
-                state["host_step"] = int(state.get("host_step", 0)) + 1
-
     def _apply(self, w, n, alpha, beta, step_scale=None):
         """W ← β·W + α·scale·back(N) (N times step_scale, a tensor, in capturable mode),
         restricted to W's rows when W is a shard."""
@@ -456,91 +353,3 @@ class GaLoreAdamW(Optimizer):
         else:
             galore_apply_update(weight, proj, n[rows], project_left=False, alpha=alpha * group[self._scale_key],
                                 beta=beta)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def load_state_dict(self, state_dict):
-        """Loads a checkpoint; unlike torch.optim's default, the moments keep their saved dtype
-        (float32 moments of a bfloat16 weight stay float32)."""
-        saved = state_dict["state"]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        super().load_state_dict(state_dict)
-        for sid, p in zip(saved_ids, params):
-            if sid not in saved:
-                continue
-            st = self.state[p]
-            for k, v in saved[sid].items():
-                if torch.is_tensor(v):
-                    st[k] = v.to(device=p.device, copy=True)
-
-
-class FiraAdamW(GaLoreAdamW):
-    """Fira's AdamW (the `fira` package's semantics) on the fused kernels.
-
-    Like :class:`GaLoreAdamW` (groups with ``rank``, ``update_proj_gap``, ``proj_type``), with
-    the scale named ``alpha`` as in fira, plus the full-rank residual S = (G − α·back(R)) ⊙ φ,
-    φ the channel-wise ratio ‖N‖/‖R‖ (columns for a left projection, rows for a right one),
-    limited so ‖S‖ grows by at most 1.01× per step. ‖S‖ is computed in closed form from the
-    channel norms of G and R (the projector is orthonormal), never materialising S; the update
-    W ← β(W − step·(α·back(N) + S)) is one elementwise pass over W and G plus one GEMM.
-    """
-
-    _scale_key = "alpha"
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
-                 correct_bias: bool = True, *, alpha: float = 1.0, **kwargs):
-        if "scale" in kwargs:
-            raise TypeError("FiraAdamW: the scale is called 'alpha' (as in the fira package)")
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, scale=alpha, **kwargs)
-
-    @staticmethod
-    def _grad_channel_sq_norms(w, dim, dtype):
-        """Squared norms of G's columns (dim 0) or rows (dim 1); a shard contributes its part and
-        one all-reduce of a vector completes them."""
-        sq = torch.linalg.vector_norm(w["grad"], dim=dim, dtype=dtype).square()
-        if w["pg"] is None:
-            return sq
-        import torch.distributed as dist
-        if dim == 1:
-            full = sq.new_zeros(w["full_rows"])
-            full[w["row_offset"]:w["row_offset"] + sq.shape[0]] = sq
-            sq = full
-        dist.all_reduce(sq, group=w["pg"])
-        return sq
-
-    def _apply(self, w, n, alpha, beta, step_scale=None):
-        weight, grad, group, state = w["weight"], w["grad"], w["group"], w["state"]
-        proj, left = state["projector"], bool(state["project_left"])
-        row_offset = w["row_offset"]
-        a = float(group["alpha"])
-        acc = n.dtype
-        r = w["r_grad"].to(acc)
-        dim = 0 if left else 1  # channels: columns of W for a left projection, rows for a right one
-        phi = torch.linalg.vector_norm(n, dim=dim) / (torch.linalg.vector_norm(r, dim=dim) + 1e-8)
-        g_norm2 = self._grad_channel_sq_norms(w, dim, acc)
-        # ‖g_c − α P Pᵀ g_c‖² = ‖g_c‖² + (α² − 2α)‖r_c‖² for orthonormal P, per channel c.
-        resid2 = (g_norm2 + (a * a - 2.0 * a) * r.square().sum(dim=dim)).clamp_min(0.0)
-        s_norm = (phi.square() * resid2).sum().sqrt()
-        prev = state.get("scaling_grad")
-        if prev is None:
-            limiter = torch.ones((), dtype=acc, device=n.device)
-            state["scaling_grad"] = s_norm
-        else:
-            limiter = torch.clamp(s_norm / (prev.to(acc) + 1e-8), min=1.01) / 1.01
-            state["scaling_grad"] = s_norm / limiter
-        phi = phi / limiter
-        # β(W − step(α P N + φ ⊙ (G − α P R))) = βW − β·step·(φ ⊙ G) − β·step·α·back(N − φ ⊙ R)
-        n_eff = n - (r * phi.unsqueeze(0) if left else r * phi.unsqueeze(1))
-        if step_scale is not None:  # capturable: the step size is a tensor, folded into N and φ
-            n_eff = n_eff * step_scale
-            phi = phi * step_scale
-        rows = slice(row_offset, row_offset + weight.shape[0])
-        if left:
-            galore_apply_update(weight, proj[rows], n_eff, project_left=True, alpha=alpha * a, beta=beta,
-                                residual_grad=grad, residual_scale=phi.unsqueeze(0),
-                                residual_alpha=alpha)
-        else:
-            galore_apply_update(weight, proj, n_eff[rows], project_left=False, alpha=alpha * a, beta=beta,
-                                residual_grad=grad, residual_scale=phi[rows].unsqueeze(1),
-                                residual_alpha=alpha)
