@@ -47,7 +47,9 @@ TORCH_LIBRARY(lrkernels, m) {
   // tokens of adapter l at token_order[adapter_offsets[l] : adapter_offsets[l + 1]];
   // adapter_offsets (L + 1,) int32; base-only tokens come after adapter_offsets[L].
   // token_order must be a permutation of [0, T) and the grouping must come from the same
-  // adapter_ids: the ops follow the grouping (a token listed twice would be computed twice).
+  // adapter_ids: the ops follow the grouping. On CPU a token_order that is not a permutation is
+  // a ValueError; on CUDA it is not checked (no host sync) and the rows of tokens listed twice
+  // or missing are undefined.
   m.def("multi_lora_segments(Tensor adapter_ids, int num_adapters) -> (Tensor, Tensor)");
   // Shrink (SGMV/BGMV "shrink"): hidden[s, t, :r_a] = x_t A[s, a_t, :r_a]ᵀ in float32 (float64 for
   // float64 x), zero elsewhere. lora_a (L, r_max, in) -> hidden (T, r_max), or (S, L, r_max, in)
@@ -61,19 +63,28 @@ TORCH_LIBRARY(lrkernels, m) {
   m.def(
       "lora_expand_(Tensor(a!) y, Tensor hidden, Tensor lora_b, Tensor adapter_ids, Tensor token_order, "
       "Tensor adapter_offsets, Tensor scales, Tensor? ranks, int[]? slice_sizes) -> ()");
-  // The fused layer. Returns (y, hidden), hidden = x A[a_t]ᵀ unscaled (T, r_max) in the
-  // accumulation dtype, saved for the backward op. token_order / adapter_offsets: the batch's
-  // grouping from multi_lora_segments, or None to compute it here.
+  // The fused layer with lora_linear's options, per adapter a = a_t:
+  //   y_t = x_t Wᵀ + b + s[a] · ((g[a] ⊙ (drop(x_t) A[a, :r]ᵀ)) B[a, :, :r]ᵀ) ⊙ o[a]
+  // rank_scale g (L, r_max), out_scale o (L, out_features) (VeRA, gates, DyLoRA per adapter;
+  // None: ones); dropout on the adapter's input, token t's mask being row t of lora_linear's
+  // mask for the same seed (so one adapter on every token is exactly lora_linear). Returns
+  // (y, hidden), hidden = drop(x) A[a_t]ᵀ before the gates (T, r_max) in the accumulation
+  // dtype, saved for the backward op. token_order / adapter_offsets: the batch's grouping from
+  // multi_lora_segments, or None to compute it here.
   m.def(
       "multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "Tensor adapter_ids, Tensor scales, Tensor? ranks, Tensor? token_order, Tensor? adapter_offsets) "
+      "Tensor adapter_ids, Tensor scales, Tensor? ranks, Tensor? token_order, Tensor? adapter_offsets, "
+      "Tensor? rank_scale=None, Tensor? out_scale=None, float dropout_p=0.0, Tensor? seed=None) "
       "-> (Tensor, Tensor)");
-  // Gradients of multi_lora_linear for (x, weight, bias, lora_a, lora_b, scales); lora_a/lora_b
-  // gradients accumulate per adapter over its tokens (zero past each adapter's rank).
+  // Gradients of multi_lora_linear for (x, weight, bias, lora_a, lora_b, scales, rank_scale,
+  // out_scale); adapter gradients accumulate per adapter over its tokens (zero past each
+  // adapter's rank). The dropout mask is regenerated from the seed.
   m.def(
       "multi_lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
       "Tensor adapter_ids, Tensor scales, Tensor? ranks, Tensor hidden, Tensor token_order, "
-      "Tensor adapter_offsets, bool[6] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+      "Tensor adapter_offsets, bool[8] output_mask, Tensor? rank_scale=None, Tensor? out_scale=None, "
+      "float dropout_p=0.0, Tensor? seed=None) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 
   // ---- galore ------------------------------------------------------------------------
   // The low-rank Adam step of GaLore (arXiv 2403.03507) and Fira (arXiv 2410.01623), in place

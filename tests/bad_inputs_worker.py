@@ -83,10 +83,11 @@ def _ml(**over):
 
 
 def ml_call(**over):
+    opt = {k: over.pop(k) for k in ("rank_scale", "out_scale", "dropout_p", "seed") if k in over}
     a = _ml(**over)
     return torch.ops.lrkernels.multi_lora_linear(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"],
                                                  a["adapter_ids"], a["scales"], a["ranks"], a["token_order"],
-                                                 a["adapter_offsets"])[0]
+                                                 a["adapter_offsets"], **opt)[0]
 
 
 def multi_lora_cases():
@@ -116,6 +117,11 @@ def multi_lora_cases():
                               "token_order"),
         "token listed twice": (lambda: ml_call(token_order=dup, adapter_offsets=offsets), "ValueError",
                                "token_order"),
+        "rank_scale per adapter missing": (lambda: ml_call(rank_scale=f(RM)), "ValueError", "rank_scale"),
+        "out_scale wrong width": (lambda: ml_call(out_scale=f(L, OUT + 1)), "ValueError", "out_scale"),
+        "rank_scale float64": (lambda: ml_call(rank_scale=f(L, RM, dtype=torch.float64)), "TypeError", "rank_scale"),
+        "dropout without seed": (lambda: ml_call(dropout_p=0.3), "ValueError", "seed"),
+        "dropout_p = 1": (lambda: ml_call(dropout_p=1.0, seed=seed_tensor(1, "cpu")), "ValueError", "dropout_p"),
         "segments: id out of range": (lambda: torch.ops.lrkernels.multi_lora_segments(torch.tensor([0, 5]), 2),
                                       "ValueError", "adapter_ids"),
         "segments: negative count": (lambda: torch.ops.lrkernels.multi_lora_segments(ids, -1), "ValueError",

@@ -1,7 +1,13 @@
 import os
+import tempfile
 
-import pytest
-import torch
+# Inductor caches compiled graphs across processes (by default under /tmp/torchinductor_$USER)
+# and its cache key does not cover our ops' schemas: a graph compiled by another checkout with
+# a different lrkernels schema would be replayed here. Each test session compiles afresh.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lrkernels-inductor-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import lrkernels  # noqa: F401  (registers the ops)
 

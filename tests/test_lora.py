@@ -340,7 +340,11 @@ def test_compile_inductor_module():
 
 # ---------------------------------------------------------------------------- PEFT equivalence
 
-peft = pytest.importorskip("peft")
+try:
+    import peft
+except ImportError:  # only the tests that need it skip; the rest of the file runs
+    peft = None
+needs_peft = pytest.mark.skipif(peft is None, reason="peft is not installed")
 
 
 class _Tiny(nn.Module):
@@ -352,6 +356,7 @@ class _Tiny(nn.Module):
         return self.proj(x)
 
 
+@needs_peft
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_matches_peft_lora(use_rslora):
     torch.manual_seed(1)
@@ -382,6 +387,7 @@ def test_matches_peft_lora(use_rslora):
     torch.testing.assert_close(m(x.detach()), y_peft.detach(), rtol=1e-5, atol=1e-5)
 
 
+@needs_peft
 def test_matches_peft_vera():
     torch.manual_seed(2)
     model = peft.get_peft_model(_Tiny(), peft.VeraConfig(r=8, target_modules=["proj"], vera_dropout=0.0))
@@ -522,8 +528,13 @@ def test_cuda_forward_backward_matches_oracle(dtype, T, din, dout, r, p):
     assert y.dtype == dtype and hidden.dtype == torch.float32
     cpu = {k: (v.detach().cpu() if v is not None else None) for k, v in a.items()}
     assert_close_to_oracle(y, oracle(cpu, 0.9, p, 21), oracle(cpu, 0.9, p, 21, dtype=torch.float32 if dtype == torch.float32 else dtype).to(dtype) if dtype != torch.float16 else oracle({k: (v.half().float() if v is not None else None) for k, v in cpu.items()}, 0.9, p, 21, dtype=torch.float32).half())
-    h_want = (cpu["x"].double() * ref_dropout_mask(21, T, din, p)) @ cpu["lora_a"].double().T if p > 0 else cpu["x"].double() @ cpu["lora_a"].double().T
-    torch.testing.assert_close(hidden.double().cpu(), h_want, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=2e-2 if dtype != torch.float32 else 1e-4)
+    # hidden = drop(x) Aᵀ accumulated in fp32 from inputs of the low dtype: the products are exact
+    # in fp32 (or rounded once, for fp32 inputs), so the only error is fp32 summation, held per
+    # element to the fp32 evaluation of the same product on the same data (and its magnitude).
+    keep = ref_dropout_mask(21, T, din, p) if p > 0 else torch.ones(T, din, dtype=torch.float64)
+    xd, a64 = cpu["x"].double() * keep, cpu["lora_a"].double()
+    assert_close_to_oracle(hidden, xd @ a64.T, (xd.float() @ a64.float().T), name="hidden",
+                           mag=xd.abs() @ a64.abs().T)
     if T == 0:
         return
     names = [k for k, v in a.items() if v is not None]

@@ -30,4 +30,16 @@ inline DropoutParams make_dropout_params(double p, const std::optional<at::Tenso
   return d;
 }
 
+// The arguments of the dropout_mask op, on both backends: a (rows, cols) mask of a floating
+// dtype the backend writes (float64 on CPU only).
+inline void check_dropout_mask_args(int64_t rows, int64_t cols, at::ScalarType dtype, const at::Tensor& seed) {
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "lrkernels.dropout_mask: rows and cols must be >= 0, got (", rows,
+                    ", ", cols, ")");
+  const bool ok = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                  (dtype == at::kDouble && !seed.is_cuda());
+  TORCH_CHECK_TYPE(ok, "lrkernels.dropout_mask: dtype must be ",
+                   seed.is_cuda() ? "float32, float16 or bfloat16" : "float32, float64, float16 or bfloat16",
+                   " on ", seed.device().type(), ", got ", dtype);
+}
+
 }  // namespace lrkernels

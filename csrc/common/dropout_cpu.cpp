@@ -117,8 +117,7 @@ void dropout_row_keep_bits(uint64_t seed, int64_t row, int64_t groups, uint32_t 
 
 at::Tensor dropout_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t cols, double p,
                             at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "lrkernels.dropout_mask: rows and cols must be >= 0, got (", rows,
-                    ", ", cols, ")");
+  check_dropout_mask_args(rows, cols, dtype, seed);
   auto out = at::empty({rows, cols}, seed.options().dtype(dtype));
   const DropoutParams d = make_dropout_params(p, seed, seed, "dropout_mask");
   if (d.threshold == 0) return out.fill_(1);

@@ -27,8 +27,7 @@ __global__ void dropout_mask_kernel(T* out, int64_t rows, int64_t cols, DropoutP
 }  // namespace
 
 at::Tensor dropout_mask_cuda(const at::Tensor& seed, int64_t rows, int64_t cols, double p, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "lrkernels.dropout_mask: rows and cols must be >= 0, got (", rows,
-                    ", ", cols, ")");
+  check_dropout_mask_args(rows, cols, dtype, seed);
   const c10::cuda::CUDAGuard guard(seed.device());
   auto out = at::empty({rows, cols}, seed.options().dtype(dtype));
   const DropoutParams d = make_dropout_params(p, seed, seed, "dropout_mask");

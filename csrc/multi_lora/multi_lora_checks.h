@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/dropout.h"
 
 namespace lrkernels {
 
@@ -60,7 +61,10 @@ inline void check_scales(const at::Tensor& scales, const at::Tensor& ref, int64_
 }
 
 // token_order (T,) and adapter_offsets (L + 1,), int32, as multi_lora_segments returns them.
-// On CPU their values are checked too, so a hand-made grouping cannot index out of bounds.
+// On CPU their values are checked too (offsets in range, token_order a permutation), so a
+// hand-made grouping cannot index out of bounds, race or leave rows unwritten. On CUDA the
+// values are not read (that would synchronise): indices are bounded, and a grouping that is
+// not a permutation leaves the rows of missing tokens undefined — the caller's contract.
 inline void check_segments(const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& ref,
                            int64_t tokens, int64_t num_adapters, const char* op) {
   TORCH_CHECK_TYPE(order.scalar_type() == at::kInt, "lrkernels.", op,
@@ -80,6 +84,16 @@ inline void check_segments(const at::Tensor& order, const at::Tensor& offsets, c
     if (tokens > 0) {
       TORCH_CHECK_VALUE(order.min().item<int64_t>() >= 0 && order.max().item<int64_t>() < tokens, "lrkernels.",
                         op, ": token_order must hold token indices in [0, T) = [0, ", tokens, ")");
+      // Each token exactly once: a token listed twice would be written by two threads at once
+      // and a missing one would leave its output row uninitialised.
+      const at::Tensor count = at::bincount(order.to(at::kLong), {}, tokens);
+      const bool perm = count.numel() == tokens && count.eq(1).all().item<bool>();
+      if (!perm) {
+        const int64_t bad = count.ne(1).nonzero()[0][0].item<int64_t>();
+        TORCH_CHECK_VALUE(false, "lrkernels.", op, ": token_order must be a permutation of [0, T) = [0, ", tokens,
+                          ") (from multi_lora_segments), but token ", bad, " appears ", count[bad].item<int64_t>(),
+                          " times");
+      }
     }
   }
 }
@@ -122,6 +136,34 @@ inline MultiLoraShapes check_multi_lora_args(const char* op, const at::Tensor& x
   check_ranks(ranks, x, L, r, op);
   check_adapter_ids(adapter_ids, x, L, op);
   return MultiLoraShapes{leading_numel(x), in, out, L, r};
+}
+
+// lora_linear's options on the multi-LoRA layer: per-adapter rank gates (L, r_max), output
+// scales (L, out_features) and dropout on the adapter input. Gates and scales follow the
+// mixed-precision rule of the other adapter tensors.
+struct MultiLoraOptions {
+  bool has_rank_scale = false, has_out_scale = false;
+  DropoutParams dropout;
+  bool any() const { return has_rank_scale || has_out_scale || dropout.threshold != 0; }
+};
+
+inline MultiLoraOptions check_multi_lora_options(const char* op, const at::Tensor& x, const MultiLoraShapes& sh,
+                                                 const std::optional<at::Tensor>& rank_scale,
+                                                 const std::optional<at::Tensor>& out_scale, double dropout_p,
+                                                 const std::optional<at::Tensor>& seed) {
+  MultiLoraOptions o;
+  if (rank_scale.has_value() && rank_scale->defined()) {
+    check_adapter_param(*rank_scale, x, op, "rank_scale");
+    check_shape(*rank_scale, {sh.num_adapters, sh.r_max}, op, "rank_scale", "(L, r_max)");
+    o.has_rank_scale = true;
+  }
+  if (out_scale.has_value() && out_scale->defined()) {
+    check_adapter_param(*out_scale, x, op, "out_scale");
+    check_shape(*out_scale, {sh.num_adapters, sh.out_features}, op, "out_scale", "(L, out_features)");
+    o.has_out_scale = true;
+  }
+  o.dropout = make_dropout_params(dropout_p, seed, x, op);
+  return o;
 }
 
 inline at::ScalarType multi_lora_acc_dtype(const at::Tensor& x) {

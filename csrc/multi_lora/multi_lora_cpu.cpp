@@ -242,9 +242,13 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& adapter_ids, const at::Tensor& scales,
     const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& token_order,
-    const std::optional<at::Tensor>& adapter_offsets) {
+    const std::optional<at::Tensor>& adapter_offsets, const std::optional<at::Tensor>& rank_scale,
+    const std::optional<at::Tensor>& out_scale, double dropout_p, const std::optional<at::Tensor>& seed) {
   const char* op = "multi_lora_linear";
   const MultiLoraShapes sh = check_multi_lora_args(op, x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks);
+  const MultiLoraOptions opts = check_multi_lora_options(op, x, sh, rank_scale, out_scale, dropout_p, seed);
+  TORCH_CHECK_NOT_IMPLEMENTED(!opts.any(), "lrkernels.", op,
+                              ": rank_scale, out_scale and dropout_p > 0 are not implemented on CPU yet");
   TORCH_CHECK_VALUE(token_order.has_value() == adapter_offsets.has_value(), "lrkernels.", op,
                     ": pass both token_order and adapter_offsets (from multi_lora_segments) or neither");
   at::Tensor order, offsets;
@@ -285,16 +289,21 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
 }
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
-           std::optional<at::Tensor>, std::optional<at::Tensor>>
+           std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
 multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& adapter_ids,
                                const at::Tensor& scales, const std::optional<at::Tensor>& ranks,
                                const at::Tensor& hidden, const at::Tensor& token_order,
-                               const at::Tensor& adapter_offsets, std::array<bool, 6> mask) {
+                               const at::Tensor& adapter_offsets, std::array<bool, 8> mask,
+                               const std::optional<at::Tensor>& rank_scale, const std::optional<at::Tensor>& out_scale,
+                               double dropout_p, const std::optional<at::Tensor>& seed) {
   const char* op = "multi_lora_linear_backward";
   const MultiLoraShapes sh =
       check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks);
   check_backward_extras(op, grad_out, hidden, x, sh);
+  const MultiLoraOptions opts = check_multi_lora_options(op, x, sh, rank_scale, out_scale, dropout_p, seed);
+  TORCH_CHECK_NOT_IMPLEMENTED(!opts.any() && !mask[6] && !mask[7], "lrkernels.", op,
+                              ": rank_scale, out_scale and dropout_p > 0 are not implemented on CPU yet");
   check_segments(token_order, adapter_offsets, x, sh.tokens, sh.num_adapters, op);
   // Plain bools, not structured bindings: the per-adapter lambda captures them.
   const bool want_x = mask[0], want_w = mask[1], want_bias = mask[2], want_a = mask[3], want_b = mask[4],
@@ -336,7 +345,7 @@ multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
     if (want_b) gb = gb_acc.to(x.scalar_type());
     if (want_s) gs = gs_acc.to(scales.scalar_type());
   }
-  return {gx, gw, gbias, ga, gb, gs};
+  return {gx, gw, gbias, ga, gb, gs, std::nullopt, std::nullopt};
 }
 
 TORCH_LIBRARY_IMPL(lrkernels, CPU, m) {

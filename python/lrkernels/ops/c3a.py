@@ -3,7 +3,7 @@
 import torch
 
 from ._autocast import register_autocast
-from ._util import bind, needs_grad, nvtx_range
+from ._util import bind, needs_grad, nvtx_range, register_fake
 
 _fwd = torch.ops.lrkernels.c3a.default
 _bwd = torch.ops.lrkernels.c3a_backward.default
@@ -36,13 +36,13 @@ def _fake_outputs(x, kernel):
     return y, kernel_fft
 
 
-@torch.library.register_fake("lrkernels::c3a")
+@register_fake("c3a")
 def _c3a_fake(x, kernel, scale):
     _check_kernel_shape("c3a", x, kernel)
     return _fake_outputs(x, kernel)
 
 
-@torch.library.register_fake("lrkernels::c3a_backward")
+@register_fake("c3a_backward")
 def _c3a_backward_fake(grad_out, x, kernel, kernel_fft, scale, output_mask):
     _check_kernel_shape("c3a_backward", x, kernel)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else None
@@ -50,7 +50,7 @@ def _c3a_backward_fake(grad_out, x, kernel, kernel_fft, scale, output_mask):
     return gx, gk
 
 
-@torch.library.register_fake("lrkernels::c3a_linear")
+@register_fake("c3a_linear")
 def _c3a_linear_fake(x, weight, bias, kernel, scale):
     torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1],
                  lambda: f"lrkernels.c3a_linear: weight must have shape (out_features, in_features), "
@@ -59,7 +59,7 @@ def _c3a_linear_fake(x, weight, bias, kernel, scale):
     return _fake_outputs(x, kernel)
 
 
-@torch.library.register_fake("lrkernels::c3a_linear_backward")
+@register_fake("c3a_linear_backward")
 def _c3a_linear_backward_fake(grad_out, x, weight, kernel, kernel_fft, scale, output_mask):
     _check_kernel_shape("c3a_linear_backward", x, kernel, weight.shape[0])
     like = (x, weight, None, kernel)

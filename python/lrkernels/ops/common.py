@@ -2,10 +2,10 @@
 
 import torch
 
-from ._util import new_seed, seed_tensor
+from ._util import new_seed, register_fake, seed_tensor
 
 
-@torch.library.register_fake("lrkernels::dropout_mask")
+@register_fake("dropout_mask")
 def _dropout_mask_fake(seed, rows, cols, p, dtype):
     return seed.new_empty((rows, cols), dtype=dtype)
 

@@ -7,7 +7,7 @@ requires grad they raise, rather than return a result with no gradient.
 
 import torch
 
-from ._util import nvtx_range, register_not_differentiable
+from ._util import nvtx_range, register_fake, register_not_differentiable
 
 _moments = torch.ops.lrkernels.galore_adam_moments.default
 _apply = torch.ops.lrkernels.galore_apply_update.default
@@ -23,7 +23,7 @@ register_not_differentiable("galore_apply_update", "it updates a weight in place
                             "under torch.no_grad() (GaLoreAdamW does)")
 
 
-@torch.library.register_fake("lrkernels::galore_adam_moments")
+@register_fake("galore_adam_moments")
 def _galore_adam_moments_fake(exp_avg, exp_avg_sq, grad, beta1, beta2, eps):
     torch._check(exp_avg.shape == grad.shape and exp_avg_sq.shape == grad.shape,
                  lambda: f"lrkernels.galore_adam_moments: exp_avg {tuple(exp_avg.shape)} and exp_avg_sq "
@@ -31,7 +31,7 @@ def _galore_adam_moments_fake(exp_avg, exp_avg_sq, grad, beta1, beta2, eps):
     return grad.new_empty(grad.shape, dtype=_update_dtype(exp_avg))
 
 
-@torch.library.register_fake("lrkernels::galore_apply_update")
+@register_fake("galore_apply_update")
 def _galore_apply_update_fake(weight, projector, update, project_left, alpha, beta, residual_grad=None,
                               residual_scale=None, residual_alpha=0.0):
     torch._check(weight.dim() == 2 and projector.dim() == 2 and update.dim() == 2,

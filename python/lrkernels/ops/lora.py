@@ -2,7 +2,7 @@
 
 import torch
 
-from ._util import bind, needs_grad, new_seed, nvtx_range
+from ._util import bind, needs_grad, new_seed, nvtx_range, register_fake
 
 _fwd = torch.ops.lrkernels.lora_linear.default
 _bwd = torch.ops.lrkernels.lora_linear_backward.default
@@ -14,7 +14,7 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("lrkernels::lora_linear")
+@register_fake("lora_linear")
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, rank_scale, out_scale, dropout_p, seed):
     torch._check(x.dim() >= 1, lambda: "lrkernels.lora_linear: x must have shape (..., in_features)")
     torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1],
@@ -30,7 +30,7 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, rank_scale, out_sc
     return y, hidden
 
 
-@torch.library.register_fake("lrkernels::lora_linear_backward")
+@register_fake("lora_linear_backward")
 def _lora_linear_backward_fake(grad_out, x, weight, lora_a, lora_b, hidden, scale, rank_scale, out_scale,
                                dropout_p, seed, output_mask):
     like = (x, weight, None, lora_a, lora_b, rank_scale, out_scale)

@@ -5,7 +5,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from ._util import bind, needs_grad, nvtx_range
+from ._util import bind, needs_grad, new_seed, nvtx_range, register_fake, register_not_differentiable
 
 _segments = torch.ops.lrkernels.multi_lora_segments.default
 _shrink = torch.ops.lrkernels.lora_shrink.default
@@ -13,7 +13,7 @@ _expand = torch.ops.lrkernels.lora_expand_.default
 _fwd = torch.ops.lrkernels.multi_lora_linear.default
 _bwd = torch.ops.lrkernels.multi_lora_linear_backward.default
 
-_GRAD_INPUTS = ("x", "weight", "bias", "lora_a", "lora_b", "scales")
+_GRAD_INPUTS = ("x", "weight", "bias", "lora_a", "lora_b", "scales", "rank_scale", "out_scale")
 
 
 def _acc_dtype(x):
@@ -22,7 +22,7 @@ def _acc_dtype(x):
 
 # ---------------------------------------------------------------------------- fakes
 
-@torch.library.register_fake("lrkernels::multi_lora_segments")
+@register_fake("multi_lora_segments")
 def _segments_fake(adapter_ids, num_adapters):
     torch._check(num_adapters >= 0, lambda: "lrkernels.multi_lora_segments: num_adapters must be >= 0")
     order = adapter_ids.new_empty((adapter_ids.numel(),), dtype=torch.int32)
@@ -30,7 +30,7 @@ def _segments_fake(adapter_ids, num_adapters):
     return order, offsets
 
 
-@torch.library.register_fake("lrkernels::lora_shrink")
+@register_fake("lora_shrink")
 def _shrink_fake(x, lora_a, adapter_ids, token_order, adapter_offsets, ranks):
     torch._check(lora_a.dim() in (3, 4), lambda: "lrkernels.lora_shrink: lora_a must be (L, r_max, in) or "
                                                  "(S, L, r_max, in)")
@@ -41,15 +41,16 @@ def _shrink_fake(x, lora_a, adapter_ids, token_order, adapter_offsets, ranks):
     return x.new_empty(shape, dtype=_acc_dtype(x))
 
 
-@torch.library.register_fake("lrkernels::lora_expand_")
+@register_fake("lora_expand_")
 def _expand_fake(y, hidden, lora_b, adapter_ids, token_order, adapter_offsets, scales, ranks, slice_sizes):
     torch._check(y.dim() == 2 and lora_b.dim() == 3 and y.shape[1] == lora_b.shape[1],
                  lambda: "lrkernels.lora_expand_: y must be (T, out_total) and lora_b (L, out_total, r_max)")
     return None
 
 
-@torch.library.register_fake("lrkernels::multi_lora_linear")
-def _fwd_fake(x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks, token_order, adapter_offsets):
+@register_fake("multi_lora_linear")
+def _fwd_fake(x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks, token_order, adapter_offsets,
+              rank_scale=None, out_scale=None, dropout_p=0.0, seed=None):
     torch._check(x.dim() >= 1, lambda: "lrkernels.multi_lora_linear: x must have shape (..., in_features)")
     torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1],
                  lambda: "lrkernels.multi_lora_linear: weight must have shape (out_features, in_features)")
@@ -64,10 +65,10 @@ def _fwd_fake(x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks, token
     return y, hidden
 
 
-@torch.library.register_fake("lrkernels::multi_lora_linear_backward")
+@register_fake("multi_lora_linear_backward")
 def _bwd_fake(grad_out, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, hidden, token_order,
-              adapter_offsets, output_mask):
-    like = (x, weight, None, lora_a, lora_b, scales)
+              adapter_offsets, output_mask, rank_scale=None, out_scale=None, dropout_p=0.0, seed=None):
+    like = (x, weight, None, lora_a, lora_b, scales, rank_scale, out_scale)
     out = []
     for want, ref in zip(output_mask, like):
         if not want:
@@ -86,21 +87,33 @@ def _setup_context(ctx, inputs, output):
     _, hidden = output
     ctx.mark_non_differentiable(hidden)
     ctx.save_for_backward(a["x"], a["weight"], a["lora_a"], a["lora_b"], a["adapter_ids"], a["scales"], a["ranks"],
-                          hidden, a["token_order"], a["adapter_offsets"])
+                          hidden, a["token_order"], a["adapter_offsets"], a["rank_scale"], a["out_scale"], a["seed"])
+    ctx.dropout_p = a["dropout_p"]
     ctx.output_mask = [needs_grad(ctx, _fwd, n) for n in _GRAD_INPUTS]
 
 
 def _backward(ctx, grad_y, grad_hidden):
-    x, weight, lora_a, lora_b, ids, scales, ranks, hidden, order, offsets = ctx.saved_tensors
+    x, weight, lora_a, lora_b, ids, scales, ranks, hidden, order, offsets, rank_scale, out_scale, seed = \
+        ctx.saved_tensors
     if order is None:  # the forward grouped the tokens itself: group them again (cheap, device-side)
         order, offsets = _segments(ids, lora_a.shape[0])
-    gx, gw, gbias, ga, gb, gs = _bwd(grad_y.contiguous(), x, weight, lora_a, lora_b, ids, scales, ranks, hidden,
-                                     order, offsets, ctx.output_mask)
-    # schema order: x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks, token_order, adapter_offsets
-    return gx, gw, gbias, ga, gb, None, gs, None, None, None
+    gx, gw, gbias, ga, gb, gs, gg, go = _bwd(grad_y.contiguous(), x, weight, lora_a, lora_b, ids, scales, ranks,
+                                             hidden, order, offsets, ctx.output_mask, rank_scale=rank_scale,
+                                             out_scale=out_scale, dropout_p=ctx.dropout_p, seed=seed)
+    # schema order: x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks, token_order, adapter_offsets,
+    # rank_scale, out_scale, dropout_p, seed
+    return gx, gw, gbias, ga, gb, None, gs, None, None, None, gg, go, None, None
 
 
 torch.library.register_autograd("lrkernels::multi_lora_linear", _backward, setup_context=_setup_context)
+
+
+# The serving building blocks have no backward: called on inputs that require grad they raise
+# instead of returning a result with no gradient (lora_shrink would return a silently detached
+# hidden, lora_expand_ would drop B's gradient).
+_TRAIN_INSTEAD = "train through lrkernels.multi_lora_linear (or MultiLoRALinear), which has a backward"
+register_not_differentiable("lora_shrink", _TRAIN_INSTEAD)
+register_not_differentiable("lora_expand_", _TRAIN_INSTEAD)
 
 
 # ---------------------------------------------------------------------------- public wrappers
@@ -141,7 +154,8 @@ def _flat_ids(adapter_ids, x):
 
 
 def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, ranks=None,
-                      segments: Optional[MultiLoraSegments] = None):
+                      segments: Optional[MultiLoraSegments] = None, rank_scale=None, out_scale=None,
+                      dropout_p=0.0, generator=None):
     """Multi-LoRA linear layer: token t uses its own adapter a_t (and rank r_a):
 
     ``y_t = x_t Wᵀ + b + scales[a_t] · (x_t A[a_t, :r_a]ᵀ) B[a_t, :, :r_a]ᵀ``, a_t = -1: base only.
@@ -158,6 +172,16 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, r
         segments: the batch's :func:`multi_lora_segments` of the per-token ids (x's leading
             shape), to compute the grouping once for all layers of a forward pass; None
             groups here.
+        rank_scale: ``(L, r_max)`` or None: per-adapter, per-rank scale (VeRA's λ_d, rank
+            gates, DyLoRA masks), as lora_linear's ``rank_scale`` for each adapter.
+        out_scale: ``(L, out)`` or None: per-adapter, per-output scale (VeRA's λ_b).
+        dropout_p, generator: inverted dropout on the adapters' input, as in
+            :func:`lora_linear` (token t's mask is row t of lora_linear's mask for the same
+            seed); modules pass 0 in eval mode.
+
+    Adapter tensors (lora_a, lora_b, scales, rank_scale, out_scale) have x's dtype or, on a
+    bfloat16/float16 x, float32 (PEFT's default); the adapter path accumulates in float32
+    and each gradient comes back in its tensor's dtype.
 
     On CPU an adapter id outside ``[-1, L)`` or a rank outside ``[0, r_max]`` raises
     ValueError. On CUDA (no host synchronisation) such ids are treated as -1 and ranks are
@@ -167,7 +191,9 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, r
     ids = _flat_ids(adapter_ids, x)
     order, offsets = (None, None) if segments is None else (segments.token_order, segments.adapter_offsets)
     with nvtx_range("lrkernels.multi_lora_linear"):
-        y, _ = _fwd(x, weight, bias, lora_a, lora_b, ids, scales, ranks, order, offsets)
+        seed = new_seed(x.device, generator) if dropout_p > 0 else None
+        y, _ = _fwd(x, weight, bias, lora_a, lora_b, ids, scales, ranks, order, offsets, rank_scale=rank_scale,
+                    out_scale=out_scale, dropout_p=float(dropout_p), seed=seed)
     return y
 
 

@@ -2,20 +2,28 @@
 
 import torch
 
+from .philox import dropout_mask
+
 
 def _ranks_list(ranks, L, r_max):
     return [r_max] * L if ranks is None else [int(r) for r in ranks.tolist()]
 
 
-def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, ranks=None, dtype=torch.float64):
-    """y_t = x_t Wᵀ + b + scales[a_t] · (x_t A[a_t, :r]ᵀ) B[a_t, :, :r]ᵀ, token by token, every
-    operand cast to `dtype`; a_t = -1 leaves the base output. Differentiable (plain autograd),
-    so it is also the gradient oracle for x, weight, bias, lora_a, lora_b and scales."""
+def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, ranks=None, rank_scale=None,
+                      out_scale=None, dropout_p=0.0, seed=0, dtype=torch.float64):
+    """y_t = x_t Wᵀ + b + s[a] · ((g[a] ⊙ (drop(x_t) A[a, :r]ᵀ)) B[a, :, :r]ᵀ) ⊙ o[a], a = a_t,
+    token by token, every operand cast to `dtype`; a_t = -1 leaves the base output. The
+    dropout mask of token t is row t of the kernels' Philox mask for `seed` (lora_linear's).
+    Differentiable (plain autograd), so it is also the gradient oracle."""
     c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     x, weight, bias, lora_a, lora_b, scales = c(x), c(weight), c(bias), c(lora_a), c(lora_b), c(scales)
+    rank_scale, out_scale = c(rank_scale), c(out_scale)
     L, r_max = lora_a.shape[0], lora_a.shape[1]
     rk = _ranks_list(ranks, L, r_max)
     x2 = x.reshape(-1, x.shape[-1])
+    xd = x2
+    if dropout_p > 0:
+        xd = x2 * dropout_mask(int(seed), x2.shape[0], x2.shape[1], dropout_p, dtype=dtype).to(x2.device)
     ids = adapter_ids.reshape(-1).tolist()
     base = x2 @ weight.T
     if bias is not None:
@@ -25,8 +33,13 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, r
         row = base[t]
         if a >= 0:
             r = rk[a]
-            h = lora_a[a, :r] @ x2[t]
-            row = row + scales[a] * (lora_b[a, :, :r] @ h)
+            h = lora_a[a, :r] @ xd[t]
+            if rank_scale is not None:
+                h = h * rank_scale[a, :r]
+            z = scales[a] * (lora_b[a, :, :r] @ h)
+            if out_scale is not None:
+                z = z * out_scale[a]
+            row = row + z
         rows.append(row)
     y = torch.stack(rows) if rows else base
     return y.reshape(*x.shape[:-1], weight.shape[0])
