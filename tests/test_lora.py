@@ -12,7 +12,7 @@ from lrkernels.ops._util import seed_tensor
 from lrkernels.reference import lora as ref
 from lrkernels.reference.philox import dropout_mask as ref_dropout_mask, philox4x32_10
 
-from conftest import HAS_AVX512, assert_close_to_oracle, cpu_dtypes, cuda_dtypes
+from conftest import abs_inputs, assert_close_to_oracle, cpu_dtypes, cuda_dtypes
 
 OP = torch.ops.lrkernels.lora_linear.default
 BWD = torch.ops.lrkernels.lora_linear_backward.default
@@ -102,7 +102,7 @@ SHAPES = [  # (T, in, out, r)
 @pytest.mark.parametrize("variant", ["plain", "gates+dropout", "nobias"])
 def test_forward_matches_oracle(dtype, T, din, dout, r, variant, cpu_kernels):
     if cpu_kernels == "blocked" and dtype == torch.float64:
-        pytest.skip("the AVX-512 kernels take float32 and bfloat16; float64 runs the portable path")
+        pytest.skip("the blocked kernels take float32 and bfloat16; float64 runs the ATen path")
     g = o = variant == "gates+dropout"
     p = 0.25 if variant == "gates+dropout" else 0.0
     a = make_inputs(T, din, dout, r, dtype, bias=variant != "nobias", g=g, o=o)
@@ -117,7 +117,7 @@ def test_forward_matches_oracle(dtype, T, din, dout, r, variant, cpu_kernels):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_backward_matches_oracle(dtype, T, din, dout, r, p, cpu_kernels):
     if cpu_kernels == "blocked" and dtype == torch.float64:
-        pytest.skip("the AVX-512 kernels take float32 and bfloat16; float64 runs the portable path")
+        pytest.skip("the blocked kernels take float32 and bfloat16; float64 runs the ATen path")
     a = make_inputs(T, din, dout, r, dtype, g=True, o=True, requires_grad=True)
     y, _ = run_op(a, 1.3, p, seed=5)
     gy = torch.randn_like(y)
@@ -182,12 +182,11 @@ FUSED_CASES = [  # (T, in, out, r, p, gates, out_scale, bias): tails in every di
 ]
 
 
-@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512")
 @pytest.mark.parametrize("T,din,dout,r,p,g,o,bias", FUSED_CASES)
 @pytest.mark.parametrize("needs", ["all", "x only", "lora only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_cpu_kernels_match_portable(T, din, dout, r, p, g, o, bias, needs, dtype):
-    """The AVX-512 path against the portable one on the same inputs and seed: outputs and every
+def test_fused_cpu_kernels_match_portable(T, din, dout, r, p, g, o, bias, needs, dtype, cpu_capability):
+    """The blocked path (at::vec, each instruction set) against the ATen one on the same inputs and seed: outputs and every
     gradient agree to float32 rounding (bfloat16: to a few bfloat16 ulps, the two paths round
     at different points), so the dropout masks are the same, whichever subset of gradients is
     asked for."""
@@ -216,9 +215,10 @@ def test_fused_cpu_kernels_match_portable(T, din, dout, r, p, g, o, bias, needs,
                                    msg=name)
 
 
-@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512")
+@pytest.mark.skipif(lrkernels.get_cpu_capability() == "default",
+                    reason="without a vectorised instruction set auto keeps to the ATen path")
 def test_auto_cpu_kernels_take_the_fused_path_at_scale():
-    """At 128 rows per thread "auto" runs the AVX-512 kernels: bitwise the same as "fused"."""
+    """At 128 rows per thread "auto" runs the blocked kernels: bitwise the same as "blocked"."""
     T = 128 * torch.get_num_threads()
     a = make_inputs(T, 64, 48, 8, torch.float32)
     outs = {}
@@ -284,6 +284,112 @@ def test_public_wrapper_and_generator():
     y1 = lrkernels.lora_linear(a["x"], a["weight"], None, a["lora_a"], a["lora_b"], dropout_p=0.5, generator=g1)
     y2 = lrkernels.lora_linear(a["x"], a["weight"], None, a["lora_a"], a["lora_b"], dropout_p=0.5, generator=g2)
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- mixed precision
+
+ADAPTER_KEYS = ("lora_a", "lora_b", "rank_scale", "out_scale")
+
+
+def mixed_inputs(T, din, dout, r, dtype, *, bias=True, g=True, o=True, requires_grad=False):
+    """x, weight, bias in `dtype` (bfloat16), the adapter tensors in float32: PEFT's default."""
+    a = make_inputs(T, din, dout, r, torch.float32, bias=bias, g=g, o=o)
+    a = {k: (None if v is None else v.to(torch.float32 if k in ADAPTER_KEYS else dtype)) for k, v in a.items()}
+    if requires_grad:
+        for v in a.values():
+            if v is not None:
+                v.requires_grad_(True)
+    return a
+
+
+def mixed_low_prec(a, scale, p, seed):
+    """What PEFT computes on a low-precision base with float32 adapters: the base layer in x's
+    dtype, the adapter path in float32 on x cast to float32, the sum rounded to x's dtype.
+    Differentiable, so its gradients are the low-precision references of the gradient bounds."""
+    dtype = a["x"].dtype
+    base = torch.nn.functional.linear(a["x"], a["weight"], a["bias"])
+    adapter = oracle({**a, "x": a["x"].float(), "weight": torch.zeros_like(a["weight"], dtype=torch.float32),
+                      "bias": None}, scale, p, seed, dtype=torch.float32)
+    return (base.float() + adapter).to(dtype)
+
+
+@pytest.mark.parametrize("T,din,dout,r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("variant", ["plain", "gates", "nobias"])
+def test_mixed_precision_forward_matches_oracle(T, din, dout, r, p, variant, cpu_kernels):
+    """bf16 activations and base weight with float32 adapters: output in bf16, hidden in float32,
+    within twice the error of PEFT's own mixed-precision arithmetic (per element)."""
+    a = mixed_inputs(T, din, dout, r, torch.bfloat16, bias=variant != "nobias", g=variant == "gates",
+                     o=variant == "gates")
+    y, hidden = run_op(a, 0.7, p, seed=99)
+    assert y.dtype == torch.bfloat16 and hidden.dtype == torch.float32 and y.shape == (T, dout)
+    mag = oracle(abs_inputs(a), 0.7, p, 99)
+    assert_close_to_oracle(y, oracle(a, 0.7, p, 99), mixed_low_prec(a, 0.7, p, 99), mag=mag)
+    # hidden is float32 arithmetic on exact float32 copies of the bf16 x
+    xd = a["x"].double() * (ref_dropout_mask(99, T, din, p) if p > 0 else 1.0)
+    h64 = xd @ a["lora_a"].double().T
+    assert_close_to_oracle(hidden, h64, (xd.float() @ a["lora_a"].T).double(), name="hidden",
+                           mag=xd.abs() @ a["lora_a"].double().abs().T)
+
+
+@pytest.mark.parametrize("T,din,dout,r", SHAPES[1:])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_mixed_precision_backward_matches_oracle(T, din, dout, r, p, cpu_kernels):
+    """Each gradient in its own parameter's dtype (x, weight, bias: bf16; A, B, g, o: float32),
+    within twice the error of PEFT's mixed-precision arithmetic, element by element."""
+    a = mixed_inputs(T, din, dout, r, torch.bfloat16, requires_grad=True)
+    y, _ = run_op(a, 1.3, p, seed=5)
+    gy = torch.randn_like(y)
+    names = [k for k, v in a.items() if v is not None]
+    grads = torch.autograd.grad(y, [a[k] for k in names], gy)
+    leaf64 = {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in a.items()}
+    g64 = torch.autograd.grad(oracle(leaf64, 1.3, p, 5), [leaf64[k] for k in names], gy.double())
+    leafl = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in a.items()}
+    gl = torch.autograd.grad(mixed_low_prec(leafl, 1.3, p, 5), [leafl[k] for k in names], gy)
+    # magnitudes: the gradient formulas on absolute values (|dy|, |x|, every factor)
+    leafm = {k: (v.detach().abs().double().requires_grad_(True) if v is not None else None) for k, v in a.items()}
+    gm = torch.autograd.grad(oracle(leafm, 1.3, p, 5), [leafm[k] for k in names], gy.abs().double())
+    for k, got, want, low, mag in zip(names, grads, g64, gl, gm):
+        assert got.dtype == a[k].dtype and got.shape == a[k].shape, k
+        assert_close_to_oracle(got, want, low, name=f"grad {k}", mag=mag)
+
+
+@pytest.mark.parametrize("x_dtype,adapter_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float64),
+                                                   (torch.float64, torch.float32)])
+def test_mixed_precision_rejects_other_adapter_dtypes(x_dtype, adapter_dtype):
+    a = make_inputs(6, 16, 12, 4, x_dtype, g=True, o=True)
+    for k in ADAPTER_KEYS:
+        b = dict(a)
+        b[k] = a[k].to(adapter_dtype)
+        with pytest.raises(TypeError, match=f"{k} has dtype"):
+            run_op(b, 1.0, 0.0, 0)
+
+
+def test_mixed_precision_opcheck():
+    a = mixed_inputs(5, 12, 7, 3, torch.bfloat16, requires_grad=True)
+    seed = seed_tensor(1, "cpu")
+    args = (a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], 0.5, a["rank_scale"], a["out_scale"], 0.2, seed)
+    torch.library.opcheck(OP, args)
+    y, hidden = OP(*args)
+    torch.library.opcheck(BWD, (torch.randn_like(y), a["x"].detach(), a["weight"].detach(), a["lora_a"].detach(),
+                                a["lora_b"].detach(), hidden, 0.5, a["rank_scale"].detach(),
+                                a["out_scale"].detach(), 0.2, seed, [True] * 7))
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_mode_and_no_grad(mode, dtype, cpu_kernels):
+    """Calls under torch.inference_mode() / torch.no_grad(), with enough rows for every parallel
+    region to run on worker threads, give the same output as a plain call."""
+    a = make_inputs(300, 40, 24, 5, dtype, g=True, o=True)
+    want = run_op(a, 0.6, 0.2, seed=13)
+    ctx = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    with ctx:
+        got = run_op(a, 0.6, 0.2, seed=13)
+        y = lrkernels.lora_linear(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], dropout_p=0.1)
+    assert y.shape == (300, 24)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------- opcheck / compile

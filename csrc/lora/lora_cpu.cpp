@@ -9,6 +9,7 @@
 
 #include "common/avx512.h"
 #include "common/fused_cpu.h"
+#include "common/parallel_cpu.h"
 #include "common/dropout.h"
 #include "common/dropout_cpu.h"
 #include "lora/lora_checks.h"
@@ -48,9 +49,7 @@ at::Tensor shrink_with_dropout(const at::Tensor& x2, const at::Tensor& a_acc, co
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x2.scalar_type(), "lora_shrink_dropout_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* xp = x2.data_ptr<scalar_t>();
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      // worker threads do not inherit the caller's dispatch state: stay below autograd here too
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    parallel_for_caller_state(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> xd(static_cast<size_t>(kRowBlock * cols));
       std::vector<uint32_t> bits(static_cast<size_t>(kRowBlock * ((cols + 7) / 8)));
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -80,9 +79,7 @@ at::Tensor grad_in_with_dropout(const at::Tensor& x2, const at::Tensor& du, cons
     scalar_t* dxp = dx ? dx->data_ptr<scalar_t>() : nullptr;
     const acc_t ks = static_cast<acc_t>(d.keep_scale);
     const int64_t groups = (cols + 7) / 8;
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      // worker threads do not inherit the caller's dispatch state: stay below autograd here too
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    parallel_for_caller_state(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> xd(static_cast<size_t>(kRowBlock * cols));
       std::vector<acc_t> dl(dxp ? static_cast<size_t>(kRowBlock * cols) : 0);
       std::vector<uint32_t> bits(static_cast<size_t>(kRowBlock * groups));
@@ -120,8 +117,7 @@ std::pair<at::Tensor, at::Tensor> grad_out_pass(const at::Tensor& dya, const at:
   at::Tensor dh = b_eff.defined() ? at::empty({rows, r}, opts) : at::Tensor();
   constexpr int64_t kBlock = 128;
   const int64_t nblocks = (rows + kBlock - 1) / kBlock;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  parallel_for_caller_state(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor mine = h.defined() ? partial[at::get_thread_num()] : at::Tensor();
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * kBlock, nb = std::min(kBlock, rows - t0);
@@ -194,9 +190,7 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x2, const at:
   const float* btp = bt.data_ptr<float>();
   float* hp = hidden.data_ptr<float>();
   E* yp = elems<E>(y);
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    // worker threads do not inherit the caller's dispatch state: stay below autograd here too
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  parallel_for_caller_state(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> scratch(static_cast<size_t>(lora_avx512::scratch_floats(in)));
     std::vector<uint32_t> bits(static_cast<size_t>(lora_avx512::scratch_bits(in)));
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -249,8 +243,7 @@ FusedGrads backward_fused(const at::Tensor& dy2, const at::Tensor& x2, const at:
   const int64_t rb = fused_row_block(rows), nblocks = (rows + rb - 1) / rb;
   const at::Tensor a_c = lora_a.to(at::kFloat).contiguous();
   const float* gainp = gain.data_ptr<float>();
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  parallel_for_caller_state(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     float* pp = want_p ? g.p[tid].data_ptr<float>() : nullptr;
     float* dap = want_a ? g.da[tid].data_ptr<float>() : nullptr;
@@ -292,7 +285,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
   const char* op = "lora_linear";
   // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const LoraShapes sh = check_lora_args(op, x, weight, bias, lora_a, lora_b, scale, rank_scale, out_scale);
+  const LoraShapes sh = check_lora_args(op, x, weight, bias, lora_a, lora_b, scale, rank_scale, out_scale,
+                                        /*fp32_adapters=*/true);
   const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
   const auto acc = lora_acc_dtype(x);
   const auto acc_opts = x.options().dtype(acc);
@@ -330,7 +324,7 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
   const char* op = "lora_linear_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const LoraShapes sh = check_lora_backward_args(op, grad_out, x, weight, lora_a, lora_b, hidden, scale, rank_scale,
-                                                 out_scale, mask);
+                                                 out_scale, mask, /*fp32_adapters=*/true);
   const auto acc = lora_acc_dtype(x);
   const auto acc_opts = x.options().dtype(acc);
   const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
@@ -355,11 +349,10 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
       const auto run = x.scalar_type() == at::kFloat ? &backward_fused<float> : &backward_fused<uint16_t>;
       FusedGrads fg = run(dy2, x2, weight, lora_a, b_eff, gain, hid.contiguous(), want_x, want_a, want_b || want_o,
                           need_dh, d);
-      const auto dt = x.scalar_type();
-      if (want_b) gb = (o ? fg.p * o->to(acc).unsqueeze(1) : fg.p).to(dt);
-      if (want_o && o) go = (fg.p * b_acc).sum(1).to(dt);
-      if (want_g && g) gg = ((fg.dh * hid).sum(0) * scale).to(dt);
-      if (want_a) ga = fg.da.to(dt);
+      if (want_b) gb = (o ? fg.p * o->to(acc).unsqueeze(1) : fg.p).to(lora_b.scalar_type());
+      if (want_o && o) go = (fg.p * b_acc).sum(1).to(o->scalar_type());
+      if (want_g && g) gg = ((fg.dh * hid).sum(0) * scale).to(g->scalar_type());
+      if (want_a) ga = fg.da.to(lora_a.scalar_type());
       if (want_x) gx = fg.dx.view(x.sizes());
       return {gx, gw, gbias, ga, gb, gg, go};
     }
@@ -369,20 +362,20 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
     auto [p, dh] = grad_out_pass(dya, (want_b || want_o) ? (hid * gain).contiguous() : at::Tensor(),
                                  need_dh ? b_eff.contiguous() : at::Tensor());
     // ∂L/∂B = o ⊙ P (row-wise), ∂L/∂o = Σ_j B ⊙ P.
-    if (want_b) gb = (o ? p * o->to(acc).unsqueeze(1) : p).to(x.scalar_type());
-    if (want_o && o) go = (p * b_acc).sum(1).to(x.scalar_type());
+    if (want_b) gb = (o ? p * o->to(acc).unsqueeze(1) : p).to(lora_b.scalar_type());
+    if (want_o && o) go = (p * b_acc).sum(1).to(o->scalar_type());
     if (need_dh) {
-      if (want_g && g) gg = ((dh * hid).sum(0) * scale).to(x.scalar_type());
+      if (want_g && g) gg = ((dh * hid).sum(0) * scale).to(g->scalar_type());
       const at::Tensor du = (dh * gain).contiguous();  // ∂L/∂u
       const at::Tensor a_acc = lora_a.to(acc).contiguous();
       at::Tensor dx;
       if (d.threshold == 0) {
         if (want_x) dx = at::mm(du, a_acc).to(x.scalar_type());
-        if (want_a) ga = at::mm(du.t(), x2.to(acc)).to(x.scalar_type());
+        if (want_a) ga = at::mm(du.t(), x2.to(acc)).to(lora_a.scalar_type());
       } else {
         if (want_x) dx = at::empty({sh.tokens, sh.in_features}, x.options());
         at::Tensor ga_acc = grad_in_with_dropout(x2, du, a_acc, want_x ? &dx : nullptr, want_a, d);
-        if (want_a) ga = ga_acc.to(x.scalar_type());
+        if (want_a) ga = ga_acc.to(lora_a.scalar_type());
       }
       if (want_x) {
         dx.addmm_(dy2, weight);  // the base GEMM accumulates onto the rank-r part (beta = 1)

@@ -244,7 +244,8 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
     const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& token_order,
     const std::optional<at::Tensor>& adapter_offsets) {
   const char* op = "multi_lora_linear";
-  const MultiLoraShapes sh = check_multi_lora_args(op, x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks);
+  const MultiLoraShapes sh = check_multi_lora_args(op, x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks,
+                                                   /*fp32_adapters=*/true);
   TORCH_CHECK_VALUE(token_order.has_value() == adapter_offsets.has_value(), "lrkernels.", op,
                     ": pass both token_order and adapter_offsets (from multi_lora_segments) or neither");
   at::Tensor order, offsets;
@@ -293,7 +294,8 @@ multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
                                const at::Tensor& adapter_offsets, std::array<bool, 6> mask) {
   const char* op = "multi_lora_linear_backward";
   const MultiLoraShapes sh =
-      check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks);
+      check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks,
+                            /*fp32_adapters=*/true);
   check_backward_extras(op, grad_out, hidden, x, sh);
   check_segments(token_order, adapter_offsets, x, sh.tokens, sh.num_adapters, op);
   // Plain bools, not structured bindings: the per-adapter lambda captures them.
@@ -332,8 +334,8 @@ multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
       if (want_x) scatter_add_rows(dx, idx_l, at::mm(du, lora_a[l].narrow(0, 0, r).to(acc)));
     });
     if (want_x) gx = dx.view(x.sizes());
-    if (want_a) ga = ga_acc.to(x.scalar_type());
-    if (want_b) gb = gb_acc.to(x.scalar_type());
+    if (want_a) ga = ga_acc.to(lora_a.scalar_type());
+    if (want_b) gb = gb_acc.to(lora_b.scalar_type());
     if (want_s) gs = gs_acc.to(scales.scalar_type());
   }
   return {gx, gw, gbias, ga, gb, gs};

@@ -159,6 +159,10 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, r
             shape), to compute the grouping once for all layers of a forward pass; None
             groups here.
 
+    x, weight and bias share one dtype; lora_a and lora_b have x's dtype or, on a float16/bfloat16
+    x, float32 (float32 adapters on a low-precision base, PEFT's default; on CPU for now). The
+    low-rank path accumulates in float32, y has x's dtype, each gradient its own tensor's dtype.
+
     On CPU an adapter id outside ``[-1, L)`` or a rank outside ``[0, r_max]`` raises
     ValueError. On CUDA (no host synchronisation) such ids are treated as -1 and ranks are
     clamped to ``[0, r_max]``: nothing is read out of bounds. Differentiable in x, weight,
