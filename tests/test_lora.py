@@ -100,7 +100,7 @@ SHAPES = [  # (T, in, out, r)
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,r", SHAPES)
 @pytest.mark.parametrize("variant", ["plain", "gates+dropout", "nobias"])
-def test_forward_matches_oracle(dtype, T, din, dout, r, variant, cpu_kernels):
+def test_forward_matches_oracle(dtype, T, din, dout, r, variant, cpu_kernels, cpu_capability):
     if cpu_kernels == "blocked" and dtype == torch.float64:
         pytest.skip("the blocked kernels take float32 and bfloat16; float64 runs the ATen path")
     g = o = variant == "gates+dropout"
@@ -115,7 +115,7 @@ def test_forward_matches_oracle(dtype, T, din, dout, r, variant, cpu_kernels):
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,r", SHAPES[1:])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_backward_matches_oracle(dtype, T, din, dout, r, p, cpu_kernels):
+def test_backward_matches_oracle(dtype, T, din, dout, r, p, cpu_kernels, cpu_capability):
     if cpu_kernels == "blocked" and dtype == torch.float64:
         pytest.skip("the blocked kernels take float32 and bfloat16; float64 runs the ATen path")
     a = make_inputs(T, din, dout, r, dtype, g=True, o=True, requires_grad=True)
@@ -316,7 +316,7 @@ def mixed_low_prec(a, scale, p, seed):
 @pytest.mark.parametrize("T,din,dout,r", SHAPES)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("variant", ["plain", "gates", "nobias"])
-def test_mixed_precision_forward_matches_oracle(T, din, dout, r, p, variant, cpu_kernels):
+def test_mixed_precision_forward_matches_oracle(T, din, dout, r, p, variant, cpu_kernels, cpu_capability):
     """bf16 activations and base weight with float32 adapters: output in bf16, hidden in float32,
     within twice the error of PEFT's own mixed-precision arithmetic (per element)."""
     a = mixed_inputs(T, din, dout, r, torch.bfloat16, bias=variant != "nobias", g=variant == "gates",
@@ -334,7 +334,7 @@ def test_mixed_precision_forward_matches_oracle(T, din, dout, r, p, variant, cpu
 
 @pytest.mark.parametrize("T,din,dout,r", SHAPES[1:])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_mixed_precision_backward_matches_oracle(T, din, dout, r, p, cpu_kernels):
+def test_mixed_precision_backward_matches_oracle(T, din, dout, r, p, cpu_kernels, cpu_capability):
     """Each gradient in its own parameter's dtype (x, weight, bias: bf16; A, B, g, o: float32),
     within twice the error of PEFT's mixed-precision arithmetic, element by element."""
     a = mixed_inputs(T, din, dout, r, torch.bfloat16, requires_grad=True)
@@ -390,6 +390,35 @@ def test_inference_mode_and_no_grad(mode, dtype, cpu_kernels):
     assert y.shape == (300, 24)
     for u, v in zip(got, want):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_autocast_bfloat16_computes_and_returns_bfloat16():
+    """Under torch.autocast("cpu", bfloat16) x and the base layer compute in bfloat16 (as nn.Linear
+    does) and y is bfloat16; the float32 adapters stay float32 and get float32 gradients: the same
+    as calling the op on the bfloat16 casts by hand."""
+    a = make_inputs(20, 48, 24, 4, torch.float32, g=True, o=True, requires_grad=True)
+    seed = seed_tensor(3, "cpu")
+    run = lambda d: OP(d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], 0.5, d["rank_scale"],  # noqa: E731
+                       d["out_scale"], 0.2, seed)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(a)
+    assert y.dtype == torch.bfloat16
+    cast = {k: (v.detach().to(torch.bfloat16) if k in ("x", "weight", "bias") else v.detach()).requires_grad_(True)
+            for k, v in a.items()}
+    y_ref = run(cast)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    gy = torch.randn_like(y)
+    names = list(a)
+    got = torch.autograd.grad(y, [a[k] for k in names], gy)
+    want = torch.autograd.grad(y_ref, [cast[k] for k in names], gy)
+    for k, g, w in zip(names, got, want):
+        assert g.dtype == torch.float32, k
+        torch.testing.assert_close(g, w.float(), rtol=0, atol=0)
+    # the module under autocast, float32 throughout outside it
+    m = lrkernels.nn.LoRALinear(48, 24, r=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(a["x"].detach()).dtype == torch.bfloat16
+    assert m(a["x"].detach()).dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------- opcheck / compile
@@ -552,6 +581,111 @@ def test_lora_linear_module_trains():
         loss.backward()
         opt.step()
     assert loss.item() < first
+
+
+@pytest.mark.parametrize("kind", ["parameter", "buffer"])
+def test_lora_linear_module_rank_and_out_scales(kind):
+    """rank_scale / out_scale as parameters (gates, VeRA's λ) or buffers (DyLoRA's mask): the
+    forward is the op with them, parameters get gradients, buffers are saved and not trained, and
+    merge folds them into ΔW."""
+    torch.manual_seed(1)
+    m = lrkernels.nn.LoRALinear(16, 12, r=4, alpha=8, rank_scale=kind, out_scale=kind)
+    nn.init.normal_(m.lora_b)
+    with torch.no_grad():
+        m.rank_scale.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+        m.out_scale.uniform_(0.5, 1.5)
+    names = dict(m.named_parameters()) if kind == "parameter" else dict(m.named_buffers())
+    assert "rank_scale" in names and "out_scale" in names and "rank_scale" in m.state_dict()
+    assert f"rank_scale={kind}" in repr(m)
+    x = torch.randn(5, 16, requires_grad=True)
+    y = m(x)
+    want = oracle({"x": x, "weight": m.weight, "bias": m.bias, "lora_a": m.lora_a, "lora_b": m.lora_b,
+                   "rank_scale": m.rank_scale, "out_scale": m.out_scale}, m.scaling, 0.0, 0)
+    torch.testing.assert_close(y.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    if kind == "parameter":
+        assert m.rank_scale.grad is not None and m.out_scale.grad is not None
+        assert m.rank_scale.grad.abs().sum() > 0
+    m.eval()
+    y0 = m(x).detach()
+    m.merge()
+    torch.testing.assert_close(m(x).detach(), y0, rtol=1e-5, atol=1e-5)
+    m.unmerge()
+
+
+def test_lora_linear_module_dylora_active_rank():
+    torch.manual_seed(2)
+    m = lrkernels.nn.LoRALinear(16, 12, r=4, rank_scale="buffer")
+    nn.init.normal_(m.lora_b)
+    x = torch.randn(3, 16)
+    m.set_active_rank(2)
+    assert m.rank_scale.tolist() == [1, 1, 0, 0]
+    trunc = lrkernels.lora_linear(x, m.weight, m.bias, m.lora_a[:2], m.lora_b[:, :2], scale=m.scaling)
+    torch.testing.assert_close(m(x), trunc, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="k must be in"):
+        m.set_active_rank(5)
+    with pytest.raises(RuntimeError, match="no rank_scale"):
+        lrkernels.nn.LoRALinear(16, 12, r=4).set_active_rank(2)
+    with pytest.raises(ValueError, match="rank_scale must be None, 'parameter' or 'buffer'"):
+        lrkernels.nn.LoRALinear(16, 12, r=4, rank_scale="gate")
+
+
+def test_lora_linear_module_vera_trains_only_the_scales():
+    """VeRA on LoRALinear: A and B frozen (shared random projections), λ_d = rank_scale and
+    λ_b = out_scale trained."""
+    torch.manual_seed(3)
+    m = lrkernels.nn.LoRALinear(8, 4, r=6, alpha=6, rank_scale="parameter", out_scale="parameter")
+    nn.init.normal_(m.lora_b)
+    m.lora_a.requires_grad_(False)
+    m.lora_b.requires_grad_(False)
+    opt = torch.optim.SGD([m.rank_scale, m.out_scale], lr=0.05)
+    x, target = torch.randn(32, 8), torch.randn(32, 4)
+    losses = []
+    for _ in range(20):
+        loss = ((m(x) - target) ** 2).mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0] and m.lora_a.grad is None
+
+
+def test_lora_linear_module_bf16_base_fp32_adapters():
+    """A bfloat16 base with float32 adapters (PEFT's default): bf16 output, float32 adapter
+    gradients, the forward within PEFT-style mixed-precision error of the float64 oracle, and it
+    trains; merge folds ΔW into the bf16 weight."""
+    torch.manual_seed(4)
+    base = nn.Linear(32, 24).to(torch.bfloat16)
+    m = lrkernels.nn.LoRALinear.from_linear(base, r=4, alpha=8, dropout=0.1, rank_scale="parameter",
+                                            adapter_dtype=torch.float32)
+    assert m.weight.dtype == torch.bfloat16 and m.lora_a.dtype == torch.float32
+    assert m.rank_scale.dtype == torch.float32 and "adapter_dtype=torch.float32" in repr(m)
+    nn.init.normal_(m.lora_b, std=0.1)
+    x = torch.randn(40, 32, dtype=torch.bfloat16)
+    m.eval()
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    a = {"x": x, "weight": m.weight, "bias": m.bias, "lora_a": m.lora_a, "lora_b": m.lora_b,
+         "rank_scale": m.rank_scale, "out_scale": None}
+    a = {k: (v.detach() if v is not None else None) for k, v in a.items()}
+    assert_close_to_oracle(y, oracle(a, m.scaling, 0.0, 0), mixed_low_prec(a, m.scaling, 0.0, 0),
+                           mag=oracle(abs_inputs(a), m.scaling, 0.0, 0))
+    m.train()
+    target = torch.randn(40, 24)
+    opt = torch.optim.SGD([m.lora_a, m.lora_b, m.rank_scale], lr=0.05)
+    losses = []
+    for _ in range(15):
+        loss = ((m(x).float() - target) ** 2).mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert m.lora_a.grad.dtype == torch.float32 and m.rank_scale.grad.dtype == torch.float32
+    assert losses[-1] < losses[0]
+    m.eval()
+    y0 = m(x)
+    m.merge()
+    torch.testing.assert_close(m(x).float(), y0.float(), rtol=2e-2, atol=2e-2)
 
 
 # ---------------------------------------------------------------------------- bad inputs

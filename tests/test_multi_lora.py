@@ -99,7 +99,7 @@ def mixed_ranks(L, r_max):
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,L,r", SHAPES)
 @pytest.mark.parametrize("variant", ["full-rank", "mixed-ranks", "nobias"])
-def test_forward_matches_oracle(dtype, T, din, dout, L, r, variant, cpu_kernels):
+def test_forward_matches_oracle(dtype, T, din, dout, L, r, variant, cpu_kernels, cpu_capability):
     if cpu_kernels == "blocked" and dtype != torch.float32:
         pytest.skip("the blocked kernels are float32 only; other dtypes run the ATen path")
     a = make_inputs(T, din, dout, L, r, dtype, ranks=mixed_ranks(L, r) if variant == "mixed-ranks" else None,
@@ -346,6 +346,55 @@ def test_inference_mode_and_no_grad(mode, dtype, cpu_kernels):
     torch.testing.assert_close(y, want[0], rtol=0, atol=0)
     for u, v in zip(got, want):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_module_bf16_base_fp32_adapters():
+    """MultiLoRALinear on a bfloat16 base with float32 adapters: bf16 output within PEFT-style
+    mixed-precision error, float32 adapter gradients, several adapters train in one batch."""
+    torch.manual_seed(5)
+    base = nn.Linear(24, 16).to(torch.bfloat16)
+    m = lrkernels.nn.MultiLoRALinear.from_linear(base, num_adapters=3, r_max=4, ranks=[4, 2, 3],
+                                                 adapter_dtype=torch.float32)
+    assert m.weight.dtype == torch.bfloat16 and m.lora_a.dtype == torch.float32 and m.lora_b.dtype == torch.float32
+    with torch.no_grad():
+        m.lora_b.normal_(std=0.1)
+    x = torch.randn(30, 24, dtype=torch.bfloat16)
+    ids = torch.arange(30) % 4 - 1
+    y = m(x, ids)
+    assert y.dtype == torch.bfloat16
+    ranks = torch.tensor([4, 2, 3])
+    a = dict(x=x, weight=m.weight.detach(), bias=m.bias.detach(), lora_a=m.lora_a.detach(), lora_b=m.lora_b.detach(),
+             adapter_ids=ids, scales=m.scales, ranks=ranks)
+    assert_close_to_oracle(y, oracle(a), mixed_low_prec(a), mag=oracle(_abs(a)))
+    target = torch.randn(30, 16)
+    opt = torch.optim.SGD([m.lora_a, m.lora_b], lr=0.05)
+    losses = []
+    for _ in range(15):
+        loss = ((m(x, ids).float() - target) ** 2).mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert m.lora_a.grad.dtype == torch.float32 and losses[-1] < losses[0]
+
+
+def test_autocast_bfloat16_computes_and_returns_bfloat16():
+    a = make_inputs(20, 24, 16, 3, 4, torch.float32, ranks=[4, 1, 3], requires_grad=True)
+    run = lambda d: OP(d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], a["adapter_ids"],  # noqa: E731
+                       d["scales"], a["ranks"], None, None)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(a)
+    assert y.dtype == torch.bfloat16
+    cast = {k: (a[k].detach().to(torch.bfloat16) if k in ("x", "weight", "bias") else a[k].detach()).requires_grad_(True)
+            for k in GRAD_NAMES}
+    y_ref = run(cast)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [a[k] for k in GRAD_NAMES], gy)
+    want = torch.autograd.grad(y_ref, [cast[k] for k in GRAD_NAMES], gy)
+    for k, g, w in zip(GRAD_NAMES, got, want):
+        assert g.dtype == torch.float32, k
+        torch.testing.assert_close(g, w.float(), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------- shrink / expand blocks

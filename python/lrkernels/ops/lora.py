@@ -2,6 +2,7 @@
 
 import torch
 
+from ._autocast import register_autocast
 from ._util import bind, needs_grad, new_seed, nvtx_range
 
 _fwd = torch.ops.lrkernels.lora_linear.default
@@ -65,6 +66,9 @@ def _backward(ctx, grad_y, grad_hidden):
 
 
 torch.library.register_autograd("lrkernels::lora_linear", _backward, setup_context=_setup_context)
+# under torch.autocast x and the base layer compute in the autocast dtype (as nn.Linear does); the
+# adapter tensors are left as they are (float32 adapters on a low-precision x: the mixed rule)
+register_autocast("lora_linear", ("x", "weight", "bias"))
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, *, scale=1.0, rank_scale=None, out_scale=None,

@@ -5,6 +5,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from ._autocast import register_autocast
 from ._util import bind, needs_grad, nvtx_range
 
 _segments = torch.ops.lrkernels.multi_lora_segments.default
@@ -101,6 +102,8 @@ def _backward(ctx, grad_y, grad_hidden):
 
 
 torch.library.register_autograd("lrkernels::multi_lora_linear", _backward, setup_context=_setup_context)
+# under torch.autocast x and the base layer compute in the autocast dtype; adapters stay as they are
+register_autocast("multi_lora_linear", ("x", "weight", "bias"))
 
 
 # ---------------------------------------------------------------------------- public wrappers
