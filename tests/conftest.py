@@ -38,10 +38,7 @@ CPU_CAPABILITIES = [c for c in _ORDER if c in lrkernels.build_info()["cpu_capabi
 @pytest.fixture(params=["aten", "blocked"])
 def cpu_kernels(request):
     """Runs a test once with the ATen-composition CPU path and once with the blocked kernels
-    forced on at every size (skipped where the CPU has no AVX-512: until the blocked kernels move
-    onto at::vec they are AVX-512 intrinsics)."""
-    if request.param == "blocked" and not HAS_AVX512:
-        pytest.skip("this CPU has no AVX-512")
+    forced on at every size (over at::vec: they run with every instruction set)."""
     with lrkernels.use_cpu_kernels(request.param):
         yield request.param
 

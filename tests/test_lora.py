@@ -12,7 +12,7 @@ from lrkernels.ops._util import seed_tensor
 from lrkernels.reference import lora as ref
 from lrkernels.reference.philox import dropout_mask as ref_dropout_mask, philox4x32_10
 
-from conftest import HAS_AVX512, assert_close_to_oracle, cpu_dtypes, cuda_dtypes
+from conftest import abs_inputs, assert_close_to_oracle, cpu_dtypes, cuda_dtypes
 
 OP = torch.ops.lrkernels.lora_linear.default
 BWD = torch.ops.lrkernels.lora_linear_backward.default
@@ -100,9 +100,9 @@ SHAPES = [  # (T, in, out, r)
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,r", SHAPES)
 @pytest.mark.parametrize("variant", ["plain", "gates+dropout", "nobias"])
-def test_forward_matches_oracle(dtype, T, din, dout, r, variant, cpu_kernels):
+def test_forward_matches_oracle(dtype, T, din, dout, r, variant, cpu_kernels, cpu_capability):
     if cpu_kernels == "blocked" and dtype == torch.float64:
-        pytest.skip("the AVX-512 kernels take float32 and bfloat16; float64 runs the portable path")
+        pytest.skip("the blocked kernels take float32 and bfloat16; float64 runs the ATen path")
     g = o = variant == "gates+dropout"
     p = 0.25 if variant == "gates+dropout" else 0.0
     a = make_inputs(T, din, dout, r, dtype, bias=variant != "nobias", g=g, o=o)
@@ -115,9 +115,9 @@ def test_forward_matches_oracle(dtype, T, din, dout, r, variant, cpu_kernels):
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,r", SHAPES[1:])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_backward_matches_oracle(dtype, T, din, dout, r, p, cpu_kernels):
+def test_backward_matches_oracle(dtype, T, din, dout, r, p, cpu_kernels, cpu_capability):
     if cpu_kernels == "blocked" and dtype == torch.float64:
-        pytest.skip("the AVX-512 kernels take float32 and bfloat16; float64 runs the portable path")
+        pytest.skip("the blocked kernels take float32 and bfloat16; float64 runs the ATen path")
     a = make_inputs(T, din, dout, r, dtype, g=True, o=True, requires_grad=True)
     y, _ = run_op(a, 1.3, p, seed=5)
     gy = torch.randn_like(y)
@@ -182,12 +182,11 @@ FUSED_CASES = [  # (T, in, out, r, p, gates, out_scale, bias): tails in every di
 ]
 
 
-@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512")
 @pytest.mark.parametrize("T,din,dout,r,p,g,o,bias", FUSED_CASES)
 @pytest.mark.parametrize("needs", ["all", "x only", "lora only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_cpu_kernels_match_portable(T, din, dout, r, p, g, o, bias, needs, dtype):
-    """The AVX-512 path against the portable one on the same inputs and seed: outputs and every
+def test_fused_cpu_kernels_match_portable(T, din, dout, r, p, g, o, bias, needs, dtype, cpu_capability):
+    """The blocked path (at::vec, each instruction set) against the ATen one on the same inputs and seed: outputs and every
     gradient agree to float32 rounding (bfloat16: to a few bfloat16 ulps, the two paths round
     at different points), so the dropout masks are the same, whichever subset of gradients is
     asked for."""
@@ -216,9 +215,10 @@ def test_fused_cpu_kernels_match_portable(T, din, dout, r, p, g, o, bias, needs,
                                    msg=name)
 
 
-@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512")
+@pytest.mark.skipif(lrkernels.get_cpu_capability() == "default",
+                    reason="without a vectorised instruction set auto keeps to the ATen path")
 def test_auto_cpu_kernels_take_the_fused_path_at_scale():
-    """At 128 rows per thread "auto" runs the AVX-512 kernels: bitwise the same as "fused"."""
+    """At 128 rows per thread "auto" runs the blocked kernels: bitwise the same as "blocked"."""
     T = 128 * torch.get_num_threads()
     a = make_inputs(T, 64, 48, 8, torch.float32)
     outs = {}
@@ -284,6 +284,141 @@ def test_public_wrapper_and_generator():
     y1 = lrkernels.lora_linear(a["x"], a["weight"], None, a["lora_a"], a["lora_b"], dropout_p=0.5, generator=g1)
     y2 = lrkernels.lora_linear(a["x"], a["weight"], None, a["lora_a"], a["lora_b"], dropout_p=0.5, generator=g2)
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- mixed precision
+
+ADAPTER_KEYS = ("lora_a", "lora_b", "rank_scale", "out_scale")
+
+
+def mixed_inputs(T, din, dout, r, dtype, *, bias=True, g=True, o=True, requires_grad=False):
+    """x, weight, bias in `dtype` (bfloat16), the adapter tensors in float32: PEFT's default."""
+    a = make_inputs(T, din, dout, r, torch.float32, bias=bias, g=g, o=o)
+    a = {k: (None if v is None else v.to(torch.float32 if k in ADAPTER_KEYS else dtype)) for k, v in a.items()}
+    if requires_grad:
+        for v in a.values():
+            if v is not None:
+                v.requires_grad_(True)
+    return a
+
+
+def mixed_low_prec(a, scale, p, seed):
+    """What PEFT computes on a low-precision base with float32 adapters: the base layer in x's
+    dtype, the adapter path in float32 on x cast to float32, the sum rounded to x's dtype.
+    Differentiable, so its gradients are the low-precision references of the gradient bounds."""
+    dtype = a["x"].dtype
+    base = torch.nn.functional.linear(a["x"], a["weight"], a["bias"])
+    adapter = oracle({**a, "x": a["x"].float(), "weight": torch.zeros_like(a["weight"], dtype=torch.float32),
+                      "bias": None}, scale, p, seed, dtype=torch.float32)
+    return (base.float() + adapter).to(dtype)
+
+
+@pytest.mark.parametrize("T,din,dout,r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("variant", ["plain", "gates", "nobias"])
+def test_mixed_precision_forward_matches_oracle(T, din, dout, r, p, variant, cpu_kernels, cpu_capability):
+    """bf16 activations and base weight with float32 adapters: output in bf16, hidden in float32,
+    within twice the error of PEFT's own mixed-precision arithmetic (per element)."""
+    a = mixed_inputs(T, din, dout, r, torch.bfloat16, bias=variant != "nobias", g=variant == "gates",
+                     o=variant == "gates")
+    y, hidden = run_op(a, 0.7, p, seed=99)
+    assert y.dtype == torch.bfloat16 and hidden.dtype == torch.float32 and y.shape == (T, dout)
+    mag = oracle(abs_inputs(a), 0.7, p, 99)
+    assert_close_to_oracle(y, oracle(a, 0.7, p, 99), mixed_low_prec(a, 0.7, p, 99), mag=mag)
+    # hidden is float32 arithmetic on exact float32 copies of the bf16 x
+    xd = a["x"].double() * (ref_dropout_mask(99, T, din, p) if p > 0 else 1.0)
+    h64 = xd @ a["lora_a"].double().T
+    assert_close_to_oracle(hidden, h64, (xd.float() @ a["lora_a"].T).double(), name="hidden",
+                           mag=xd.abs() @ a["lora_a"].double().abs().T)
+
+
+@pytest.mark.parametrize("T,din,dout,r", SHAPES[1:])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_mixed_precision_backward_matches_oracle(T, din, dout, r, p, cpu_kernels, cpu_capability):
+    """Each gradient in its own parameter's dtype (x, weight, bias: bf16; A, B, g, o: float32),
+    within twice the error of PEFT's mixed-precision arithmetic, element by element."""
+    a = mixed_inputs(T, din, dout, r, torch.bfloat16, requires_grad=True)
+    y, _ = run_op(a, 1.3, p, seed=5)
+    gy = torch.randn_like(y)
+    names = [k for k, v in a.items() if v is not None]
+    grads = torch.autograd.grad(y, [a[k] for k in names], gy)
+    leaf64 = {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in a.items()}
+    g64 = torch.autograd.grad(oracle(leaf64, 1.3, p, 5), [leaf64[k] for k in names], gy.double())
+    leafl = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in a.items()}
+    gl = torch.autograd.grad(mixed_low_prec(leafl, 1.3, p, 5), [leafl[k] for k in names], gy)
+    # magnitudes: the gradient formulas on absolute values (|dy|, |x|, every factor)
+    leafm = {k: (v.detach().abs().double().requires_grad_(True) if v is not None else None) for k, v in a.items()}
+    gm = torch.autograd.grad(oracle(leafm, 1.3, p, 5), [leafm[k] for k in names], gy.abs().double())
+    for k, got, want, low, mag in zip(names, grads, g64, gl, gm):
+        assert got.dtype == a[k].dtype and got.shape == a[k].shape, k
+        assert_close_to_oracle(got, want, low, name=f"grad {k}", mag=mag)
+
+
+@pytest.mark.parametrize("x_dtype,adapter_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float64),
+                                                   (torch.float64, torch.float32)])
+def test_mixed_precision_rejects_other_adapter_dtypes(x_dtype, adapter_dtype):
+    a = make_inputs(6, 16, 12, 4, x_dtype, g=True, o=True)
+    for k in ADAPTER_KEYS:
+        b = dict(a)
+        b[k] = a[k].to(adapter_dtype)
+        with pytest.raises(TypeError, match=f"{k} has dtype"):
+            run_op(b, 1.0, 0.0, 0)
+
+
+def test_mixed_precision_opcheck():
+    a = mixed_inputs(5, 12, 7, 3, torch.bfloat16, requires_grad=True)
+    seed = seed_tensor(1, "cpu")
+    args = (a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], 0.5, a["rank_scale"], a["out_scale"], 0.2, seed)
+    torch.library.opcheck(OP, args)
+    y, hidden = OP(*args)
+    torch.library.opcheck(BWD, (torch.randn_like(y), a["x"].detach(), a["weight"].detach(), a["lora_a"].detach(),
+                                a["lora_b"].detach(), hidden, 0.5, a["rank_scale"].detach(),
+                                a["out_scale"].detach(), 0.2, seed, [True] * 7))
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_mode_and_no_grad(mode, dtype, cpu_kernels):
+    """Calls under torch.inference_mode() / torch.no_grad(), with enough rows for every parallel
+    region to run on worker threads, give the same output as a plain call."""
+    a = make_inputs(300, 40, 24, 5, dtype, g=True, o=True)
+    want = run_op(a, 0.6, 0.2, seed=13)
+    ctx = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    with ctx:
+        got = run_op(a, 0.6, 0.2, seed=13)
+        y = lrkernels.lora_linear(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], dropout_p=0.1)
+    assert y.shape == (300, 24)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_autocast_bfloat16_computes_and_returns_bfloat16():
+    """Under torch.autocast("cpu", bfloat16) x and the base layer compute in bfloat16 (as nn.Linear
+    does) and y is bfloat16; the float32 adapters stay float32 and get float32 gradients: the same
+    as calling the op on the bfloat16 casts by hand."""
+    a = make_inputs(20, 48, 24, 4, torch.float32, g=True, o=True, requires_grad=True)
+    seed = seed_tensor(3, "cpu")
+    run = lambda d: OP(d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], 0.5, d["rank_scale"],  # noqa: E731
+                       d["out_scale"], 0.2, seed)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(a)
+    assert y.dtype == torch.bfloat16
+    cast = {k: (v.detach().to(torch.bfloat16) if k in ("x", "weight", "bias") else v.detach()).requires_grad_(True)
+            for k, v in a.items()}
+    y_ref = run(cast)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    gy = torch.randn_like(y)
+    names = list(a)
+    got = torch.autograd.grad(y, [a[k] for k in names], gy)
+    want = torch.autograd.grad(y_ref, [cast[k] for k in names], gy)
+    for k, g, w in zip(names, got, want):
+        assert g.dtype == torch.float32, k
+        torch.testing.assert_close(g, w.float(), rtol=0, atol=0)
+    # the module under autocast, float32 throughout outside it
+    m = lrkernels.nn.LoRALinear(48, 24, r=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(a["x"].detach()).dtype == torch.bfloat16
+    assert m(a["x"].detach()).dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------- opcheck / compile
@@ -452,6 +587,111 @@ def test_lora_linear_module_trains():
         loss.backward()
         opt.step()
     assert loss.item() < first
+
+
+@pytest.mark.parametrize("kind", ["parameter", "buffer"])
+def test_lora_linear_module_rank_and_out_scales(kind):
+    """rank_scale / out_scale as parameters (gates, VeRA's λ) or buffers (DyLoRA's mask): the
+    forward is the op with them, parameters get gradients, buffers are saved and not trained, and
+    merge folds them into ΔW."""
+    torch.manual_seed(1)
+    m = lrkernels.nn.LoRALinear(16, 12, r=4, alpha=8, rank_scale=kind, out_scale=kind)
+    nn.init.normal_(m.lora_b)
+    with torch.no_grad():
+        m.rank_scale.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+        m.out_scale.uniform_(0.5, 1.5)
+    names = dict(m.named_parameters()) if kind == "parameter" else dict(m.named_buffers())
+    assert "rank_scale" in names and "out_scale" in names and "rank_scale" in m.state_dict()
+    assert f"rank_scale={kind}" in repr(m)
+    x = torch.randn(5, 16, requires_grad=True)
+    y = m(x)
+    want = oracle({"x": x, "weight": m.weight, "bias": m.bias, "lora_a": m.lora_a, "lora_b": m.lora_b,
+                   "rank_scale": m.rank_scale, "out_scale": m.out_scale}, m.scaling, 0.0, 0)
+    torch.testing.assert_close(y.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    if kind == "parameter":
+        assert m.rank_scale.grad is not None and m.out_scale.grad is not None
+        assert m.rank_scale.grad.abs().sum() > 0
+    m.eval()
+    y0 = m(x).detach()
+    m.merge()
+    torch.testing.assert_close(m(x).detach(), y0, rtol=1e-5, atol=1e-5)
+    m.unmerge()
+
+
+def test_lora_linear_module_dylora_active_rank():
+    torch.manual_seed(2)
+    m = lrkernels.nn.LoRALinear(16, 12, r=4, rank_scale="buffer")
+    nn.init.normal_(m.lora_b)
+    x = torch.randn(3, 16)
+    m.set_active_rank(2)
+    assert m.rank_scale.tolist() == [1, 1, 0, 0]
+    trunc = lrkernels.lora_linear(x, m.weight, m.bias, m.lora_a[:2], m.lora_b[:, :2], scale=m.scaling)
+    torch.testing.assert_close(m(x), trunc, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="k must be in"):
+        m.set_active_rank(5)
+    with pytest.raises(RuntimeError, match="no rank_scale"):
+        lrkernels.nn.LoRALinear(16, 12, r=4).set_active_rank(2)
+    with pytest.raises(ValueError, match="rank_scale must be None, 'parameter' or 'buffer'"):
+        lrkernels.nn.LoRALinear(16, 12, r=4, rank_scale="gate")
+
+
+def test_lora_linear_module_vera_trains_only_the_scales():
+    """VeRA on LoRALinear: A and B frozen (shared random projections), λ_d = rank_scale and
+    λ_b = out_scale trained."""
+    torch.manual_seed(3)
+    m = lrkernels.nn.LoRALinear(8, 4, r=6, alpha=6, rank_scale="parameter", out_scale="parameter")
+    nn.init.normal_(m.lora_b)
+    m.lora_a.requires_grad_(False)
+    m.lora_b.requires_grad_(False)
+    opt = torch.optim.SGD([m.rank_scale, m.out_scale], lr=0.05)
+    x, target = torch.randn(32, 8), torch.randn(32, 4)
+    losses = []
+    for _ in range(20):
+        loss = ((m(x) - target) ** 2).mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0] and m.lora_a.grad is None
+
+
+def test_lora_linear_module_bf16_base_fp32_adapters():
+    """A bfloat16 base with float32 adapters (PEFT's default): bf16 output, float32 adapter
+    gradients, the forward within PEFT-style mixed-precision error of the float64 oracle, and it
+    trains; merge folds ΔW into the bf16 weight."""
+    torch.manual_seed(4)
+    base = nn.Linear(32, 24).to(torch.bfloat16)
+    m = lrkernels.nn.LoRALinear.from_linear(base, r=4, alpha=8, dropout=0.1, rank_scale="parameter",
+                                            adapter_dtype=torch.float32)
+    assert m.weight.dtype == torch.bfloat16 and m.lora_a.dtype == torch.float32
+    assert m.rank_scale.dtype == torch.float32 and "adapter_dtype=torch.float32" in repr(m)
+    nn.init.normal_(m.lora_b, std=0.1)
+    x = torch.randn(40, 32, dtype=torch.bfloat16)
+    m.eval()
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    a = {"x": x, "weight": m.weight, "bias": m.bias, "lora_a": m.lora_a, "lora_b": m.lora_b,
+         "rank_scale": m.rank_scale, "out_scale": None}
+    a = {k: (v.detach() if v is not None else None) for k, v in a.items()}
+    assert_close_to_oracle(y, oracle(a, m.scaling, 0.0, 0), mixed_low_prec(a, m.scaling, 0.0, 0),
+                           mag=oracle(abs_inputs(a), m.scaling, 0.0, 0))
+    m.train()
+    target = torch.randn(40, 24)
+    opt = torch.optim.SGD([m.lora_a, m.lora_b, m.rank_scale], lr=0.05)
+    losses = []
+    for _ in range(15):
+        loss = ((m(x).float() - target) ** 2).mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert m.lora_a.grad.dtype == torch.float32 and m.rank_scale.grad.dtype == torch.float32
+    assert losses[-1] < losses[0]
+    m.eval()
+    y0 = m(x)
+    m.merge()
+    torch.testing.assert_close(m(x).float(), y0.float(), rtol=2e-2, atol=2e-2)
 
 
 # ---------------------------------------------------------------------------- bad inputs

@@ -12,7 +12,7 @@ from torch import nn
 import lrkernels
 from lrkernels.reference import multi_lora as ref
 
-from conftest import HAS_AVX512, assert_close_to_oracle, cpu_dtypes, cuda_dtypes
+from conftest import assert_close_to_oracle, cpu_dtypes, cuda_dtypes
 
 SEG = torch.ops.lrkernels.multi_lora_segments.default
 SHRINK = torch.ops.lrkernels.lora_shrink.default
@@ -99,9 +99,9 @@ def mixed_ranks(L, r_max):
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,L,r", SHAPES)
 @pytest.mark.parametrize("variant", ["full-rank", "mixed-ranks", "nobias"])
-def test_forward_matches_oracle(dtype, T, din, dout, L, r, variant, cpu_kernels):
+def test_forward_matches_oracle(dtype, T, din, dout, L, r, variant, cpu_kernels, cpu_capability):
     if cpu_kernels == "blocked" and dtype != torch.float32:
-        pytest.skip("the AVX-512 kernels are float32 only; other dtypes run the portable path")
+        pytest.skip("the blocked kernels are float32 only; other dtypes run the ATen path")
     a = make_inputs(T, din, dout, L, r, dtype, ranks=mixed_ranks(L, r) if variant == "mixed-ranks" else None,
                     bias=variant != "nobias")
     y, hidden = run_op(a)
@@ -229,7 +229,6 @@ def test_matches_lora_linear_per_adapter(dtype, cpu_kernels):
     torch.testing.assert_close(y[base], (a["x"][base] @ a["weight"].T + a["bias"]).detach())
 
 
-@pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512")
 @pytest.mark.parametrize("T,din,dout,L,r_max,ranks,base_frac,zero_scale", [
     (300, 64, 80, 3, 16, None, 0.2, False),
     (300, 70, 33, 5, 40, [40, 1, 17, 33, 8], 0.3, True),
@@ -237,8 +236,8 @@ def test_matches_lora_linear_per_adapter(dtype, cpu_kernels):
     (530, 32, 24, 9, 8, [8, 2, 5, 8, 1, 3, 8, 7, 6], 0.5, False),
     (64, 48, 40, 4, 8, None, 1.0, False),
 ])
-def test_fused_cpu_forward_matches_portable(T, din, dout, L, r_max, ranks, base_frac, zero_scale):
-    """multi_lora_linear's AVX-512 path against the portable one: adapter runs crossing block
+def test_fused_cpu_forward_matches_portable(T, din, dout, L, r_max, ranks, base_frac, zero_scale, cpu_capability):
+    """multi_lora_linear's blocked path (at::vec, each instruction set) against the ATen one: adapter runs crossing block
     boundaries, mixed ranks up to 256, base-only tokens (also a batch of only those), an adapter
     with scale 0, tails in every dimension."""
     torch.manual_seed(7)
@@ -251,6 +250,151 @@ def test_fused_cpu_forward_matches_portable(T, din, dout, L, r_max, ranks, base_
             outs[mode] = run_op(a)
     for name, u, v in zip(("y", "hidden"), outs["blocked"], outs["aten"]):
         torch.testing.assert_close(u, v, rtol=2e-5, atol=2e-5 * max(1.0, v.abs().max().item()), msg=name)
+
+
+# ---------------------------------------------------------------------------- mixed precision
+
+def mixed_inputs(T, din, dout, L, r_max, *, ranks=None, requires_grad=False, dtype=torch.bfloat16):
+    """x, weight, bias in `dtype` (bfloat16) with lora_a, lora_b, scales in float32 (PEFT's default)."""
+    a = make_inputs(T, din, dout, L, r_max, torch.float32, ranks=ranks)
+    for k in ("x", "weight", "bias"):
+        a[k] = a[k].to(dtype)
+    if requires_grad:
+        for k in GRAD_NAMES:
+            a[k].requires_grad_(True)
+    return a
+
+
+def mixed_low_prec(a):
+    """PEFT's arithmetic on a low-precision base with float32 adapters: the base layer in x's dtype,
+    the adapters in float32 on x cast to float32, the sum rounded to x's dtype. Differentiable."""
+    base = torch.nn.functional.linear(a["x"], a["weight"], a["bias"])
+    adapter = oracle({**a, "x": a["x"].float(), "weight": torch.zeros_like(a["weight"], dtype=torch.float32),
+                      "bias": None}, dtype=torch.float32)
+    return (base.float() + adapter).to(a["x"].dtype)
+
+
+def _abs(a):
+    return {k: (v.detach().abs().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in a.items()}
+
+
+@pytest.mark.parametrize("T,din,dout,L,r", SHAPES)
+@pytest.mark.parametrize("ranks", ["full", "mixed"])
+def test_mixed_precision_forward_matches_oracle(T, din, dout, L, r, ranks, cpu_kernels):
+    a = mixed_inputs(T, din, dout, L, r, ranks=mixed_ranks(L, r) if ranks == "mixed" else None)
+    y, hidden = run_op(a)
+    assert y.dtype == torch.bfloat16 and hidden.dtype == torch.float32
+    assert_close_to_oracle(y, oracle(a), mixed_low_prec(a), mag=oracle(_abs(a)))
+    xf = a["x"].float()
+    assert_close_to_oracle(hidden, ref.lora_shrink(a["x"], a["lora_a"], a["adapter_ids"], a["ranks"]),
+                           ref.lora_shrink(xf, a["lora_a"], a["adapter_ids"], a["ranks"], dtype=torch.float32),
+                           name="hidden", mag=ref.lora_shrink(xf.abs(), a["lora_a"].abs(), a["adapter_ids"],
+                                                              a["ranks"]))
+
+
+@pytest.mark.parametrize("T,din,dout,L,r", SHAPES[1:])
+@pytest.mark.parametrize("ranks", ["full", "mixed"])
+def test_mixed_precision_backward_matches_oracle(T, din, dout, L, r, ranks):
+    """Every gradient in its own parameter's dtype (x, weight, bias: bf16; lora_a, lora_b, scales:
+    float32), within twice the error of PEFT's mixed-precision arithmetic, element by element."""
+    a = mixed_inputs(T, din, dout, L, r, ranks=mixed_ranks(L, r) if ranks == "mixed" else None, requires_grad=True)
+    y, _ = run_op(a)
+    gy = torch.randn_like(y)
+    names = [k for k in GRAD_NAMES if a[k] is not None]
+    got = torch.autograd.grad(y, [a[k] for k in names], gy)
+    want = _grads(a, torch.float64, gy)
+    leafl = {k: (v.detach().clone().requires_grad_(True) if k in names else v) for k, v in a.items()}
+    low = torch.autograd.grad(mixed_low_prec(leafl), [leafl[k] for k in names], gy)
+    leafm = {k: (v.detach().abs().double().requires_grad_(True) if k in names else v) for k, v in a.items()}
+    mag = torch.autograd.grad(oracle(leafm), [leafm[k] for k in names], gy.abs().double())
+    for k, g, w, lo, m in zip(names, got, want, low, mag):
+        assert g.dtype == a[k].dtype and g.shape == a[k].shape, k
+        assert_close_to_oracle(g, w, lo, name=f"grad {k}", mag=m)
+
+
+def test_mixed_precision_rejects_other_adapter_dtypes():
+    a = make_inputs(6, 16, 12, 3, 4, torch.float32)
+    for k in ("lora_a", "lora_b"):
+        with pytest.raises(TypeError, match=f"{k} has dtype"):
+            run_op({**a, k: a[k].to(torch.bfloat16)})
+    b = mixed_inputs(6, 16, 12, 3, 4)
+    with pytest.raises(TypeError, match="lora_a has dtype"):
+        run_op({**b, "lora_a": b["lora_a"].double()})
+
+
+def test_mixed_precision_opcheck():
+    a = mixed_inputs(9, 12, 7, 3, 4, ranks=[4, 1, 3], requires_grad=True)
+    args = (a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], a["adapter_ids"], a["scales"], a["ranks"],
+            None, None)
+    torch.library.opcheck(OP, args)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_mode_and_no_grad(mode, dtype, cpu_kernels):
+    """Calls under torch.inference_mode() / torch.no_grad() (enough tokens for the blocked path and
+    several adapters on worker threads) give the same output as a plain call."""
+    a = make_inputs(300, 40, 24, 5, 8, dtype, ranks=[8, 2, 5, 8, 1])
+    want = run_op(a)
+    ctx = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    with ctx:
+        got = run_op(a)
+        seg = lrkernels.multi_lora_segments(a["adapter_ids"], 5)
+        y = lrkernels.multi_lora_linear(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], a["adapter_ids"],
+                                        scales=a["scales"], ranks=a["ranks"], segments=seg)
+    torch.testing.assert_close(y, want[0], rtol=0, atol=0)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_module_bf16_base_fp32_adapters():
+    """MultiLoRALinear on a bfloat16 base with float32 adapters: bf16 output within PEFT-style
+    mixed-precision error, float32 adapter gradients, several adapters train in one batch."""
+    torch.manual_seed(5)
+    base = nn.Linear(24, 16).to(torch.bfloat16)
+    m = lrkernels.nn.MultiLoRALinear.from_linear(base, num_adapters=3, r_max=4, ranks=[4, 2, 3],
+                                                 adapter_dtype=torch.float32)
+    assert m.weight.dtype == torch.bfloat16 and m.lora_a.dtype == torch.float32 and m.lora_b.dtype == torch.float32
+    with torch.no_grad():
+        m.lora_b.normal_(std=0.1)
+    x = torch.randn(30, 24, dtype=torch.bfloat16)
+    ids = torch.arange(30) % 4 - 1
+    y = m(x, ids)
+    assert y.dtype == torch.bfloat16
+    ranks = torch.tensor([4, 2, 3])
+    a = dict(x=x, weight=m.weight.detach(), bias=m.bias.detach(), lora_a=m.lora_a.detach(), lora_b=m.lora_b.detach(),
+             adapter_ids=ids, scales=m.scales, ranks=ranks)
+    assert_close_to_oracle(y, oracle(a), mixed_low_prec(a), mag=oracle(_abs(a)))
+    target = torch.randn(30, 16)
+    opt = torch.optim.SGD([m.lora_a, m.lora_b], lr=0.05)
+    losses = []
+    for _ in range(15):
+        loss = ((m(x, ids).float() - target) ** 2).mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert m.lora_a.grad.dtype == torch.float32 and losses[-1] < losses[0]
+
+
+def test_autocast_bfloat16_computes_and_returns_bfloat16():
+    a = make_inputs(20, 24, 16, 3, 4, torch.float32, ranks=[4, 1, 3], requires_grad=True)
+    run = lambda d: OP(d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], a["adapter_ids"],  # noqa: E731
+                       d["scales"], a["ranks"], None, None)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(a)
+    assert y.dtype == torch.bfloat16
+    cast = {k: (a[k].detach().to(torch.bfloat16) if k in ("x", "weight", "bias") else a[k].detach()).requires_grad_(True)
+            for k in GRAD_NAMES}
+    y_ref = run(cast)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [a[k] for k in GRAD_NAMES], gy)
+    want = torch.autograd.grad(y_ref, [cast[k] for k in GRAD_NAMES], gy)
+    for k, g, w in zip(GRAD_NAMES, got, want):
+        assert g.dtype == torch.float32, k
+        torch.testing.assert_close(g, w.float(), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------- shrink / expand blocks

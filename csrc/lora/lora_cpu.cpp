@@ -7,12 +7,12 @@
 
 #include <type_traits>
 
-#include "common/avx512.h"
 #include "common/fused_cpu.h"
+#include "common/parallel_cpu.h"
 #include "common/dropout.h"
 #include "common/dropout_cpu.h"
 #include "lora/lora_checks.h"
-#include "lora/lora_cpu_avx512.h"
+#include "lora/lora_cpu_vec.h"
 
 namespace lrkernels {
 namespace {
@@ -48,9 +48,7 @@ at::Tensor shrink_with_dropout(const at::Tensor& x2, const at::Tensor& a_acc, co
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x2.scalar_type(), "lora_shrink_dropout_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* xp = x2.data_ptr<scalar_t>();
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      // worker threads do not inherit the caller's dispatch state: stay below autograd here too
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    parallel_for_caller_state(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> xd(static_cast<size_t>(kRowBlock * cols));
       std::vector<uint32_t> bits(static_cast<size_t>(kRowBlock * ((cols + 7) / 8)));
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -80,9 +78,7 @@ at::Tensor grad_in_with_dropout(const at::Tensor& x2, const at::Tensor& du, cons
     scalar_t* dxp = dx ? dx->data_ptr<scalar_t>() : nullptr;
     const acc_t ks = static_cast<acc_t>(d.keep_scale);
     const int64_t groups = (cols + 7) / 8;
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      // worker threads do not inherit the caller's dispatch state: stay below autograd here too
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    parallel_for_caller_state(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> xd(static_cast<size_t>(kRowBlock * cols));
       std::vector<acc_t> dl(dxp ? static_cast<size_t>(kRowBlock * cols) : 0);
       std::vector<uint32_t> bits(static_cast<size_t>(kRowBlock * groups));
@@ -120,8 +116,7 @@ std::pair<at::Tensor, at::Tensor> grad_out_pass(const at::Tensor& dya, const at:
   at::Tensor dh = b_eff.defined() ? at::empty({rows, r}, opts) : at::Tensor();
   constexpr int64_t kBlock = 128;
   const int64_t nblocks = (rows + kBlock - 1) / kBlock;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  parallel_for_caller_state(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor mine = h.defined() ? partial[at::get_thread_num()] : at::Tensor();
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * kBlock, nb = std::min(kBlock, rows - t0);
@@ -142,19 +137,17 @@ at::Tensor rank_gain(const at::Tensor* g, double scale, int64_t r, const at::Ten
   return g->to(opts.dtype()) * scale;
 }
 
-// ---- the AVX-512 path (float32) ----------------------------------------------------------
+// ---- the blocked path (float32 / bfloat16 activations; lora_cpu_vec.h) ---------------------
 //
 // Rows are processed in blocks, one block at a time per thread, and each block does all of its
 // work while it is in cache: forward = shrink (with the mask) → base GEMM of the block (BLAS,
 // single-threaded inside the parallel region) → rank-r expand into the fresh output rows;
 // backward = one pass over the dy block for ∂L/∂h and dyᵀh → the block's dx GEMM → one pass
 // over the x block for dA and the rank-r part of dx (the mask regenerated). Compared with the
-// portable path this drops the separate trips through memory over x, y, dy and dx.
+// ATen path this drops the separate trips through memory over x, y, dy and dx.
 
-#if LRK_HAVE_AVX512_SOURCES
-
-lora_avx512::RowDropout row_dropout(const DropoutParams& d) {
-  lora_avx512::RowDropout rd;
+LoraVecDropout vec_dropout(const DropoutParams& d) {
+  LoraVecDropout rd;
   if (d.threshold) {
     rd.seed = static_cast<uint64_t>(*d.seed);
     rd.threshold = d.threshold;
@@ -163,52 +156,49 @@ lora_avx512::RowDropout row_dropout(const DropoutParams& d) {
   return rd;
 }
 
-// The element pointer the AVX-512 kernels take: float for float32, the raw bits for bfloat16.
-template <typename E>
-E* elems(const at::Tensor& t) {
-  if constexpr (std::is_same_v<E, float>)
-    return t.data_ptr<float>();
-  else
-    return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+// A float32 copy of m (rows, cols) with its rows zero-padded to lora_vec_pad(cols).
+at::Tensor padded_f32(const at::Tensor& m) {
+  at::Tensor out = at::zeros({m.size(0), lora_vec_pad(m.size(1))}, m.options().dtype(at::kFloat));
+  out.narrow(1, 0, m.size(1)).copy_(m);
+  return out;
 }
 
-// E: float (float32 activations) or uint16_t (bfloat16). The low-rank side is float32.
+// E: float or c10::BFloat16 (x's dtype). The low-rank side is float32.
 // bt = (r, out): row j is gain[j] · (o ⊙ B[:, j]), so the expand reads the saved hidden as is.
 template <typename E>
 std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor* bias,
                                                  const at::Tensor& lora_a, const at::Tensor& bt,
                                                  const DropoutParams& d) {
   const int64_t rows = x2.size(0), in = x2.size(1), out = weight.size(0), r = lora_a.size(0);
-  const int64_t rp = lora_avx512::round_up16(r);
   const auto f32 = x2.options().dtype(at::kFloat);
-  at::Tensor at_pad = at::zeros({in, rp}, f32);
-  at_pad.narrow(1, 0, r).copy_(lora_a.t());
+  const at::Tensor at_pad = padded_f32(lora_a.t());  // (in, rp)
+  const at::Tensor bt_pad = padded_f32(bt);          // (r, outp)
   at::Tensor hidden = at::empty({rows, r}, f32);
   at::Tensor y = at::empty({rows, out}, x2.options());
   if (rows == 0) return {y, hidden};
   const at::Tensor wt = weight.t();
-  const lora_avx512::RowDropout rd = row_dropout(d);
+  const LoraVecDropout rd = vec_dropout(d);
+  const LoraVecOps<E>& k = lora_vec_ops<E>();
   const int64_t rb = fused_row_block(rows), nblocks = (rows + rb - 1) / rb;
-  const E* xp = elems<E>(x2);
+  const E* xp = x2.data_ptr<E>();
   const float* ap = at_pad.data_ptr<float>();
-  const float* btp = bt.data_ptr<float>();
+  const float* btp = bt_pad.data_ptr<float>();
+  const int64_t ldb = bt_pad.size(1);
   float* hp = hidden.data_ptr<float>();
-  E* yp = elems<E>(y);
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    // worker threads do not inherit the caller's dispatch state: stay below autograd here too
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::vector<float> scratch(static_cast<size_t>(lora_avx512::scratch_floats(in)));
-    std::vector<uint32_t> bits(static_cast<size_t>(lora_avx512::scratch_bits(in)));
+  E* yp = y.data_ptr<E>();
+  parallel_for_caller_state(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> scratch(static_cast<size_t>(lora_vec_scratch_floats(in)));
+    std::vector<uint32_t> bits(static_cast<size_t>(lora_vec_scratch_bits(in)));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * rb, nb = std::min(rb, rows - t0);
-      lora_avx512::shrink(xp + t0 * in, in, t0, nb, in, ap, r, hp + t0 * r, r, rd, scratch.data(), bits.data());
+      k.shrink(xp + t0 * in, in, t0, nb, in, ap, r, hp + t0 * r, r, rd, scratch.data(), bits.data());
       at::Tensor yb = y.narrow(0, t0, nb);
       const at::Tensor xb = x2.narrow(0, t0, nb);
       if (bias)
         at::addmm_out(yb, *bias, xb, wt);
       else
         at::mm_out(yb, xb, wt);
-      lora_avx512::expand_acc(yp + t0 * out, out, nb, out, hp + t0 * r, r, r, btp);
+      k.expand_acc(yp + t0 * out, out, nb, out, hp + t0 * r, r, r, btp, ldb);
     }
   });
   return {y, hidden};
@@ -226,41 +216,41 @@ FusedGrads backward_fused(const at::Tensor& dy2, const at::Tensor& x2, const at:
                           const at::Tensor& hid, bool want_x, bool want_a, bool want_p, bool need_dh,
                           const DropoutParams& d) {
   const int64_t rows = x2.size(0), in = x2.size(1), out = dy2.size(1), r = lora_a.size(0);
-  const int64_t rp = lora_avx512::round_up16(r);
+  const int64_t rp = lora_vec_pad(r), inp = lora_vec_pad(in);
   const auto opts = x2.options().dtype(at::kFloat);
   const int nthreads = at::get_num_threads();
   const bool want_du = want_x || want_a;
   FusedGrads g;
   at::Tensor beff_pad, hg_pad, du;
   if (need_dh) {
-    beff_pad = at::zeros({out, rp}, opts);
-    beff_pad.narrow(1, 0, r).copy_(b_eff);
+    beff_pad = padded_f32(b_eff);  // (out, rp)
     g.dh = at::empty({rows, rp}, opts);
   }
   if (want_p) {
-    hg_pad = at::zeros({rows, rp}, opts);
-    hg_pad.narrow(1, 0, r).copy_(hid * gain);
+    hg_pad = padded_f32(hid * gain);  // (rows, rp)
     g.p = at::zeros({nthreads, out, rp}, opts);
   }
   if (want_du) du = at::empty({rows, r}, opts);
-  if (want_a) g.da = at::zeros({nthreads, r, in}, opts);
+  if (want_a) g.da = at::zeros({nthreads, r, inp}, opts);
   if (want_x) g.dx = at::empty({rows, in}, x2.options());
-  const lora_avx512::RowDropout rd = row_dropout(d);
+  const at::Tensor a_pad = padded_f32(lora_a);  // (r, inp)
+  const LoraVecDropout rd = vec_dropout(d);
+  const LoraVecOps<E>& k = lora_vec_ops<E>();
   const int64_t rb = fused_row_block(rows), nblocks = (rows + rb - 1) / rb;
-  const at::Tensor a_c = lora_a.to(at::kFloat).contiguous();
   const float* gainp = gain.data_ptr<float>();
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const E* dyp = dy2.data_ptr<E>();
+  const E* xp = x2.data_ptr<E>();
+  parallel_for_caller_state(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     float* pp = want_p ? g.p[tid].data_ptr<float>() : nullptr;
     float* dap = want_a ? g.da[tid].data_ptr<float>() : nullptr;
-    std::vector<uint32_t> bits(static_cast<size_t>(lora_avx512::scratch_bits(in)));
+    std::vector<float> scratch(static_cast<size_t>(lora_vec_scratch_floats(std::max(in, out))));
+    std::vector<uint32_t> bits(static_cast<size_t>(lora_vec_scratch_bits(in)));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * rb, nb = std::min(rb, rows - t0);
       float* dhp = need_dh ? g.dh.data_ptr<float>() + t0 * rp : nullptr;
-      lora_avx512::grad_out(elems<E>(dy2) + t0 * out, out, nb, out, rp,
-                            need_dh ? beff_pad.data_ptr<float>() : nullptr,
-                            want_p ? hg_pad.data_ptr<float>() + t0 * rp : nullptr, dhp, pp);
+      k.grad_out(dyp + t0 * out, out, nb, out, rp, need_dh ? beff_pad.data_ptr<float>() : nullptr,
+                 want_p ? hg_pad.data_ptr<float>() + t0 * rp : nullptr, dhp, pp, scratch.data());
       if (!want_du) continue;
       float* dup = du.data_ptr<float>() + t0 * r;
       for (int64_t t = 0; t < nb; ++t)
@@ -269,17 +259,15 @@ FusedGrads backward_fused(const at::Tensor& dy2, const at::Tensor& x2, const at:
         at::Tensor dxb = g.dx.narrow(0, t0, nb);
         at::mm_out(dxb, dy2.narrow(0, t0, nb), weight);
       }
-      lora_avx512::grad_in(elems<E>(x2) + t0 * in, in, t0, nb, in, dup, r, r, a_c.data_ptr<float>(), dap,
-                           want_x ? elems<E>(g.dx) + t0 * in : nullptr, in, rd, bits.data());
+      k.grad_in(xp + t0 * in, in, t0, nb, in, dup, r, r, a_pad.data_ptr<float>(), inp, dap,
+                want_x ? g.dx.data_ptr<E>() + t0 * in : nullptr, in, rd, scratch.data(), bits.data());
     }
   });
   if (want_p) g.p = g.p.sum(0).narrow(1, 0, r);
   if (need_dh) g.dh = g.dh.narrow(1, 0, r);
-  if (want_a) g.da = g.da.sum(0);
+  if (want_a) g.da = g.da.sum(0).narrow(1, 0, in);
   return g;
 }
-
-#endif  // LRK_HAVE_AVX512_SOURCES
 
 }  // namespace
 
@@ -292,7 +280,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
   const char* op = "lora_linear";
   // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const LoraShapes sh = check_lora_args(op, x, weight, bias, lora_a, lora_b, scale, rank_scale, out_scale);
+  const LoraShapes sh = check_lora_args(op, x, weight, bias, lora_a, lora_b, scale, rank_scale, out_scale,
+                                        /*fp32_adapters=*/true);
   const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
   const auto acc = lora_acc_dtype(x);
   const auto acc_opts = x.options().dtype(acc);
@@ -302,14 +291,13 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
   at::Tensor b_eff = lora_b.to(acc);
   // ((h Bᵀ) ⊙ o) = h (o ⊙ B)ᵀ: the output scale folds into B's rows.
   if (const at::Tensor* o = opt_ptr(out_scale)) b_eff = b_eff * o->to(acc).unsqueeze(1);
-#if LRK_HAVE_AVX512_SOURCES
   if (use_fused_cpu(x, sh.tokens, /*min_rows_per_thread=*/128, /*bfloat16=*/true)) {
-    const at::Tensor bt = (b_eff * gain.unsqueeze(0)).t().contiguous();
-    auto [y, hidden] = x.scalar_type() == at::kFloat ? forward_fused<float>(x2, weight, opt_ptr(bias), a_acc, bt, d)
-                                                     : forward_fused<uint16_t>(x2, weight, opt_ptr(bias), a_acc, bt, d);
+    const at::Tensor bt = (b_eff * gain.unsqueeze(0)).t();
+    auto [y, hidden] = x.scalar_type() == at::kFloat
+                           ? forward_fused<float>(x2, weight, opt_ptr(bias), a_acc, bt, d)
+                           : forward_fused<c10::BFloat16>(x2, weight, opt_ptr(bias), a_acc, bt, d);
     return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.rank))};
   }
-#endif
   at::Tensor hidden = d.threshold ? shrink_with_dropout(x2, a_acc, d) : at::mm(x2.to(acc), a_acc.t());
   const at::Tensor h = hidden * gain;
   // The rank-r term (and the bias) is written first; the base GEMM then accumulates into it
@@ -330,7 +318,7 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
   const char* op = "lora_linear_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const LoraShapes sh = check_lora_backward_args(op, grad_out, x, weight, lora_a, lora_b, hidden, scale, rank_scale,
-                                                 out_scale, mask);
+                                                 out_scale, mask, /*fp32_adapters=*/true);
   const auto acc = lora_acc_dtype(x);
   const auto acc_opts = x.options().dtype(acc);
   const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
@@ -350,39 +338,36 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
     const at::Tensor b_acc = lora_b.to(acc);
     const at::Tensor gain = rank_gain(g, scale, sh.rank, acc_opts);
     const at::Tensor b_eff = o ? b_acc * o->to(acc).unsqueeze(1) : b_acc;
-#if LRK_HAVE_AVX512_SOURCES
     if (use_fused_cpu(x, sh.tokens, /*min_rows_per_thread=*/32, /*bfloat16=*/true)) {
-      const auto run = x.scalar_type() == at::kFloat ? &backward_fused<float> : &backward_fused<uint16_t>;
+      const auto run = x.scalar_type() == at::kFloat ? &backward_fused<float> : &backward_fused<c10::BFloat16>;
       FusedGrads fg = run(dy2, x2, weight, lora_a, b_eff, gain, hid.contiguous(), want_x, want_a, want_b || want_o,
                           need_dh, d);
-      const auto dt = x.scalar_type();
-      if (want_b) gb = (o ? fg.p * o->to(acc).unsqueeze(1) : fg.p).to(dt);
-      if (want_o && o) go = (fg.p * b_acc).sum(1).to(dt);
-      if (want_g && g) gg = ((fg.dh * hid).sum(0) * scale).to(dt);
-      if (want_a) ga = fg.da.to(dt);
+      if (want_b) gb = (o ? fg.p * o->to(acc).unsqueeze(1) : fg.p).to(lora_b.scalar_type());
+      if (want_o && o) go = (fg.p * b_acc).sum(1).to(o->scalar_type());
+      if (want_g && g) gg = ((fg.dh * hid).sum(0) * scale).to(g->scalar_type());
+      if (want_a) ga = fg.da.to(lora_a.scalar_type());
       if (want_x) gx = fg.dx.view(x.sizes());
       return {gx, gw, gbias, ga, gb, gg, go};
     }
-#endif
     // P = dyᵀ h and ∂L/∂h = dy (o ⊙ B) in one pass over dy.
     const at::Tensor dya = dy2.to(acc);
     auto [p, dh] = grad_out_pass(dya, (want_b || want_o) ? (hid * gain).contiguous() : at::Tensor(),
                                  need_dh ? b_eff.contiguous() : at::Tensor());
     // ∂L/∂B = o ⊙ P (row-wise), ∂L/∂o = Σ_j B ⊙ P.
-    if (want_b) gb = (o ? p * o->to(acc).unsqueeze(1) : p).to(x.scalar_type());
-    if (want_o && o) go = (p * b_acc).sum(1).to(x.scalar_type());
+    if (want_b) gb = (o ? p * o->to(acc).unsqueeze(1) : p).to(lora_b.scalar_type());
+    if (want_o && o) go = (p * b_acc).sum(1).to(o->scalar_type());
     if (need_dh) {
-      if (want_g && g) gg = ((dh * hid).sum(0) * scale).to(x.scalar_type());
+      if (want_g && g) gg = ((dh * hid).sum(0) * scale).to(g->scalar_type());
       const at::Tensor du = (dh * gain).contiguous();  // ∂L/∂u
       const at::Tensor a_acc = lora_a.to(acc).contiguous();
       at::Tensor dx;
       if (d.threshold == 0) {
         if (want_x) dx = at::mm(du, a_acc).to(x.scalar_type());
-        if (want_a) ga = at::mm(du.t(), x2.to(acc)).to(x.scalar_type());
+        if (want_a) ga = at::mm(du.t(), x2.to(acc)).to(lora_a.scalar_type());
       } else {
         if (want_x) dx = at::empty({sh.tokens, sh.in_features}, x.options());
         at::Tensor ga_acc = grad_in_with_dropout(x2, du, a_acc, want_x ? &dx : nullptr, want_a, d);
-        if (want_a) ga = ga_acc.to(x.scalar_type());
+        if (want_a) ga = ga_acc.to(lora_a.scalar_type());
       }
       if (want_x) {
         dx.addmm_(dy2, weight);  // the base GEMM accumulates onto the rank-r part (beta = 1)

@@ -19,7 +19,8 @@
 #include <vector>
 
 #include "common/fused_cpu.h"
-#include "lora/lora_cpu_avx512.h"
+#include "common/parallel_cpu.h"
+#include "lora/lora_cpu_vec.h"
 #include "multi_lora/multi_lora_checks.h"
 
 namespace lrkernels {
@@ -96,10 +97,8 @@ void scatter_add_rows(at::Tensor& y2, const at::Tensor& idx, const at::Tensor& d
   });
 }
 
-#if LRK_HAVE_AVX512_SOURCES
-
-// multi_lora_linear's AVX-512 path (float32). Positions of the grouped order (each adapter's
-// tokens contiguous, base-only tokens last) are cut into blocks; per block, its tokens' rows of
+// multi_lora_linear's blocked path (float32; the kernels of lora/lora_cpu_vec.h). Positions of
+// the grouped order (each adapter's tokens contiguous, base-only tokens last) are cut into blocks; per block, its tokens' rows of
 // x are gathered once into a cache-sized buffer, the block's base GEMM runs on it, then every
 // adapter run inside the block does its shrink and expand (at its own rank) on the same rows
 // while they are in cache, and the finished rows are copied out to y and hidden. One trip
@@ -114,14 +113,15 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x2, const at:
   at::Tensor y = at::empty({rows, out}, opts);
   at::Tensor hidden = at::zeros({rows, r_max}, opts);
   if (rows == 0) return {y, hidden};
-  // Per adapter with tokens: Aᵀ zero-padded to a multiple of 16 ranks, and s·B[:, :r]ᵀ.
+  // Per adapter with tokens: Aᵀ and s·B[:, :r]ᵀ, rows zero-padded (lora_vec_pad).
   std::vector<at::Tensor> at_l(L), bt_l(L);
   for (int64_t l = 0; l < L; ++l) {
     const int64_t r = g.ranks[l];
     if (g.offsets[l + 1] == g.offsets[l] || r == 0) continue;
-    at_l[l] = at::zeros({in, lora_avx512::round_up16(r)}, opts);
+    at_l[l] = at::zeros({in, lora_vec_pad(r)}, opts);
     at_l[l].narrow(1, 0, r).copy_(lora_a[l].narrow(0, 0, r).t());
-    bt_l[l] = (lora_b[l].narrow(1, 0, r) * sc[l]).t().contiguous();
+    bt_l[l] = at::zeros({r, lora_vec_pad(out)}, opts);
+    bt_l[l].narrow(1, 0, out).copy_((lora_b[l].narrow(1, 0, r) * sc[l]).t());
   }
   const at::Tensor ord = order.to(at::kLong).contiguous();
   const int64_t* op = ord.data_ptr<int64_t>();
@@ -130,11 +130,12 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x2, const at:
   float* hp = hidden.data_ptr<float>();
   const at::Tensor wt = weight.t();
   const int64_t rb = fused_row_block(rows), nblocks = (rows + rb - 1) / rb;
-  const lora_avx512::RowDropout no_dropout;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    // worker threads do not inherit the caller's dispatch state: stay below autograd here too
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const LoraVecDropout no_dropout;
+  const LoraVecOps<float>& k = lora_vec_ops<float>();
+  parallel_for_caller_state(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor xb = at::empty({rb, in}, opts), yb = at::empty({rb, out}, opts), hb = at::empty({rb, r_max}, opts);
+    std::vector<float> scratch(static_cast<size_t>(lora_vec_scratch_floats(in)));
+    std::vector<uint32_t> bits(static_cast<size_t>(lora_vec_scratch_bits(in)));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t p0 = blk * rb, nb = std::min(rb, rows - p0);
       float* xbp = xb.data_ptr<float>();
@@ -152,10 +153,11 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x2, const at:
         const int64_t q0 = std::max(p0, g.offsets[l]), q1 = std::min(p0 + nb, g.offsets[l + 1]);
         if (q1 <= q0 || !at_l[l].defined()) continue;
         const int64_t i0 = q0 - p0, n = q1 - q0, r = g.ranks[l];
-        lora_avx512::shrink(xbp + i0 * in, in, 0, n, in, at_l[l].data_ptr<float>(), r, hbp + i0 * r_max, r_max,
-                            no_dropout, nullptr, nullptr);
+        k.shrink(xbp + i0 * in, in, 0, n, in, at_l[l].data_ptr<float>(), r, hbp + i0 * r_max, r_max, no_dropout,
+                 scratch.data(), bits.data());
         if (sc[l] != 0.0)
-          lora_avx512::expand_acc(ybp + i0 * out, out, n, out, hbp + i0 * r_max, r_max, r, bt_l[l].data_ptr<float>());
+          k.expand_acc(ybp + i0 * out, out, n, out, hbp + i0 * r_max, r_max, r, bt_l[l].data_ptr<float>(),
+                       bt_l[l].size(1));
       }
       for (int64_t i = 0; i < nb; ++i) {
         std::memcpy(yp + op[p0 + i] * out, ybp + i * out, sizeof(float) * out);
@@ -165,8 +167,6 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x2, const at:
   });
   return {y, hidden};
 }
-
-#endif  // LRK_HAVE_AVX512_SOURCES
 
 }  // namespace
 
@@ -245,7 +245,8 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
     const std::optional<at::Tensor>& adapter_offsets, const std::optional<at::Tensor>& rank_scale,
     const std::optional<at::Tensor>& out_scale, double dropout_p, const std::optional<at::Tensor>& seed) {
   const char* op = "multi_lora_linear";
-  const MultiLoraShapes sh = check_multi_lora_args(op, x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks);
+  const MultiLoraShapes sh = check_multi_lora_args(op, x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks,
+                                                   /*fp32_adapters=*/true);
   const MultiLoraOptions opts = check_multi_lora_options(op, x, sh, rank_scale, out_scale, dropout_p, seed);
   TORCH_CHECK_NOT_IMPLEMENTED(!opts.any(), "lrkernels.", op,
                               ": rank_scale, out_scale and dropout_p > 0 are not implemented on CPU yet");
@@ -262,13 +263,11 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
   const auto acc = multi_lora_acc_dtype(x);
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   const HostGroups g = host_groups(order, offsets, ranks, sh.num_adapters, sh.r_max);
-#if LRK_HAVE_AVX512_SOURCES
   if (use_fused_cpu(x, sh.tokens)) {
     auto [y, hidden] = forward_fused(x2, weight, opt_ptr_defined(bias) ? &*bias : nullptr, lora_a, lora_b, order, g,
                                      host_scales(scales), sh.r_max);
     return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.r_max))};
   }
-#endif
   at::Tensor y = opt_ptr_defined(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   at::Tensor hidden = at::zeros({sh.tokens, sh.r_max}, x.options().dtype(acc));
   if (g.n_valid > 0) {
@@ -299,7 +298,8 @@ multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
                                double dropout_p, const std::optional<at::Tensor>& seed) {
   const char* op = "multi_lora_linear_backward";
   const MultiLoraShapes sh =
-      check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks);
+      check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks,
+                            /*fp32_adapters=*/true);
   check_backward_extras(op, grad_out, hidden, x, sh);
   const MultiLoraOptions opts = check_multi_lora_options(op, x, sh, rank_scale, out_scale, dropout_p, seed);
   TORCH_CHECK_NOT_IMPLEMENTED(!opts.any() && !mask[6] && !mask[7], "lrkernels.", op,
@@ -341,8 +341,8 @@ multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
       if (want_x) scatter_add_rows(dx, idx_l, at::mm(du, lora_a[l].narrow(0, 0, r).to(acc)));
     });
     if (want_x) gx = dx.view(x.sizes());
-    if (want_a) ga = ga_acc.to(x.scalar_type());
-    if (want_b) gb = gb_acc.to(x.scalar_type());
+    if (want_a) ga = ga_acc.to(lora_a.scalar_type());
+    if (want_b) gb = gb_acc.to(lora_b.scalar_type());
     if (want_s) gs = gs_acc.to(scales.scalar_type());
   }
   return {gx, gw, gbias, ga, gb, gs, std::nullopt, std::nullopt};

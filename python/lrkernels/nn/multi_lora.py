@@ -19,10 +19,13 @@ class MultiLoRALinear(nn.Module):
     batch. ``forward(x, adapter_ids)``; or set the batch once for a whole model with
     :func:`set_multi_lora_batch`, which also groups the tokens once for every layer.
     Initialised like PEFT's LoRA (A Kaiming-uniform, B zero): every adapter starts at the base.
+    ``adapter_dtype``: dtype of A and B (default: the base's); ``torch.float32`` on a bfloat16
+    base is PEFT's default (float32 adapter path, y in the base's dtype; on CPU, and on CUDA once
+    its kernels take float32 adapters).
     """
 
     def __init__(self, in_features, out_features, num_adapters, r_max, *, ranks=None, alphas=None, bias=True,
-                 use_rslora=False, device=None, dtype=None):
+                 use_rslora=False, adapter_dtype=None, device=None, dtype=None):
         super().__init__()
         if not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"MultiLoRALinear: num_adapters must be a positive int, got {num_adapters!r}")
@@ -39,8 +42,9 @@ class MultiLoRALinear(nn.Module):
         self.num_adapters, self.r_max = num_adapters, r_max
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **fk), requires_grad=False) if bias else None
-        self.lora_a = nn.Parameter(torch.zeros(num_adapters, r_max, in_features, **fk))
-        self.lora_b = nn.Parameter(torch.zeros(num_adapters, out_features, r_max, **fk))
+        ak = {"device": device, "dtype": dtype if adapter_dtype is None else adapter_dtype}
+        self.lora_a = nn.Parameter(torch.zeros(num_adapters, r_max, in_features, **ak))
+        self.lora_b = nn.Parameter(torch.zeros(num_adapters, out_features, r_max, **ak))
         scales = [a / (math.sqrt(r) if use_rslora else r) for a, r in zip(alphas, ranks)]
         self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32, device=device))
         self.register_buffer("ranks", torch.tensor(ranks, dtype=torch.int32, device=device))

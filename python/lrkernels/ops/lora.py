@@ -2,6 +2,7 @@
 
 import torch
 
+from ._autocast import register_autocast
 from ._util import bind, needs_grad, new_seed, nvtx_range, register_fake
 
 _fwd = torch.ops.lrkernels.lora_linear.default
@@ -65,6 +66,9 @@ def _backward(ctx, grad_y, grad_hidden):
 
 
 torch.library.register_autograd("lrkernels::lora_linear", _backward, setup_context=_setup_context)
+# under torch.autocast x and the base layer compute in the autocast dtype (as nn.Linear does); the
+# adapter tensors are left as they are (float32 adapters on a low-precision x: the mixed rule)
+register_autocast("lora_linear", ("x", "weight", "bias"))
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, *, scale=1.0, rank_scale=None, out_scale=None,
@@ -85,9 +89,13 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scale=1.0, rank_scale=None, 
             ``generator`` if given), is never stored, and backward regenerates it.
         generator: a torch.Generator on x's device for the dropout seed.
 
-    All tensors share x's dtype and device: float32/float16/bfloat16 on CUDA (fp32
-    accumulation), float32/float64/bfloat16 on CPU. Differentiable in x, weight, bias, lora_a,
-    lora_b, rank_scale and out_scale; each gradient is computed only when required.
+    All tensors are on x's device; x, weight and bias share one dtype: float32/float16/bfloat16 on
+    CUDA, float32/float64/bfloat16 on CPU. The adapter tensors (lora_a, lora_b, rank_scale,
+    out_scale) have x's dtype or, on a float16/bfloat16 x, float32 (PEFT's default of float32
+    adapters on a low-precision base; on CPU for now). The low-rank path accumulates in float32
+    (float64 for float64), y has x's dtype and every gradient comes back in its own tensor's
+    dtype. Differentiable in x, weight, bias, lora_a, lora_b, rank_scale and out_scale; each
+    gradient is computed only when required.
     """
     seed = new_seed(x.device, generator) if dropout_p > 0 else None
     with nvtx_range("lrkernels.lora_linear"):

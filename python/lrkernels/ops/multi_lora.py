@@ -5,6 +5,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from ._autocast import register_autocast
 from ._util import bind, needs_grad, new_seed, nvtx_range, register_fake, register_not_differentiable
 
 _segments = torch.ops.lrkernels.multi_lora_segments.default
@@ -106,6 +107,8 @@ def _backward(ctx, grad_y, grad_hidden):
 
 
 torch.library.register_autograd("lrkernels::multi_lora_linear", _backward, setup_context=_setup_context)
+# under torch.autocast x and the base layer compute in the autocast dtype; adapters stay as they are
+register_autocast("multi_lora_linear", ("x", "weight", "bias"))
 
 
 # The serving building blocks have no backward: called on inputs that require grad they raise
@@ -179,9 +182,9 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, r
             :func:`lora_linear` (token t's mask is row t of lora_linear's mask for the same
             seed); modules pass 0 in eval mode.
 
-    Adapter tensors (lora_a, lora_b, scales, rank_scale, out_scale) have x's dtype or, on a
-    bfloat16/float16 x, float32 (PEFT's default); the adapter path accumulates in float32
-    and each gradient comes back in its tensor's dtype.
+    x, weight and bias share one dtype; lora_a and lora_b have x's dtype or, on a float16/bfloat16
+    x, float32 (float32 adapters on a low-precision base, PEFT's default; on CPU for now). The
+    low-rank path accumulates in float32, y has x's dtype, each gradient its own tensor's dtype.
 
     On CPU an adapter id outside ``[-1, L)`` or a rank outside ``[0, r_max]`` raises
     ValueError. On CUDA (no host synchronisation) such ids are treated as -1 and ranks are
