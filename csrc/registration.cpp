@@ -79,7 +79,8 @@ TORCH_LIBRARY(lrkernels, m) {
   // The low-rank Adam step of GaLore (arXiv 2403.03507) and Fira (arXiv 2410.01623), in place
   // on the moments of the projected gradient R (HF-style ε, outside the square root):
   //   m ← β₁m + (1 − β₁)R,  v ← β₂v + (1 − β₂)R²;  returns N = m / (√v + ε).
-  // Moments are float32 or bfloat16 (float64 on CPU); N is float32 (float64 for float64 moments).
+  // Moments are float32 or bfloat16, or float64 (float64 weights; on CPU and CUDA alike); N is
+  // float32 (float64 for float64 moments). grad: float32, bfloat16, float64 (float16 on CUDA).
   // Bias correction is left to the caller (it is a scalar folded into alpha below).
   m.def(
       "galore_adam_moments(Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor grad, float beta1, float beta2, "
