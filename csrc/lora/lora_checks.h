@@ -32,20 +32,20 @@ inline LoraShapes check_lora_args(const char* op, const at::Tensor& x, const at:
     check_shape(*bias, {out}, op, "bias", "(out_features,)");
   }
   check_dim(lora_a, 2, op, "lora_a", "(r, in_features)");
-  check_like(lora_a, x, op, "lora_a", "x");
+  check_adapter_param(lora_a, x, op, "lora_a");
   const int64_t r = lora_a.size(0);
   TORCH_CHECK_VALUE(r >= 1, "lrkernels.", op, ": lora_a must have at least one row (rank r >= 1), got shape ",
                     shape_str(lora_a.sizes()));
   check_shape(lora_a, {r, in}, op, "lora_a", "(r, in_features)");
   check_dim(lora_b, 2, op, "lora_b", "(out_features, r)");
-  check_like(lora_b, x, op, "lora_b", "x");
+  check_adapter_param(lora_b, x, op, "lora_b");
   check_shape(lora_b, {out, r}, op, "lora_b", "(out_features, r)");
   if (rank_scale.has_value() && rank_scale->defined()) {
-    check_like(*rank_scale, x, op, "rank_scale", "x");
+    check_adapter_param(*rank_scale, x, op, "rank_scale");
     check_shape(*rank_scale, {r}, op, "rank_scale", "(r,)");
   }
   if (out_scale.has_value() && out_scale->defined()) {
-    check_like(*out_scale, x, op, "out_scale", "x");
+    check_adapter_param(*out_scale, x, op, "out_scale");
     check_shape(*out_scale, {out}, op, "out_scale", "(out_features,)");
   }
   TORCH_CHECK_VALUE(std::isfinite(scale), "lrkernels.", op, ": scale must be finite, got ", scale);

@@ -109,14 +109,14 @@ inline MultiLoraShapes check_multi_lora_args(const char* op, const at::Tensor& x
     check_shape(*bias, {out}, op, "bias", "(out_features,)");
   }
   check_dim(lora_a, 3, op, "lora_a", "(L, r_max, in_features)");
-  check_like(lora_a, x, op, "lora_a", "x");
+  check_adapter_param(lora_a, x, op, "lora_a");
   const int64_t L = lora_a.size(0), r = lora_a.size(1);
   TORCH_CHECK_VALUE(L >= 1 && r >= 1, "lrkernels.", op,
                     ": lora_a must hold at least one adapter (L >= 1) of r_max >= 1, got shape ",
                     shape_str(lora_a.sizes()));
   check_shape(lora_a, {L, r, in}, op, "lora_a", "(L, r_max, in_features)");
   check_dim(lora_b, 3, op, "lora_b", "(L, out_features, r_max)");
-  check_like(lora_b, x, op, "lora_b", "x");
+  check_adapter_param(lora_b, x, op, "lora_b");
   check_shape(lora_b, {L, out, r}, op, "lora_b", "(L, out_features, r_max)");
   check_scales(scales, x, L, op);
   check_ranks(ranks, x, L, r, op);
