@@ -245,7 +245,9 @@ if USE_CUDA:
         # loaded cuFFT already, this makes the extension load on its own too.
         extra_link = [f"-L{cufft[0]}", f"-l:{cufft[1]}", f"-Wl,-rpath,{cufft[0]}",
                       "-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib"]
-    arch = re.sub(r"[;\s]+", ",", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
+    # '_' between entries: nvcc splits a -D value at commas, and ';' or ' ' would need shell
+    # quoting; build_info() turns the '_' back into ';'
+    arch = re.sub(r"[;,\s]+", "_", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
     define_macros.append(("LRKERNELS_CUDA_ARCH_LIST", arch))
     ext = CUDAExtension(
         "lrkernels._C",
