@@ -4,7 +4,9 @@ Environment switches:
   LRKERNELS_CUDA=1 / 0   force the CUDA build on or off (default: on when nvcc and a CUDA
                          build of torch are both present)
   CUDA_HOME              the CUDA toolkit to use (default: found from nvcc, see below)
-  TORCH_CUDA_ARCH_LIST   CUDA targets (default "9.0": the H200)
+  TORCH_CUDA_ARCH_LIST   CUDA targets, as torch.utils.cpp_extension reads them (e.g. "8.0;9.0+PTX").
+                         Default: the compute capabilities of the GPUs visible at build time (PTX
+                         added for the newest), or, with no GPU (CI), DEFAULT_CUDA_ARCH_LIST below.
   MAX_JOBS               parallel compile jobs (ninja)
   LRKERNELS_DEBUG=1      -O0 -g host code, -lineinfo device code
   LRKERNELS_CPU_ISAS     instruction sets the vectorised CPU kernels are compiled for, comma-
@@ -104,7 +106,37 @@ USE_CUDA, CUDA_HOME = resolve_build()
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+# Without a GPU to build for: SASS for sm_80 and sm_90, PTX for compute_90. sm_80 SASS also runs
+# on sm_86 / sm_89 (A10, A40, L4, L40, RTX 30xx/40xx: same major version, binary compatible),
+# sm_90 SASS on the H100/H200, and the PTX is JIT-compiled on anything newer, so A100, L40, RTX
+# 4090 and H200 users all get a kernel image; the tensor-core bodies need sm_80+ and the host
+# checks the loaded image's arch before taking them (include/lrkernels/common/kernel_select.h).
+# Two device passes instead of four (8.0;8.6;8.9;9.0+PTX) keep CI's 2-core build in budget; a
+# build for one's own GPU (the default when one is visible) gets native SASS for it.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def cuda_arch_list():
+    """TORCH_CUDA_ARCH_LIST when set; else the visible GPUs' capabilities (+PTX on the newest),
+    as torch.utils.cpp_extension itself would pick; else DEFAULT_CUDA_ARCH_LIST."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env:
+        return env, "TORCH_CUDA_ARCH_LIST"
+    import torch
+
+    try:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(n)})
+    except Exception:  # no driver, a broken one: build for the documented default
+        caps = []
+    if caps:
+        return ";".join(f"{a}.{b}" for a, b in caps) + "+PTX", "the visible GPUs"
+    return DEFAULT_CUDA_ARCH_LIST, "the default list (no GPU visible)"
+
+
+if USE_CUDA:
+    _arch, _arch_source = cuda_arch_list()
+    os.environ["TORCH_CUDA_ARCH_LIST"] = _arch  # read by torch.utils.cpp_extension at build time
 DEBUG = os.environ.get("LRKERNELS_DEBUG", "0") == "1"
 
 # ---- CPU instruction sets: every *_cpu_vec.cpp once per set, through a generated wrapper ----
@@ -213,7 +245,9 @@ if USE_CUDA:
         # loaded cuFFT already, this makes the extension load on its own too.
         extra_link = [f"-L{cufft[0]}", f"-l:{cufft[1]}", f"-Wl,-rpath,{cufft[0]}",
                       "-Wl,-rpath,$ORIGIN/../nvidia/cu13/lib"]
-    arch = re.sub(r"[;\s]+", ",", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
+    # '_' between entries: nvcc splits a -D value at commas, and ';' or ' ' would need shell
+    # quoting; build_info() turns the '_' back into ';'
+    arch = re.sub(r"[;,\s]+", "_", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
     define_macros.append(("LRKERNELS_CUDA_ARCH_LIST", arch))
     ext = CUDAExtension(
         "lrkernels._C",
@@ -258,7 +292,7 @@ class LrkBuildExtension(BuildExtension):
 print("lrkernels setup: CUDA build: %s" % ("yes" if USE_CUDA else "no"))
 if USE_CUDA:
     print(f"lrkernels setup: CUDA_HOME={CUDA_HOME}")
-    print(f"lrkernels setup: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    print(f"lrkernels setup: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (from {_arch_source})")
     print(f"lrkernels setup: extra include dirs from nvidia wheels: {wheel_incs}")
 print(f"lrkernels setup: CPU instruction sets for the vectorised kernels: {','.join(CPU_ISAS)}")
 print(f"lrkernels setup: {len(cpp_sources)} C++ and {len(cu_sources) if USE_CUDA else 0} CUDA sources")

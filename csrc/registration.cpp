@@ -10,6 +10,7 @@
 
 #include "common/build_info.h"
 #include "common/cpu_features.h"
+#include "common/cuda_kernels.h"
 
 TORCH_LIBRARY(lrkernels, m) {
   // ---- common ------------------------------------------------------------------------
@@ -90,7 +91,8 @@ TORCH_LIBRARY(lrkernels, m) {
   // The low-rank Adam step of GaLore (arXiv 2403.03507) and Fira (arXiv 2410.01623), in place
   // on the moments of the projected gradient R (HF-style ε, outside the square root):
   //   m ← β₁m + (1 − β₁)R,  v ← β₂v + (1 − β₂)R²;  returns N = m / (√v + ε).
-  // Moments are float32 or bfloat16 (float64 on CPU); N is float32 (float64 for float64 moments).
+  // Moments are float32 or bfloat16, or float64 (float64 weights; on CPU and CUDA alike); N is
+  // float32 (float64 for float64 moments). grad: float32, bfloat16, float64 (float16 on CUDA).
   // Bias correction is left to the caller (it is a scalar folded into alpha below).
   m.def(
       "galore_adam_moments(Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor grad, float beta1, float beta2, "
@@ -165,4 +167,50 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         lrkernels::set_cpu_kernels(static_cast<lrkernels::CpuKernels>(mode));
       },
       "Select the CPU kernel path: 0 auto, 1 aten, 2 blocked.");
+  m.def(
+      "get_cuda_kernels",
+      [] {
+        pybind11::dict d;
+        for (int f = 0; f < lrkernels::kCudaFamilies; ++f) {
+          const auto family = static_cast<lrkernels::CudaFamily>(f);
+          d[lrkernels::cuda_family_name(family)] = static_cast<int>(lrkernels::cuda_kernels(family));
+        }
+        return d;
+      },
+      "CUDA kernel path per family: {family: 0 auto, 1 simt, 2 tensor_core}.");
+  m.def(
+      "set_cuda_kernels",
+      [](const std::string& family, int mode) {
+        TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "lrkernels: CUDA kernel mode must be 0, 1 or 2, got ", mode);
+        for (int f = 0; f < lrkernels::kCudaFamilies; ++f) {
+          const auto fam = static_cast<lrkernels::CudaFamily>(f);
+          if (family == lrkernels::cuda_family_name(fam)) {
+            lrkernels::set_cuda_kernels(fam, static_cast<lrkernels::CudaKernels>(mode));
+            return;
+          }
+        }
+        TORCH_CHECK_VALUE(false, "lrkernels: unknown CUDA kernel family ", family);
+      },
+      "Select one family's CUDA kernel path: 0 auto, 1 simt, 2 tensor_core.");
+  m.def(
+      "cuda_kernel_launches",
+      [] {
+        pybind11::dict d;
+        for (int f = 0; f < lrkernels::kCudaFamilies; ++f) {
+          const auto fam = static_cast<lrkernels::CudaFamily>(f);
+          for (int k = 0; k < lrkernels::kCudaKernels; ++k) {
+            const auto kernel = static_cast<lrkernels::CudaKernel>(k);
+            for (bool tc : {false, true}) {
+              const std::string key = std::string(lrkernels::cuda_family_name(fam)) + "." +
+                                      lrkernels::cuda_kernel_name(kernel) + (tc ? ".tensor_core" : ".simt");
+              d[key.c_str()] = lrkernels::cuda_launch_count(fam, kernel, tc);
+            }
+          }
+          d[(std::string(lrkernels::cuda_family_name(fam)) + ".tensor_core_image_arch").c_str()] =
+              lrkernels::tensor_core_image_arch(fam);
+        }
+        return d;
+      },
+      "Launches made per family, kernel and path since the last reset, and the tensor-core image arch seen.");
+  m.def("reset_cuda_kernel_launches", &lrkernels::reset_cuda_launch_counts, "Zero the CUDA launch counters.");
 }

@@ -71,3 +71,44 @@ def test_old_cpu_kernel_mode_names_still_work():
     with lrkernels.use_cpu_kernels("fused"):
         assert lrkernels.get_cpu_kernels() == "blocked"
     assert lrkernels.get_cpu_kernels() == "auto"
+
+
+def test_cuda_kernel_setting_round_trip_and_errors():
+    """set_cuda_kernels / use_cuda_kernels work in every build (a CPU-only build keeps the setting
+    and counts no launches); bad modes and families raise ValueError."""
+    start = lrkernels.get_cuda_kernels()
+    assert set(start) == {"lora_linear", "multi_lora"}
+    assert lrkernels.build_info()["cuda_kernels"] == start
+    with lrkernels.use_cuda_kernels("simt"):
+        assert lrkernels.get_cuda_kernels() == {"lora_linear": "simt", "multi_lora": "simt"}
+        with lrkernels.use_cuda_kernels("tensor_core", "multi_lora"):
+            assert lrkernels.get_cuda_kernels() == {"lora_linear": "simt", "multi_lora": "tensor_core"}
+        assert lrkernels.get_cuda_kernels()["multi_lora"] == "simt"
+    assert lrkernels.get_cuda_kernels() == start
+    previous = lrkernels.set_cuda_kernels("tensor_core", ["lora_linear"])
+    assert previous == {"lora_linear": start["lora_linear"]}
+    lrkernels.set_cuda_kernels(previous)
+    assert lrkernels.get_cuda_kernels() == start
+    with pytest.raises(ValueError, match="mode must be one of"):
+        lrkernels.set_cuda_kernels("fast")
+    with pytest.raises(ValueError, match="families must be names from"):
+        lrkernels.set_cuda_kernels("simt", "c3a")
+    counts = lrkernels.cuda_kernel_launches()
+    for family in ("lora_linear", "multi_lora"):
+        for kernel in ("shrink", "expand"):
+            for path in ("simt", "tensor_core"):
+                assert isinstance(counts[f"{family}.{kernel}.{path}"], int)
+        assert isinstance(counts[f"{family}.tensor_core_image_arch"], int)
+    lrkernels.cuda_kernel_launches(reset=True)
+    assert all(v == 0 for k, v in lrkernels.cuda_kernel_launches().items() if not k.endswith("image_arch"))
+
+
+def test_cuda_kernel_environment_variables_read_at_load():
+    """LRKERNELS_LORA_SIMT_ONLY=1 / LRKERNELS_MULTI_LORA_SIMT_ONLY=1 of the first releases still
+    choose the SIMT kernels, each for its own family, read once when the library loads."""
+    code = "import lrkernels; k = lrkernels.get_cuda_kernels(); print(k['lora_linear'], k['multi_lora'])"
+    for env_name, want in (("LRKERNELS_LORA_SIMT_ONLY", "simt auto"), ("LRKERNELS_MULTI_LORA_SIMT_ONLY", "auto simt")):
+        env = {k: v for k, v in os.environ.items() if not k.endswith("SIMT_ONLY")}
+        env[env_name] = "1"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split()[-2:] == want.split(), out.stdout + out.stderr

@@ -572,6 +572,34 @@ def test_cuda_forward_backward_matches_oracle(dtype, T, din, dout, b):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_fp32_kernel_on_low_precision_base(dtype):
+    """The mixed-precision rule on CUDA as on CPU: x, weight, bias in fp16/bf16 with a float32
+    kernel; y in x's dtype, each gradient in its own tensor's dtype, against the float64 oracle
+    of the same mixed inputs (the low-precision reference rounds the kernel too: looser)."""
+    a = make_inputs(70, 96, 64, 16, dtype, device="cuda")
+    a["kernel"] = (torch.randn(*a["kernel"].shape, dtype=torch.float64) * 0.5).float().cuda()
+    for v in a.values():
+        v.requires_grad_(True)
+    s = 1.0 / 96
+    names = ["x", "weight", "bias", "kernel"]
+    y = lrkernels.c3a_linear(a["x"], a["weight"], a["bias"], a["kernel"], scale=s)
+    assert y.dtype == dtype
+    gy = torch.randn(y.shape, dtype=torch.float64, device="cuda").to(dtype)
+    got = torch.autograd.grad(y, [a[n] for n in names], gy)
+
+    def oracle(dt):
+        leaves = {n: a[n].detach().to(dt).requires_grad_(True) for n in names}
+        yo = ref.c3a_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["kernel"], scale=s, dtype=dt)
+        return (yo,) + torch.autograd.grad(yo, [leaves[n] for n in names], gy.to(dt))
+
+    want, low = oracle(torch.float64), oracle(dtype)
+    for n, g, w, lo in zip(["y"] + names, (y,) + got, want, low):
+        assert g.dtype == (a[n].dtype if n != "y" else dtype) and g.is_cuda, (n, g.dtype)
+        assert_close_to_oracle(g, w, lo, name=n)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("T,din,dout,b", CUDA_SHAPES)
 def test_cuda_matches_cpu_kernel_float32(T, din, dout, b):
     a = make_inputs(T, din, dout, b, torch.float32, requires_grad=True)

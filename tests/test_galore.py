@@ -176,6 +176,9 @@ def test_moments_bad_inputs():
         MOMENTS(z.clone(), torch.zeros(4, 5, dtype=torch.bfloat16), z, 0.9, 0.99, 1e-6)
     with pytest.raises(TypeError, match="grad must be"):
         MOMENTS(z.clone(), z.clone(), torch.zeros(4, 5, dtype=torch.int32), 0.9, 0.99, 1e-6)
+    # float64 is one of GaLore's dtypes on every device; the message lists this device's set
+    with pytest.raises(TypeError, match="grad must be float32, float64 or bfloat16 on cpu"):
+        MOMENTS(z.clone(), z.clone(), torch.zeros(4, 5, dtype=torch.float16), 0.9, 0.99, 1e-6)
     with pytest.raises(ValueError, match="beta1 must be in"):
         MOMENTS(z.clone(), z.clone(), z, 1.0, 0.99, 1e-6)
     with pytest.raises(ValueError, match="eps must be finite"):
@@ -831,6 +834,39 @@ def test_cuda_moments_float64_match_oracle():
     assert n.dtype == torch.float64 and n.is_cuda
     for got, want in ((m_c, m64), (v_c, v64), (n, n64)):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("residual", [None, "rows", "cols"])
+def test_cuda_apply_update_float64_matches_cpu(left, residual):
+    """float64 weights are accepted on CUDA as on CPU (the entry check and the double kernels
+    agree), and the step equals the CPU one to float64 rounding."""
+    w, proj, upd, kw = update_args(70, 33, 5, left, torch.float64, residual)
+    upd = upd.double()
+    w_cpu = w.clone()
+    lrkernels.ops.galore.galore_apply_update(w_cpu, proj, upd, project_left=left, alpha=-0.05, beta=0.99, **kw)
+    w_c = w.cuda()
+    kw_c = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    lrkernels.ops.galore.galore_apply_update(w_c, proj.cuda(), upd.cuda(), project_left=left, alpha=-0.05, beta=0.99,
+                                             **kw_c)
+    assert w_c.dtype == torch.float64
+    torch.testing.assert_close(w_c.cpu(), w_cpu, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mdtype", [torch.float32, torch.bfloat16])
+def test_cuda_moments_float64_grad_with_float32_moments(mdtype):
+    """A float64 gradient with float32/bfloat16 moments is rounded to float32, as on CPU."""
+    m, v, g = rnd(9, 20, dtype=mdtype, scale=0.1), rnd(9, 20, dtype=mdtype, scale=0.1).abs(), rnd(9, 20,
+                                                                                                  dtype=torch.float64)
+    m_cpu, v_cpu = m.clone(), v.clone()
+    n_cpu = MOMENTS(m_cpu, v_cpu, g, 0.9, 0.99, 1e-6)
+    m_c, v_c = m.cuda(), v.cuda()
+    n = MOMENTS(m_c, v_c, g.cuda(), 0.9, 0.99, 1e-6)
+    assert n.dtype == torch.float32
+    torch.testing.assert_close(n.cpu(), n_cpu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m_c.cpu(), m_cpu, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda

@@ -849,7 +849,8 @@ def test_cuda_bad_inputs():
 
 # ---------------------------------------------------------------------------- CUDA tensor cores
 # fp16/bf16 with >= 64 tokens take the tensor-core shrink and expand (lora_tc.cuh) on sm_80+;
-# LRKERNELS_LORA_SIMT_ONLY=1 forces the SIMT kernels. Shapes: odd sizes (tails of the 64-token
+# set_cuda_kernels("simt") forces the SIMT kernels, "tensor_core" the tensor cores at any size.
+# Each test asserts from the launch counters that the path it names is the one that ran. Shapes: odd sizes (tails of the 64-token
 # tiles, the 64-column K steps and output tiles), every rank chunk (16, 32, 64, 128 and
 # several chunks), and a wide, short input that splits K across blocks.
 TC_SHAPES = [(64, 16, 16, 1), (65, 9, 130, 3), (130, 130, 9, 19), (200, 72, 64, 64), (97, 136, 33, 100),
@@ -863,15 +864,30 @@ def low_precision_oracle(cpu, scale, p, seed, dtype):
     return oracle(cpu, scale, p, seed, dtype=dtype).to(dtype)
 
 
+def run_op_on_path(a, scale, p, seed, path):
+    """run_op with set_cuda_kernels(path) ("auto", "simt" or "tensor_core"); returns (y, hidden,
+    tc) with tc = whether the shrink and expand ran on the tensor cores (both or neither)."""
+    lrkernels.cuda_kernel_launches(reset=True)
+    with lrkernels.use_cuda_kernels(path, "lora_linear"):
+        y, hidden = run_op(a, scale, p, seed)
+    n = lrkernels.cuda_kernel_launches()
+    tc = (n["lora_linear.shrink.tensor_core"], n["lora_linear.expand.tensor_core"])
+    simt = (n["lora_linear.shrink.simt"], n["lora_linear.expand.simt"])
+    assert tc in ((1, 1), (0, 0)) and simt == tuple(1 - c for c in tc), n
+    return y, hidden, tc == (1, 1)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("simt_only", ["0", "1"], ids=["tensor_cores", "simt"])
+@pytest.mark.parametrize("path", ["auto", "simt"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T,din,dout,r", TC_SHAPES)
 @pytest.mark.parametrize("p,gates", [(0.0, False), (0.3, True), (0.3, False)])
-def test_cuda_tensor_core_forward_matches_oracle(simt_only, dtype, T, din, dout, r, p, gates, monkeypatch):
-    monkeypatch.setenv("LRKERNELS_LORA_SIMT_ONLY", simt_only)
+def test_cuda_tensor_core_forward_matches_oracle(path, dtype, T, din, dout, r, p, gates):
     a = make_inputs(T, din, dout, r, dtype, device="cuda", g=gates, o=gates)
-    y, hidden = run_op(a, 0.9, p, seed=33)
+    y, hidden, tc = run_op_on_path(a, 0.9, p, 33, path)
+    # every TC_SHAPES entry has >= 64 tokens: "auto" must take the tensor cores on sm_80+
+    assert tc == (path == "auto" and torch.cuda.get_device_capability()[0] >= 8)
+    simt_only = "0" if tc else "1"
     assert y.dtype == dtype and hidden.dtype == torch.float32
     cpu = {k: (v.cpu() if v is not None else None) for k, v in a.items()}
     assert_close_to_oracle(y, oracle(cpu, 0.9, p, 33), low_precision_oracle(cpu, 0.9, p, 33, dtype),
@@ -885,17 +901,77 @@ def test_cuda_tensor_core_forward_matches_oracle(simt_only, dtype, T, din, dout,
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_tensor_core_and_simt_agree(dtype, monkeypatch):
+def test_cuda_tensor_core_and_simt_agree(dtype):
     a = make_inputs(257, 300, 130, 40, dtype, device="cuda", g=True, o=True)
-    outs = []
-    for simt_only in ("0", "1"):
-        monkeypatch.setenv("LRKERNELS_LORA_SIMT_ONLY", simt_only)
-        outs.append(run_op(a, 0.5, 0.2, seed=5))
-    (y_tc, h_tc), (y_simt, h_simt) = outs
+    y_tc, h_tc, tc = run_op_on_path(a, 0.5, 0.2, 5, "tensor_core")
+    y_simt, h_simt, tc_simt = run_op_on_path(a, 0.5, 0.2, 5, "simt")
+    assert tc and not tc_simt
     torch.testing.assert_close(h_tc, h_simt, rtol=1e-2, atol=1e-2)
     # The tensor cores round drop(x) to the input dtype, the SIMT kernels keep it in fp32: the
     # two differ by ~1e-3 of the O(1) values (the oracle tests above bound each path's error).
     torch.testing.assert_close(y_tc.float(), y_simt.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 7, 63])
+def test_cuda_forced_tensor_cores_below_the_auto_threshold(dtype, T):
+    """set_cuda_kernels("tensor_core") runs the tensor cores below 64 tokens (tile tails only);
+    "auto" runs SIMT there. Both match the oracle."""
+    a = make_inputs(T, 40, 33, 5, dtype, device="cuda", g=True, o=True)
+    cpu = {k: (v.cpu() if v is not None else None) for k, v in a.items()}
+    for path, want_tc in (("tensor_core", True), ("auto", False)):
+        y, hidden, tc = run_op_on_path(a, 0.9, 0.3, 7, path)
+        assert tc == want_tc
+        assert_close_to_oracle(y, oracle(cpu, 0.9, 0.3, 7), low_precision_oracle(cpu, 0.9, 0.3, 7, dtype),
+                               name=f"y ({path})")
+
+
+@pytest.mark.cuda
+def test_cuda_tensor_core_image_arch_is_reported():
+    """The host checks the arch the GPU's loaded tensor-core image was compiled for (a build for
+    an older arch than the GPU JIT-compiles PTX without the tensor-core bodies: never used)."""
+    a = make_inputs(64, 16, 16, 4, torch.bfloat16, device="cuda")
+    run_op_on_path(a, 1.0, 0.0, 0, "auto")
+    arch = lrkernels.cuda_kernel_launches()["lora_linear.tensor_core_image_arch"]
+    major, minor = torch.cuda.get_device_capability()
+    assert 0 < arch <= (major * 10 + minor) * 10
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("adapters_fp32", ["all", "lora_a", "lora_b"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cuda_fp32_adapters_on_low_precision_base(dtype, adapters_fp32, p):
+    """PEFT's default: x and the base layer in fp16/bf16, adapter tensors in float32. The SIMT
+    kernels read the adapters as fp32 (the tensor cores take no fp32 operand), accumulate in
+    fp32 and return y in x's dtype; each gradient comes back in its tensor's own dtype and
+    matches the float64 oracle of the same mixed inputs, as the CPU does."""
+    T, din, dout, r = 130, 72, 40, 8
+    a = make_inputs(T, din, dout, r, dtype, device="cuda", g=True, o=True)
+    names = ["lora_a", "lora_b", "rank_scale", "out_scale"] if adapters_fp32 == "all" else [adapters_fp32]
+    for k in names:
+        a[k] = a[k].float()
+    leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in a.items()}
+    lrkernels.cuda_kernel_launches(reset=True)
+    y, _ = run_op(leaves, 0.9, p, 11)
+    n = lrkernels.cuda_kernel_launches()
+    assert n["lora_linear.shrink.tensor_core"] == 0 and n["lora_linear.shrink.simt"] == 1
+    assert y.dtype == dtype
+    cpu = {k: (v.detach().cpu() if v is not None else None) for k, v in a.items()}
+    assert_close_to_oracle(y, oracle(cpu, 0.9, p, 11), low_precision_oracle(cpu, 0.9, p, 11, dtype), name="y")
+    gy = torch.randn(y.shape, dtype=torch.float64).to(dtype=dtype, device="cuda")
+    y.backward(gy)
+    ref_leaves = {k: (v.double().requires_grad_(True) if v is not None else None) for k, v in cpu.items()}
+    oracle(ref_leaves, 0.9, p, 11).backward(gy.cpu().double())
+    for k, v in leaves.items():
+        if v is None:
+            continue
+        assert v.grad is not None and v.grad.dtype == v.dtype, (k, v.grad)
+        want = ref_leaves[k].grad
+        err = (v.grad.cpu().double() - want).abs().max().item()
+        bound = (3e-2 if dtype == torch.bfloat16 else 5e-3) * (want.abs().max().item() + 1e-3)
+        assert err <= bound, f"grad {k}: max error {err:.3g} > {bound:.3g}"
 
 
 @pytest.mark.cuda

@@ -781,11 +781,26 @@ def test_cuda_matches_cpu_kernel_and_blocks():
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
 
 
+def _launched(kernel, want_tc):
+    """Asserts from the launch counters that exactly one `kernel` launch ran, on the path named."""
+    n = lrkernels.cuda_kernel_launches()
+    got = (n[f"multi_lora.{kernel}.tensor_core"], n[f"multi_lora.{kernel}.simt"])
+    assert got == ((1, 0) if want_tc else (0, 1)), n
+
+
+def shrink_on_path(path, want_tc, *args):
+    lrkernels.cuda_kernel_launches(reset=True)
+    with lrkernels.use_cuda_kernels(path, "multi_lora"):
+        h = SHRINK(*args)
+    _launched("shrink", want_tc)
+    return h
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("r_max,ranks,slices", [(16, None, 1), (64, [64, 8, 16, 40], 1), (8, [8, 3, 1, 5], 2),
                                                 (100, [100, 33, 1, 64], 1)])
-def test_cuda_tensor_core_shrink_matches_simt_and_oracle(dtype, r_max, ranks, slices, monkeypatch):
+def test_cuda_tensor_core_shrink_matches_simt_and_oracle(dtype, r_max, ranks, slices):
     # 600 tokens over 4 adapters: >= 32 per adapter, so fp16/bf16 take the tensor-core shrink
     L = 4
     cpu = make_inputs(600, 200, 72, L, r_max, torch.float64, ranks=ranks)
@@ -795,9 +810,8 @@ def test_cuda_tensor_core_shrink_matches_simt_and_oracle(dtype, r_max, ranks, sl
     ids = cpu["adapter_ids"].cuda()
     rk = None if cpu["ranks"] is None else cpu["ranks"].cuda()
     seg = SEG(ids, L)
-    h_tc = SHRINK(x, la_c, ids, seg[0], seg[1], rk)
-    monkeypatch.setenv("LRKERNELS_MULTI_LORA_SIMT_ONLY", "1")
-    h_simt = SHRINK(x, la_c, ids, seg[0], seg[1], rk)
+    h_tc = shrink_on_path("auto", True, x, la_c, ids, seg[0], seg[1], rk)
+    h_simt = shrink_on_path("simt", False, x, la_c, ids, seg[0], seg[1], rk)
     torch.testing.assert_close(h_tc, h_simt, rtol=1e-4, atol=1e-4)
     want = ref.lora_shrink(x.cpu().double(), la_c.cpu().double(), cpu["adapter_ids"], cpu["ranks"])
     torch.testing.assert_close(h_tc.double().cpu(), want, rtol=1e-4, atol=1e-4)
@@ -807,7 +821,7 @@ def test_cuda_tensor_core_shrink_matches_simt_and_oracle(dtype, r_max, ranks, sl
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("r_max,ranks,slices", [(16, None, None), (32, [32, 8, 16, 20], None),
                                                 (100, [100, 33, 1, 64], None), (8, [8, 3, 1, 5], [70, 40, 20])])
-def test_cuda_tensor_core_expand_matches_simt_and_oracle(dtype, r_max, ranks, slices, monkeypatch):
+def test_cuda_tensor_core_expand_matches_simt_and_oracle(dtype, r_max, ranks, slices):
     # 600 tokens over 4 adapters: >= 32 per adapter, so fp16/bf16 take the tensor-core expand
     L, T = 4, 600
     ids = torch.randint(-1, L, (T,))
@@ -826,16 +840,73 @@ def test_cuda_tensor_core_expand_matches_simt_and_oracle(dtype, r_max, ranks, sl
     idc, seg = ids.cuda(), SEG(ids.cuda(), L)
     rkc = None if rk is None else rk.cuda()
     outs = []
-    for simt_only in ("0", "1"):
-        monkeypatch.setenv("LRKERNELS_MULTI_LORA_SIMT_ONLY", simt_only)
+    for path in ("auto", "simt"):
         y = y0.cuda()
-        EXPAND(y, hc, b.cuda(), idc, seg[0], seg[1], scales.cuda(), rkc, slices)
+        lrkernels.cuda_kernel_launches(reset=True)
+        with lrkernels.use_cuda_kernels(path, "multi_lora"):
+            EXPAND(y, hc, b.cuda(), idc, seg[0], seg[1], scales.cuda(), rkc, slices)
+        _launched("expand", path == "auto")
         outs.append(y.cpu())
     torch.testing.assert_close(outs[0], outs[1])  # within one rounding of the output dtype
     want = ref.lora_expand(y0, hc.cpu(), b, ids, scales=scales, ranks=rk, slice_sizes=slices)
     low = ref.lora_expand(y0, hc.cpu(), b, ids, scales=scales, ranks=rk, slice_sizes=slices,
                           dtype=torch.float32).to(dtype)
     assert_close_to_oracle(outs[0], want, low, name="tensor-core expand")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_forced_tensor_cores_for_decode_batches(dtype):
+    """set_cuda_kernels("tensor_core") takes the tensor cores below the auto threshold (few tokens
+    per adapter, mostly empty tiles); "auto" takes SIMT there. Both match the oracle."""
+    a = make_inputs(20, 72, 40, 6, 16, torch.float64, ranks=[16, 3, 8, 1, 16, 5])
+    lo = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "scales" else v)
+          for k, v in a.items()}
+    ac = _to(lo, "cuda")
+    for path, want_tc in (("tensor_core", True), ("auto", False)):
+        lrkernels.cuda_kernel_launches(reset=True)
+        with lrkernels.use_cuda_kernels(path, "multi_lora"):
+            y, _ = run_op(ac)
+        _launched("shrink", want_tc)
+        _launched("expand", want_tc)
+        assert_close_to_oracle(y.cpu(), oracle(lo), low_oracle(lo, dtype), name=f"y ({path})")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fp32", ["both", "lora_a", "lora_b"])
+def test_cuda_fp32_adapters_on_low_precision_base(dtype, fp32):
+    """x and the base layer in fp16/bf16, adapter weights in float32 (PEFT's default): SIMT kernels
+    with fp32 adapter reads, y in x's dtype, each gradient in its tensor's dtype, against the
+    float64 oracle of the same mixed inputs."""
+    a = make_inputs(300, 72, 40, 3, 8, torch.float64, ranks=[8, 3, 5])
+    lo = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "scales" else v)
+          for k, v in a.items()}
+    for k in (["lora_a", "lora_b"] if fp32 == "both" else [fp32]):
+        lo[k] = a[k].float()
+    ac = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in lo.items()}
+    for k in GRAD_NAMES:
+        if ac[k] is not None:
+            ac[k].requires_grad_(True)
+    lrkernels.cuda_kernel_launches(reset=True)
+    y, _ = run_op(ac)
+    _launched("shrink", False)
+    _launched("expand", False)
+    assert y.dtype == dtype
+    assert_close_to_oracle(y.detach().cpu(), oracle(lo), low_oracle(lo, dtype), name="y")
+    gy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    y.backward(gy.cuda())
+    leaves = {k: (v.double().requires_grad_(True) if k in GRAD_NAMES and v is not None else v) for k, v in lo.items()}
+    oracle(leaves).backward(gy.double())
+    for k in GRAD_NAMES:
+        if ac[k] is None:
+            continue
+        g = ac[k].grad
+        assert g is not None and g.dtype == ac[k].dtype, (k, g)
+        want = leaves[k].grad
+        err = (g.cpu().double() - want).abs().max().item()
+        bound = (3e-2 if dtype == torch.bfloat16 else 5e-3) * (want.abs().max().item() + 1e-3)
+        assert err <= bound, f"grad {k}: max error {err:.3g} > {bound:.3g}"
 
 
 @pytest.mark.cuda

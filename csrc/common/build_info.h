@@ -20,7 +20,13 @@ inline pybind11::dict build_info() {
 #ifdef LRKERNELS_CUDA_ARCH_LIST
 #define LRK_STRINGIFY_(...) #__VA_ARGS__
 #define LRK_STRINGIFY(...) LRK_STRINGIFY_(__VA_ARGS__)
-  d["cuda_arch_list"] = std::string(LRK_STRINGIFY(LRKERNELS_CUDA_ARCH_LIST));
+  {
+    // setup.py joins the TORCH_CUDA_ARCH_LIST entries with '_' (nvcc splits -D values at commas)
+    std::string archs(LRK_STRINGIFY(LRKERNELS_CUDA_ARCH_LIST));
+    for (char& c : archs)
+      if (c == '_') c = ';';
+    d["cuda_arch_list"] = archs;
+  }
 #else
   d["cuda_arch_list"] = std::string("");
 #endif

@@ -18,6 +18,17 @@ inline void check_moment_dtype(const at::Tensor& t, const char* op, const char* 
   TORCH_CHECK_TYPE(ok, "lrkernels.", op, ": ", name, " must be float32, bfloat16 or float64, got ", t.scalar_type());
 }
 
+// GaLore's floating dtypes: those of every op (check_float_input) plus float64 on CUDA too.
+// float64 weights keep float64 moments and a float64 update on both devices: the CUDA
+// binding runs double kernels for them (galore.cuh), as the CPU kernel runs double loops.
+inline void check_galore_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(t.defined(), "lrkernels.", op, ": ", name, " is undefined");
+  if (t.scalar_type() == at::kDouble) return;
+  TORCH_CHECK_TYPE(dtype_supported(t), "lrkernels.", op, ": ", name, " must be ",
+                   t.is_cuda() ? "float32, float64, float16 or bfloat16" : "float32, float64 or bfloat16", " on ",
+                   t.device().type(), ", got ", t.scalar_type());
+}
+
 inline void check_finite_scalar(double v, const char* op, const char* name) {
   TORCH_CHECK_VALUE(std::isfinite(v), "lrkernels.", op, ": ", name, " must be finite, got ", v);
 }
@@ -35,7 +46,7 @@ inline void check_moments_args(const char* op, const at::Tensor& exp_avg, const 
   TORCH_CHECK_TYPE(exp_avg_sq.scalar_type() == exp_avg.scalar_type(), "lrkernels.", op,
                    ": exp_avg_sq has dtype ", exp_avg_sq.scalar_type(), " but exp_avg has dtype ",
                    exp_avg.scalar_type(), "; both moments must share one dtype");
-  check_float_input(grad, op, "grad");
+  check_galore_float(grad, op, "grad");
   TORCH_CHECK_VALUE(exp_avg.device() == grad.device() && exp_avg_sq.device() == grad.device(), "lrkernels.",
                     op, ": exp_avg (", exp_avg.device(), "), exp_avg_sq (", exp_avg_sq.device(), ") and grad (",
                     grad.device(), ") must be on one device");
@@ -58,7 +69,7 @@ inline GaloreUpdateShapes check_update_args(const char* op, const at::Tensor& we
                                             const std::optional<at::Tensor>& residual_grad,
                                             const std::optional<at::Tensor>& residual_scale,
                                             double residual_alpha) {
-  check_float_input(weight, op, "weight");
+  check_galore_float(weight, op, "weight");
   check_dim(weight, 2, op, "weight", "(m, n)");
   const int64_t m = weight.size(0), n = weight.size(1);
   check_dim(projector, 2, op, "projector", project_left ? "(m, r)" : "(r, n)");
@@ -71,7 +82,7 @@ inline GaloreUpdateShapes check_update_args(const char* op, const at::Tensor& we
   } else {
     check_shape(projector, {r, n}, op, "projector", "(r, n) for a right projection");
   }
-  check_float_input(update, op, "update");
+  check_galore_float(update, op, "update");
   TORCH_CHECK_VALUE(update.device() == weight.device(), "lrkernels.", op, ": update is on ", update.device(),
                     " but weight is on ", weight.device());
   if (project_left) {

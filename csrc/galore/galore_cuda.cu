@@ -31,7 +31,9 @@ at::Tensor galore_adam_moments_cuda(const at::Tensor& exp_avg, const at::Tensor&
                                                      beta1, beta2, eps, stream));
     return update;
   }
-  const at::Tensor g = grad.contiguous();
+  // float32/bfloat16 moments take an fp16/bf16/fp32 gradient; a float64 one is rounded to
+  // float32 first, as the CPU kernel does (R is low-rank: the copy is small)
+  const at::Tensor g = (grad.scalar_type() == at::kDouble ? grad.to(at::kFloat) : grad).contiguous();
   at::Tensor update = at::empty(grad.sizes(), grad.options().dtype(at::kFloat));
   GaloreMomentsParams p;
   p.exp_avg = exp_avg.data_ptr();

@@ -17,22 +17,12 @@ struct LoraShapes {
 };
 
 // Adapter tensors (lora_a, lora_b, rank_scale, out_scale) follow the shared mixed-precision rule
-// (check_adapter_param: x's dtype, or float32 on a float16/bfloat16 x) when `fp32_adapters` is
-// true: the CPU kernels take that. The CUDA kernels pass false (adapters in x's dtype) until they
-// read float32 adapters on a low-precision x.
-inline void check_lora_adapter(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name,
-                               bool fp32_adapters) {
-  if (fp32_adapters)
-    check_adapter_param(t, x, op, name);
-  else
-    check_like(t, x, op, name, "x");
-}
-
+// (check_adapter_param: x's dtype, or float32 on a float16/bfloat16 x), on CPU and CUDA.
 inline LoraShapes check_lora_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                   const at::Tensor& lora_b, double scale,
                                   const std::optional<at::Tensor>& rank_scale,
-                                  const std::optional<at::Tensor>& out_scale, bool fp32_adapters = false) {
+                                  const std::optional<at::Tensor>& out_scale) {
   check_float_input(x, op, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, "lrkernels.", op, ": x must have shape (..., in_features), got a 0-D tensor");
   check_dim(weight, 2, op, "weight", "(out_features, in_features)");
@@ -44,20 +34,20 @@ inline LoraShapes check_lora_args(const char* op, const at::Tensor& x, const at:
     check_shape(*bias, {out}, op, "bias", "(out_features,)");
   }
   check_dim(lora_a, 2, op, "lora_a", "(r, in_features)");
-  check_lora_adapter(lora_a, x, op, "lora_a", fp32_adapters);
+  check_adapter_param(lora_a, x, op, "lora_a");
   const int64_t r = lora_a.size(0);
   TORCH_CHECK_VALUE(r >= 1, "lrkernels.", op, ": lora_a must have at least one row (rank r >= 1), got shape ",
                     shape_str(lora_a.sizes()));
   check_shape(lora_a, {r, in}, op, "lora_a", "(r, in_features)");
   check_dim(lora_b, 2, op, "lora_b", "(out_features, r)");
-  check_lora_adapter(lora_b, x, op, "lora_b", fp32_adapters);
+  check_adapter_param(lora_b, x, op, "lora_b");
   check_shape(lora_b, {out, r}, op, "lora_b", "(out_features, r)");
   if (rank_scale.has_value() && rank_scale->defined()) {
-    check_lora_adapter(*rank_scale, x, op, "rank_scale", fp32_adapters);
+    check_adapter_param(*rank_scale, x, op, "rank_scale");
     check_shape(*rank_scale, {r}, op, "rank_scale", "(r,)");
   }
   if (out_scale.has_value() && out_scale->defined()) {
-    check_lora_adapter(*out_scale, x, op, "out_scale", fp32_adapters);
+    check_adapter_param(*out_scale, x, op, "out_scale");
     check_shape(*out_scale, {out}, op, "out_scale", "(out_features,)");
   }
   TORCH_CHECK_VALUE(std::isfinite(scale), "lrkernels.", op, ": scale must be finite, got ", scale);
@@ -76,9 +66,9 @@ inline LoraShapes check_lora_backward_args(const char* op, const at::Tensor& gra
                                            const at::Tensor& lora_b, const at::Tensor& hidden, double scale,
                                            const std::optional<at::Tensor>& rank_scale,
                                            const std::optional<at::Tensor>& out_scale,
-                                           const std::array<bool, 7>& mask, bool fp32_adapters = false) {
+                                           const std::array<bool, 7>& mask) {
   const LoraShapes sh =
-      check_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, scale, rank_scale, out_scale, fp32_adapters);
+      check_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, scale, rank_scale, out_scale);
   check_like(grad_out, x, op, "grad_out", "x");
   check_shape(grad_out, with_last_dim(x, sh.out_features), op, "grad_out", "(..., out_features)");
   TORCH_CHECK_VALUE(hidden.device() == x.device(), "lrkernels.", op, ": hidden is on ", hidden.device(),

@@ -280,8 +280,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
   const char* op = "lora_linear";
   // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const LoraShapes sh = check_lora_args(op, x, weight, bias, lora_a, lora_b, scale, rank_scale, out_scale,
-                                        /*fp32_adapters=*/true);
+  const LoraShapes sh = check_lora_args(op, x, weight, bias, lora_a, lora_b, scale, rank_scale, out_scale);
   const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
   const auto acc = lora_acc_dtype(x);
   const auto acc_opts = x.options().dtype(acc);
@@ -318,7 +317,7 @@ lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
   const char* op = "lora_linear_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const LoraShapes sh = check_lora_backward_args(op, grad_out, x, weight, lora_a, lora_b, hidden, scale, rank_scale,
-                                                 out_scale, mask, /*fp32_adapters=*/true);
+                                                 out_scale, mask);
   const auto acc = lora_acc_dtype(x);
   const auto acc_opts = x.options().dtype(acc);
   const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);

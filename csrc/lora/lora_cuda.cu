@@ -1,6 +1,9 @@
 // lora_linear on CUDA: base GEMMs in cuBLAS (through ATen), the low-rank path in the
 // hand-written kernels of include/lrkernels/lora.cuh (SIMT) and lora_tc.cuh (tensor cores,
-// forward shrink and expand for fp16/bf16). No host synchronisation: the dropout seed is
+// forward shrink and expand for fp16/bf16; lrkernels.set_cuda_kernels chooses, the launch
+// counters say which ran). Adapter tensors may be float32 on an fp16/bf16 x (PEFT's default):
+// the kernels read them as fp32, outputs have x's dtype, each gradient its tensor's dtype.
+// No host synchronisation: the dropout seed is
 // read by the kernels from device memory, grids depend on shapes only.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -8,8 +11,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
-
-#include <cstdlib>
 
 #include "common/cuda_dispatch.h"
 #include "common/dropout.h"
@@ -20,23 +21,43 @@
 namespace lrkernels {
 namespace {
 
-const void* opt_data(const std::optional<at::Tensor>& t, std::optional<at::Tensor>& keep) {
+// The adapter tensors (A, B, rank_scale, out_scale) in one storage type for the kernels:
+// float when any of them is float32 on a 16-bit x (check_adapter_param's rule; the others are
+// converted, they are small), else x's dtype. Gradients go back in each tensor's own dtype.
+at::ScalarType adapter_compute_dtype(const at::Tensor& x, std::initializer_list<const at::Tensor*> adapters) {
+  for (const at::Tensor* t : adapters)
+    if (t != nullptr && t->scalar_type() == at::kFloat) return at::kFloat;
+  return x.scalar_type();
+}
+
+at::Tensor as_adapter(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+
+const void* opt_data(const std::optional<at::Tensor>& t, at::ScalarType dtype, std::optional<at::Tensor>& keep) {
   if (!(t.has_value() && t->defined())) return nullptr;
-  keep = t->contiguous();
+  keep = as_adapter(*t, dtype);
   return keep->data_ptr();
 }
 
-// The tensor-core shrink and expand pay off once their 64-token tiles are mostly full:
-// fp16/bf16, sm_80+, at least 64 tokens. Decided from shapes and the (cached) device
-// properties only, so no host sync. LRKERNELS_LORA_SIMT_ONLY=1 forces the SIMT kernels, e.g.
-// to compare the two; it is read on every call (like LRKERNELS_MULTI_LORA_SIMT_ONLY) so a
-// test can flip it between calls.
-bool lora_on_tensor_cores(at::ScalarType dtype, int64_t tokens, const cudaDeviceProp& props) {
-  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
-  if (props.major < 8 || tokens < lora::kTcTM) return false;
-  const char* simt_only = std::getenv("LRKERNELS_LORA_SIMT_ONLY");
-  return !(simt_only != nullptr && simt_only[0] == '1');
+// The tensor-core shrink and expand pay off once their 64-token tiles are mostly full: at
+// least 64 tokens (kernel_select.h has the rest of the rule: fp16/bf16 operands throughout and
+// an sm_80+ image on this GPU; lrkernels.set_cuda_kernels overrides). Shapes, the setting and
+// the cached image arch only: no host sync.
+bool lora_on_tensor_cores(const at::Tensor& x, at::ScalarType adapter_dtype, int64_t tokens, const char* op) {
+  static KernelImageArch image(reinterpret_cast<const void*>(&lora::shrink_tc_kernel<__half, 16>));
+  const bool tc_dtypes = is_low_precision(x.scalar_type()) && adapter_dtype == x.scalar_type();
+  return use_tensor_cores(CudaFamily::kLoraLinear, image, tc_dtypes, tokens >= lora::kTcTM, op);
 }
+
+// Runs the lambda with cuda_t = x's storage type and adapter_t = the adapters' (cuda_t or float).
+#define LRK_DISPATCH_LORA_TYPES(X_DTYPE, ADAPTER_DTYPE, OP, ...)                 \
+  LRK_DISPATCH_CUDA_FLOAT(X_DTYPE, OP, [&] {                                    \
+    if ((ADAPTER_DTYPE) == at::kFloat) {                                        \
+      using adapter_t = float;                                                  \
+      return __VA_ARGS__();                                                     \
+    }                                                                           \
+    using adapter_t = cuda_t;                                                   \
+    return __VA_ARGS__();                                                       \
+  })
 
 }  // namespace
 
@@ -57,7 +78,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   at::Tensor y = opt_ptr(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   const cudaDeviceProp& props = *at::cuda::getCurrentDeviceProperties();
-  const bool tensor_cores = lora_on_tensor_cores(x.scalar_type(), sh.tokens, props);
+  const at::ScalarType adt = adapter_compute_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
+  const bool tensor_cores = lora_on_tensor_cores(x, adt, sh.tokens, op);
   // Few tokens and wide layers leave most SMs idle unless the tensor-core shrink splits K;
   // the split sums partial products with atomics, so not in deterministic mode.
   const int64_t k_split = (tensor_cores && !at::globalContext().deterministicAlgorithms())
@@ -65,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
                               : 0;
   at::Tensor hidden = k_split > 0 ? at::zeros({sh.tokens, sh.rank}, x.options().dtype(at::kFloat))
                                   : at::empty({sh.tokens, sh.rank}, x.options().dtype(at::kFloat));
-  const at::Tensor a = lora_a.contiguous(), b = lora_b.contiguous();
+  const at::Tensor a = as_adapter(lora_a, adt), b = as_adapter(lora_b, adt);
   std::optional<at::Tensor> g_keep, o_keep;
 
   LoraShrinkParams sp;
@@ -81,18 +103,23 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
   LoraExpandParams ep;
   ep.hidden = hidden.data_ptr<float>();
   ep.b = b.data_ptr();
-  ep.rank_scale = opt_data(rank_scale, g_keep);
-  ep.out_scale = opt_data(out_scale, o_keep);
+  ep.rank_scale = opt_data(rank_scale, adt, g_keep);
+  ep.out_scale = opt_data(out_scale, adt, o_keep);
   ep.y = y.data_ptr();
   ep.tokens = sh.tokens;
   ep.out_features = sh.out_features;
   ep.rank = sh.rank;
   ep.scale = static_cast<float>(scale);
 
-  LRK_DISPATCH_CUDA_FLOAT(x.scalar_type(), op, [&] {
-    LRK_CUDA_CHECK_LAUNCH(op, "shrink", lora::launch_shrink_on<cuda_t>(sp, tensor_cores, stream));
-    LRK_CUDA_CHECK_LAUNCH(op, "expand", lora::launch_expand_on<cuda_t>(ep, tensor_cores, stream));
+  bool shrink_tc = false, expand_tc = false;
+  LRK_DISPATCH_LORA_TYPES(x.scalar_type(), adt, op, [&] {
+    LRK_CUDA_CHECK_LAUNCH(op, "shrink",
+                          (lora::launch_shrink_on<cuda_t, adapter_t>(sp, tensor_cores, stream, &shrink_tc)));
+    LRK_CUDA_CHECK_LAUNCH(op, "expand",
+                          (lora::launch_expand_on<cuda_t, adapter_t>(ep, tensor_cores, stream, &expand_tc)));
   });
+  count_cuda_launch(CudaFamily::kLoraLinear, CudaKernel::kShrink, shrink_tc);
+  count_cuda_launch(CudaFamily::kLoraLinear, CudaKernel::kExpand, expand_tc);
   return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.rank))};
 }
 
@@ -117,10 +144,11 @@ lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
   const at::Tensor hid = hidden.reshape({sh.tokens, sh.rank}).contiguous();
-  const at::Tensor a = lora_a.contiguous(), b = lora_b.contiguous();
+  const at::ScalarType adt = adapter_compute_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
+  const at::Tensor a = as_adapter(lora_a, adt), b = as_adapter(lora_b, adt);
   std::optional<at::Tensor> g_keep, o_keep;
-  const void* g_ptr = opt_data(rank_scale, g_keep);
-  const void* o_ptr = opt_data(out_scale, o_keep);
+  const void* g_ptr = opt_data(rank_scale, adt, g_keep);
+  const void* o_ptr = opt_data(out_scale, adt, o_keep);
   std::optional<at::Tensor> gx, gw, gbias, ga, gb, gg, go;
 
   if (want_w) gw = at::mm(dy2.t(), x2);
@@ -145,14 +173,16 @@ lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
   gp.out_features = sh.out_features;
   gp.rank = sh.rank;
   gp.scale = static_cast<float>(scale);
-  LRK_DISPATCH_CUDA_FLOAT(dt, op, [&] { LRK_CUDA_CHECK_LAUNCH(op, "grad_out", lora::launch_grad_out<cuda_t>(gp, stream)); });
+  LRK_DISPATCH_LORA_TYPES(dt, adt, op, [&] {
+    LRK_CUDA_CHECK_LAUNCH(op, "grad_out", (lora::launch_grad_out<cuda_t, adapter_t>(gp, stream)));
+  });
 
-  // Small (r-sized) epilogues in ATen.
+  // Small (r-sized) epilogues in ATen; each gradient in its own tensor's dtype.
   const at::Tensor* o = opt_ptr(out_scale);
   const at::Tensor* g = opt_ptr(rank_scale);
-  if (want_b) gb = (o ? p_raw * o->to(at::kFloat).unsqueeze(1) : p_raw).to(dt);
-  if (want_o) go = (p_raw * b.to(at::kFloat)).sum(1).to(dt);
-  if (want_g) gg = ((dh * hid).sum(0) * scale).to(dt);
+  if (want_b) gb = (o ? p_raw * o->to(at::kFloat).unsqueeze(1) : p_raw).to(lora_b.scalar_type());
+  if (want_o) go = (p_raw * b.to(at::kFloat)).sum(1).to(o->scalar_type());
+  if (want_g) gg = ((dh * hid).sum(0) * scale).to(g->scalar_type());
   if (!(want_x || want_a)) return {gx, gw, gbias, ga, gb, gg, go};
   const at::Tensor gain = g ? g->to(at::kFloat) * scale : at::full({sh.rank}, scale, f32);
   const at::Tensor du = dh * gain;
@@ -171,9 +201,11 @@ lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
   ip.in_features = sh.in_features;
   ip.rank = sh.rank;
   ip.dropout = d;
-  LRK_DISPATCH_CUDA_FLOAT(dt, op, [&] { LRK_CUDA_CHECK_LAUNCH(op, "grad_in", lora::launch_grad_in<cuda_t>(ip, stream)); });
+  LRK_DISPATCH_LORA_TYPES(dt, adt, op, [&] {
+    LRK_CUDA_CHECK_LAUNCH(op, "grad_in", (lora::launch_grad_in<cuda_t, adapter_t>(ip, stream)));
+  });
   if (want_x) gx = dx.view(x.sizes());
-  if (want_a) ga = ga32.to(dt);
+  if (want_a) ga = ga32.to(lora_a.scalar_type());
   return {gx, gw, gbias, ga, gb, gg, go};
 }
 

@@ -109,14 +109,12 @@ inline int64_t leading_numel(const at::Tensor& x) {
 }
 
 // lora_a and lora_b follow the shared mixed-precision rule (check_adapter_param: x's dtype, or
-// float32 on a float16/bfloat16 x) when `fp32_adapters` is true: the CPU kernels take that. The
-// CUDA kernels pass false (adapters in x's dtype) until they read float32 adapters on a
-// low-precision x. scales may be any floating dtype (it is read as float32 or float64).
+// float32 on a float16/bfloat16 x), on CPU and CUDA. scales may be any floating dtype (it is
+// read as float32 or float64).
 inline MultiLoraShapes check_multi_lora_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                              const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                              const at::Tensor& lora_b, const at::Tensor& adapter_ids,
-                                             const at::Tensor& scales, const std::optional<at::Tensor>& ranks,
-                                             bool fp32_adapters = false) {
+                                             const at::Tensor& scales, const std::optional<at::Tensor>& ranks) {
   check_float_input(x, op, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, "lrkernels.", op, ": x must have shape (..., in_features), got a 0-D tensor");
   check_dim(weight, 2, op, "weight", "(out_features, in_features)");
@@ -128,20 +126,14 @@ inline MultiLoraShapes check_multi_lora_args(const char* op, const at::Tensor& x
     check_shape(*bias, {out}, op, "bias", "(out_features,)");
   }
   check_dim(lora_a, 3, op, "lora_a", "(L, r_max, in_features)");
-  if (fp32_adapters)
-    check_adapter_param(lora_a, x, op, "lora_a");
-  else
-    check_like(lora_a, x, op, "lora_a", "x");
+  check_adapter_param(lora_a, x, op, "lora_a");
   const int64_t L = lora_a.size(0), r = lora_a.size(1);
   TORCH_CHECK_VALUE(L >= 1 && r >= 1, "lrkernels.", op,
                     ": lora_a must hold at least one adapter (L >= 1) of r_max >= 1, got shape ",
                     shape_str(lora_a.sizes()));
   check_shape(lora_a, {L, r, in}, op, "lora_a", "(L, r_max, in_features)");
   check_dim(lora_b, 3, op, "lora_b", "(L, out_features, r_max)");
-  if (fp32_adapters)
-    check_adapter_param(lora_b, x, op, "lora_b");
-  else
-    check_like(lora_b, x, op, "lora_b", "x");
+  check_adapter_param(lora_b, x, op, "lora_b");
   check_shape(lora_b, {L, out, r}, op, "lora_b", "(L, out_features, r_max)");
   check_scales(scales, x, L, op);
   check_ranks(ranks, x, L, r, op);

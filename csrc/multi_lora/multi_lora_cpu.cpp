@@ -245,8 +245,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
     const std::optional<at::Tensor>& adapter_offsets, const std::optional<at::Tensor>& rank_scale,
     const std::optional<at::Tensor>& out_scale, double dropout_p, const std::optional<at::Tensor>& seed) {
   const char* op = "multi_lora_linear";
-  const MultiLoraShapes sh = check_multi_lora_args(op, x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks,
-                                                   /*fp32_adapters=*/true);
+  const MultiLoraShapes sh = check_multi_lora_args(op, x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks);
   const MultiLoraOptions opts = check_multi_lora_options(op, x, sh, rank_scale, out_scale, dropout_p, seed);
   TORCH_CHECK_NOT_IMPLEMENTED(!opts.any(), "lrkernels.", op,
                               ": rank_scale, out_scale and dropout_p > 0 are not implemented on CPU yet");
@@ -298,8 +297,7 @@ multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
                                double dropout_p, const std::optional<at::Tensor>& seed) {
   const char* op = "multi_lora_linear_backward";
   const MultiLoraShapes sh =
-      check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks,
-                            /*fp32_adapters=*/true);
+      check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks);
   check_backward_extras(op, grad_out, hidden, x, sh);
   const MultiLoraOptions opts = check_multi_lora_options(op, x, sh, rank_scale, out_scale, dropout_p, seed);
   TORCH_CHECK_NOT_IMPLEMENTED(!opts.any() && !mask[6] && !mask[7], "lrkernels.", op,

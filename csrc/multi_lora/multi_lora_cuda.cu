@@ -3,6 +3,8 @@
 // include/lrkernels/multi_lora.cuh. No host synchronisation anywhere: adapter ids and ranks
 // are never read on the host (out-of-range ids count as base-only, ranks are clamped), grids
 // are sized for the worst case, so the ops are CUDA-graph capturable with changing ids.
+// multi_lora_linear takes float32 adapter weights on an fp16/bf16 x (PEFT's default): SIMT
+// kernels reading them as fp32, outputs in x's dtype, each gradient in its tensor's dtype.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,7 +13,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "common/cuda_dispatch.h"
 #include "lrkernels/multi_lora.cuh"
@@ -41,15 +42,33 @@ MultiLoraSegmentsView make_view(SegmentsKeep& keep, const at::Tensor& order, con
   return v;
 }
 
-// The tensor-core kernels pay off when tiles are full: fp16/bf16, sm_80+, and on average at
-// least 32 tokens per adapter (prefill). Decided from shapes only (no host sync).
-// LRKERNELS_MULTI_LORA_SIMT_ONLY=1 forces the SIMT kernels, e.g. to compare the two.
-bool on_tensor_cores(const at::Tensor& t, const MultiLoraSegmentsView& seg) {
-  if (t.scalar_type() == at::kFloat) return false;
-  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
-  const char* simt_only = std::getenv("LRKERNELS_MULTI_LORA_SIMT_ONLY");
-  if (simt_only != nullptr && simt_only[0] == '1') return false;
-  return seg.tokens >= 32 * seg.num_adapters;
+// The tensor-core kernels pay off when tiles are full: on average at least 32 tokens per
+// adapter (prefill). kernel_select.h has the rest of the rule (fp16/bf16 operands throughout,
+// an sm_80+ image on this GPU; lrkernels.set_cuda_kernels overrides). Shapes, the setting and
+// the cached image arch only: no host sync.
+bool on_tensor_cores(const at::Tensor& t, at::ScalarType adapter_dtype, const MultiLoraSegmentsView& seg,
+                     const char* op) {
+  static KernelImageArch image(reinterpret_cast<const void*>(&multi_lora::shrink_tc_kernel<__half, 16>));
+  const bool tc_dtypes = is_low_precision(t.scalar_type()) && adapter_dtype == t.scalar_type();
+  return use_tensor_cores(CudaFamily::kMultiLora, image, tc_dtypes, seg.tokens >= 32 * seg.num_adapters, op);
+}
+
+// Runs the lambda with cuda_t = x's storage type and adapter_t = the adapter weights' (cuda_t,
+// or float for fp32 adapters on a 16-bit x: check_adapter_param's rule).
+#define LRK_DISPATCH_MULTI_LORA_TYPES(X_DTYPE, ADAPTER_DTYPE, OP, ...)          \
+  LRK_DISPATCH_CUDA_FLOAT(X_DTYPE, OP, [&] {                                    \
+    if ((ADAPTER_DTYPE) == at::kFloat) {                                        \
+      using adapter_t = float;                                                  \
+      return __VA_ARGS__();                                                     \
+    }                                                                           \
+    using adapter_t = cuda_t;                                                   \
+    return __VA_ARGS__();                                                       \
+  })
+
+// lora_a and lora_b in one storage type: float when either is float32 on a 16-bit x (the other
+// is converted, it is small), else x's dtype.
+at::ScalarType adapter_compute_dtype(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b) {
+  return (lora_a.scalar_type() == at::kFloat || lora_b.scalar_type() == at::kFloat) ? at::kFloat : x.scalar_type();
 }
 
 void run_shrink(const char* op, const at::Tensor& x2, const at::Tensor& a4, at::Tensor& hidden,
@@ -63,10 +82,12 @@ void run_shrink(const char* op, const at::Tensor& x2, const at::Tensor& a4, at::
   p.in_features = x2.size(1);
   p.slices = a4.size(0);
   p.seg = seg;
-  p.use_tensor_cores = on_tensor_cores(x2, seg);
-  LRK_DISPATCH_CUDA_FLOAT(x2.scalar_type(), op, [&] {
-    LRK_CUDA_CHECK_LAUNCH(op, "shrink", multi_lora::launch_shrink<cuda_t>(p, stream));
+  p.use_tensor_cores = on_tensor_cores(x2, a4.scalar_type(), seg, op);
+  bool tc = false;
+  LRK_DISPATCH_MULTI_LORA_TYPES(x2.scalar_type(), a4.scalar_type(), op, [&] {
+    LRK_CUDA_CHECK_LAUNCH(op, "shrink", (multi_lora::launch_shrink<cuda_t, adapter_t>(p, stream, &tc)));
   });
+  count_cuda_launch(CudaFamily::kMultiLora, CudaKernel::kShrink, tc);
 }
 
 void run_expand(const char* op, at::Tensor& y2, const at::Tensor& hidden, const at::Tensor& b,
@@ -83,10 +104,12 @@ void run_expand(const char* op, at::Tensor& y2, const at::Tensor& hidden, const 
   p.slice_start[0] = 0;
   for (size_t s = 0; s < slice_sizes.size(); ++s) p.slice_start[s + 1] = p.slice_start[s] + slice_sizes[s];
   p.seg = seg;
-  p.use_tensor_cores = on_tensor_cores(y2, seg);
-  LRK_DISPATCH_CUDA_FLOAT(y2.scalar_type(), op, [&] {
-    LRK_CUDA_CHECK_LAUNCH(op, "expand", multi_lora::launch_expand<cuda_t>(p, stream));
+  p.use_tensor_cores = on_tensor_cores(y2, b.scalar_type(), seg, op);
+  bool tc = false;
+  LRK_DISPATCH_MULTI_LORA_TYPES(y2.scalar_type(), b.scalar_type(), op, [&] {
+    LRK_CUDA_CHECK_LAUNCH(op, "expand", (multi_lora::launch_expand<cuda_t, adapter_t>(p, stream, &tc)));
   });
+  count_cuda_launch(CudaFamily::kMultiLora, CudaKernel::kExpand, tc);
 }
 
 }  // namespace
@@ -163,8 +186,9 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cuda(
   at::Tensor hidden = at::zeros({1, sh.tokens, sh.r_max}, x.options().dtype(at::kFloat));
   SegmentsKeep keep;
   const MultiLoraSegmentsView seg = make_view(keep, order, offsets, ranks, sh.tokens, sh.num_adapters, sh.r_max);
-  run_shrink(op, x2, lora_a.contiguous().unsqueeze(0), hidden, seg, stream);
-  run_expand(op, y, hidden, lora_b.contiguous(), scales.to(at::kFloat).contiguous(), {sh.out_features}, seg,
+  const at::ScalarType adt = adapter_compute_dtype(x, lora_a, lora_b);
+  run_shrink(op, x2, lora_a.to(adt).contiguous().unsqueeze(0), hidden, seg, stream);
+  run_expand(op, y, hidden, lora_b.to(adt).contiguous(), scales.to(at::kFloat).contiguous(), {sh.out_features}, seg,
              stream);
   return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.r_max))};
 }
@@ -195,7 +219,8 @@ multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
   const at::Tensor hid = hidden.reshape({sh.tokens, sh.r_max}).contiguous();
-  const at::Tensor a = lora_a.contiguous(), b = lora_b.contiguous();
+  const at::ScalarType adt = adapter_compute_dtype(x, lora_a, lora_b);
+  const at::Tensor a = lora_a.to(adt).contiguous(), b = lora_b.to(adt).contiguous();
   const at::Tensor s32 = scales.to(at::kFloat).contiguous();
   SegmentsKeep keep;
   const MultiLoraSegmentsView seg =
@@ -222,10 +247,10 @@ multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
     gp.grad_b = want_b ? gb32.data_ptr<float>() : nullptr;
     gp.out_features = sh.out_features;
     gp.seg = seg;
-    LRK_DISPATCH_CUDA_FLOAT(dt, op, [&] {
-      LRK_CUDA_CHECK_LAUNCH(op, "grad_out", multi_lora::launch_grad_out<cuda_t>(gp, stream));
+    LRK_DISPATCH_MULTI_LORA_TYPES(dt, adt, op, [&] {
+      LRK_CUDA_CHECK_LAUNCH(op, "grad_out", (multi_lora::launch_grad_out<cuda_t, adapter_t>(gp, stream)));
     });
-    if (want_b) gb = gb32.to(dt);
+    if (want_b) gb = gb32.to(lora_b.scalar_type());
     if (need_dz) {
       // Each token's adapter as the grouping says (the kernels and the CPU backward follow the
       // grouping, not adapter_ids), computed on the device: sorted position p belongs to the
@@ -255,10 +280,10 @@ multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
         ip.grad_a = want_a ? ga32.data_ptr<float>() : nullptr;
         ip.in_features = sh.in_features;
         ip.seg = seg;
-        LRK_DISPATCH_CUDA_FLOAT(dt, op, [&] {
-          LRK_CUDA_CHECK_LAUNCH(op, "grad_in", multi_lora::launch_grad_in<cuda_t>(ip, stream));
+        LRK_DISPATCH_MULTI_LORA_TYPES(dt, adt, op, [&] {
+          LRK_CUDA_CHECK_LAUNCH(op, "grad_in", (multi_lora::launch_grad_in<cuda_t, adapter_t>(ip, stream)));
         });
-        if (want_a) ga = ga32.to(dt);
+        if (want_a) ga = ga32.to(lora_a.scalar_type());
       }
     }
   }

@@ -3,6 +3,10 @@
 // notation. The base GEMMs (x Wᵀ, dy W, dyᵀ x) run in cuBLAS; these kernels handle the
 // rank-r products, which are memory-bound: each reads its big operand (x or dy) once.
 //
+// Element types: T is x's (and y's, dy's, dx's) storage type, AT the adapter tensors' (A, B,
+// rank_scale, out_scale): T, or float for fp32 adapters on an fp16/bf16 x (PEFT's default,
+// check_adapter_param's rule), read through to_float like everything else.
+//
 // All kernels use 256 threads and fp32 accumulation. The rank is processed in chunks of RC
 // (8, 16, 32 or 64 lanes, a template constant picked from r), so any rank works and small
 // ranks do not pay for wide chunks.
@@ -50,7 +54,7 @@ __device__ __forceinline__ uint32_t load_row_group_dropped(const T* __restrict__
 // ---------------------------------------------------------------------------------------
 // Shrink: hidden[t, j] = Σ_k drop(x)[t, k] A[j, k].
 // Block: 32 tokens; K in chunks of 64. x is read once per rank chunk (once for r <= 64).
-template <typename T, int RC>
+template <typename T, typename AT, int RC>
 __global__ void __launch_bounds__(kThreads) shrink_kernel(LoraShrinkParams p) {
   constexpr int TM = 32, KC = 64;
   constexpr int NPT = TM * RC / kThreads;
@@ -58,7 +62,7 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(LoraShrinkParams p) {
   __shared__ float xs[TM][KC + 1];
   __shared__ float as[RC][KC + 1];
   const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ a = static_cast<const T*>(p.a);
+  const AT* __restrict__ a = static_cast<const AT*>(p.a);
   const int tid = threadIdx.x;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * TM;
   const uint64_t seed = load_seed(p.dropout);
@@ -106,14 +110,14 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(LoraShrinkParams p) {
 // Expand: y[t, n] += o[n] · Σ_j s·g[j]·hidden[t, j] · B[n, j]   (in place on y).
 // Block: 16 tokens × 128 outputs; a thread owns one column and 8 rows, so the write-back of
 // y is coalesced and y is read and written exactly once.
-template <typename T, int RC>
+template <typename T, typename AT, int RC>
 __global__ void __launch_bounds__(kThreads) expand_kernel(LoraExpandParams p) {
   constexpr int TN = 128, TM = 16, RPT = TM / (kThreads / TN);
   __shared__ float hs[TM][RC + 1];
   __shared__ float bs[TN][RC + 1];
-  const T* __restrict__ b = static_cast<const T*>(p.b);
-  const T* __restrict__ g = static_cast<const T*>(p.rank_scale);
-  const T* __restrict__ o = static_cast<const T*>(p.out_scale);
+  const AT* __restrict__ b = static_cast<const AT*>(p.b);
+  const AT* __restrict__ g = static_cast<const AT*>(p.rank_scale);
+  const AT* __restrict__ o = static_cast<const AT*>(p.out_scale);
   T* __restrict__ y = static_cast<T*>(p.y);
   const int tid = threadIdx.x;
   const int col = tid % TN, rgrp = tid / TN;
@@ -163,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(LoraExpandParams p) {
 // ---------------------------------------------------------------------------------------
 // Backward, pass over dy. Block: 64 tokens × 64 outputs of dy, staged once in shared
 // memory and used for both products; partial sums go to global fp32 buffers by atomicAdd.
-template <typename T, int RC>
+template <typename T, typename AT, int RC>
 __global__ void __launch_bounds__(kThreads) grad_out_kernel(LoraGradOutParams p) {
   constexpr int TM = 64, TN = 64;
   constexpr int NPT_H = TM * RC / kThreads, NPT_B = TN * RC / kThreads;
@@ -171,9 +175,9 @@ __global__ void __launch_bounds__(kThreads) grad_out_kernel(LoraGradOutParams p)
   __shared__ float hs[TM][RC + 1];
   __shared__ float bs[TN][RC + 1];
   const T* __restrict__ dy = static_cast<const T*>(p.grad_out);
-  const T* __restrict__ b = static_cast<const T*>(p.b);
-  const T* __restrict__ g = static_cast<const T*>(p.rank_scale);
-  const T* __restrict__ o = static_cast<const T*>(p.out_scale);
+  const AT* __restrict__ b = static_cast<const AT*>(p.b);
+  const AT* __restrict__ g = static_cast<const AT*>(p.rank_scale);
+  const AT* __restrict__ o = static_cast<const AT*>(p.out_scale);
   const int tid = threadIdx.x;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * TN;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * TM;
@@ -234,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) grad_out_kernel(LoraGradOutParams p)
 // Backward, pass over x. Block: 64 tokens × 64 input features. Each thread owns two
 // 8-column groups of the tile: it regenerates their dropout bits once, stages drop(x) in
 // shared memory for grad_a, and keeps the bits in a register to mask its own grad_x.
-template <typename T, int RC>
+template <typename T, typename AT, int RC>
 __global__ void __launch_bounds__(kThreads) grad_in_kernel(LoraGradInParams p) {
   constexpr int TM = 64, TK = 64;
   constexpr int GROUPS = TM * TK / 8 / kThreads;  // 2
@@ -243,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) grad_in_kernel(LoraGradInParams p) {
   __shared__ float us[TM][RC + 1];
   __shared__ float as[RC][TK + 1];
   const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ a = static_cast<const T*>(p.a);
+  const AT* __restrict__ a = static_cast<const AT*>(p.a);
   T* __restrict__ dx = static_cast<T*>(p.grad_x);
   const int tid = threadIdx.x;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * TK;
@@ -325,44 +329,44 @@ __global__ void __launch_bounds__(kThreads) grad_in_kernel(LoraGradInParams p) {
 
 inline unsigned ceil_div_u(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
-template <typename T>
+template <typename T, typename AT = T>
 cudaError_t launch_shrink(const LoraShrinkParams& p, cudaStream_t stream) {
   if (p.tokens == 0 || p.rank == 0) return cudaSuccess;
   return LRK_RANK_CHUNK_SWITCH(p.rank, 64, RC, [&] {
-    shrink_kernel<T, RC><<<ceil_div_u(p.tokens, 32), kThreads, 0, stream>>>(p);
+    shrink_kernel<T, AT, RC><<<ceil_div_u(p.tokens, 32), kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
 
-template <typename T>
+template <typename T, typename AT = T>
 cudaError_t launch_expand(const LoraExpandParams& p, cudaStream_t stream) {
   if (p.tokens == 0 || p.out_features == 0 || p.rank == 0) return cudaSuccess;
   const dim3 grid(ceil_div_u(p.tokens, 16), ceil_div_u(p.out_features, 128));
   if (grid.y > 65535u) return cudaErrorInvalidConfiguration;
   return LRK_RANK_CHUNK_SWITCH(p.rank, 32, RC, [&] {
-    expand_kernel<T, RC><<<grid, kThreads, 0, stream>>>(p);
+    expand_kernel<T, AT, RC><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
 
-template <typename T>
+template <typename T, typename AT = T>
 cudaError_t launch_grad_out(const LoraGradOutParams& p, cudaStream_t stream) {
   if (p.tokens == 0 || p.out_features == 0 || p.rank == 0) return cudaSuccess;
   const dim3 grid(ceil_div_u(p.tokens, 64), ceil_div_u(p.out_features, 64));
   if (grid.y > 65535u) return cudaErrorInvalidConfiguration;
   return LRK_RANK_CHUNK_SWITCH(p.rank, 32, RC, [&] {
-    grad_out_kernel<T, RC><<<grid, kThreads, 0, stream>>>(p);
+    grad_out_kernel<T, AT, RC><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
 
-template <typename T>
+template <typename T, typename AT = T>
 cudaError_t launch_grad_in(const LoraGradInParams& p, cudaStream_t stream) {
   if (p.tokens == 0 || p.in_features == 0 || p.rank == 0) return cudaSuccess;
   const dim3 grid(ceil_div_u(p.tokens, 64), ceil_div_u(p.in_features, 64));
   if (grid.y > 65535u) return cudaErrorInvalidConfiguration;
   return LRK_RANK_CHUNK_SWITCH(p.rank, 32, RC, [&] {
-    grad_in_kernel<T, RC><<<grid, kThreads, 0, stream>>>(p);
+    grad_in_kernel<T, AT, RC><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }

@@ -151,6 +151,11 @@ __global__ void __launch_bounds__(kTcThreads) shrink_tc_kernel(LoraShrinkParams 
     }
     __syncthreads();
   }
+#else
+  // Compiled below sm_80: no WMMA bf16 here, so no body. The host never launches this image
+  // (it checks the loaded image's arch, common/kernel_select.h); if it ever did, trap rather
+  // than return with the output unwritten.
+  __trap();
 #endif
 }
 
@@ -218,6 +223,11 @@ __global__ void __launch_bounds__(kTcThreads) expand_tc_kernel(LoraExpandParams 
       *dst = from_float<T>(to_float(*dst) + on * cs[row][nn]);
     }
   }
+#else
+  // Compiled below sm_80: no WMMA bf16 here, so no body. The host never launches this image
+  // (it checks the loaded image's arch, common/kernel_select.h); if it ever did, trap rather
+  // than return with the output unwritten.
+  __trap();
 #endif
 }
 
@@ -274,21 +284,33 @@ cudaError_t launch_expand_tc(const LoraExpandParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Tensor cores when asked for and the type has them (fp16/bf16), else the SIMT kernels.
-template <typename T>
-cudaError_t launch_shrink_on(const LoraShrinkParams& p, bool tensor_cores, cudaStream_t stream) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (tensor_cores) return launch_shrink_tc<T>(p, stream);
+// Tensor cores when asked for and the types have them (fp16/bf16 x with adapters of the same
+// type: the WMMA tiles take no fp32 operand), else the SIMT kernels. `ran_tensor_cores`
+// (optional) says which ran.
+template <typename T, typename AT = T>
+cudaError_t launch_shrink_on(const LoraShrinkParams& p, bool tensor_cores, cudaStream_t stream,
+                             bool* ran_tensor_cores = nullptr) {
+  if (ran_tensor_cores != nullptr) *ran_tensor_cores = false;
+  if constexpr (!std::is_same_v<T, float> && std::is_same_v<T, AT>) {
+    if (tensor_cores) {
+      if (ran_tensor_cores != nullptr) *ran_tensor_cores = true;
+      return launch_shrink_tc<T>(p, stream);
+    }
   }
-  return launch_shrink<T>(p, stream);
+  return launch_shrink<T, AT>(p, stream);
 }
 
-template <typename T>
-cudaError_t launch_expand_on(const LoraExpandParams& p, bool tensor_cores, cudaStream_t stream) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (tensor_cores) return launch_expand_tc<T>(p, stream);
+template <typename T, typename AT = T>
+cudaError_t launch_expand_on(const LoraExpandParams& p, bool tensor_cores, cudaStream_t stream,
+                             bool* ran_tensor_cores = nullptr) {
+  if (ran_tensor_cores != nullptr) *ran_tensor_cores = false;
+  if constexpr (!std::is_same_v<T, float> && std::is_same_v<T, AT>) {
+    if (tensor_cores) {
+      if (ran_tensor_cores != nullptr) *ran_tensor_cores = true;
+      return launch_expand_tc<T>(p, stream);
+    }
   }
-  return launch_expand<T>(p, stream);
+  return launch_expand<T, AT>(p, stream);
 }
 
 }  // namespace lora

@@ -11,6 +11,10 @@
 // from shared memory, and one token per adapter (decode) streams them once; the shrink
 // splits K over grid.y so the decode case still fills the GPU.
 //
+// Element types: T is x's (y's, dy's, dx's), AT the adapter weights' (A, B): T, or float for
+// fp32 adapters on an fp16/bf16 x (check_adapter_param's rule; SIMT kernels only, as the WMMA
+// tiles take no fp32 operand).
+//
 // Rank handling: ranks are processed in chunks of RC lanes (a template constant chosen from
 // r_max) and each block loops only up to its own adapter's rank, so a rank-8 adapter in a
 // batch padded to r_max = 64 does an eighth of the work. fp32 accumulation throughout. These
@@ -38,7 +42,7 @@ constexpr int kThreads = 256;
 
 // ---------------------------------------------------------------------------------------
 // Shrink. Block: TM = 32 tokens of one adapter × one slice × one K range (grid.y).
-template <typename T, int RC>
+template <typename T, typename AT, int RC>
 __global__ void __launch_bounds__(kThreads) shrink_kernel(MultiLoraShrinkParams p) {
   constexpr int TM = 32, KC = 64;
   constexpr int NPT = TM * RC / kThreads;
@@ -59,7 +63,7 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(MultiLoraShrinkParams 
   if (tid < TM) toks[tid] = tile_token(p.seg, pos0, tid, count);
   __syncthreads();
   const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ a = static_cast<const T*>(p.a) + (s * p.seg.num_adapters + l) * r_max * in;
+  const AT* __restrict__ a = static_cast<const AT*>(p.a) + (s * p.seg.num_adapters + l) * r_max * in;
   float* __restrict__ hidden = p.hidden + s * p.seg.tokens * r_max;
   for (int64_t r0 = 0; r0 < r; r0 += RC) {
     float acc[NPT];
@@ -111,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(MultiLoraShrinkParams 
 // Expand. Block: TM = 16 tokens of one adapter × TN = 128 columns of one slice; a thread
 // owns one column and 8 tokens, so y is read and written once, coalesced, without atomics
 // (each (token, column) belongs to exactly one block).
-template <typename T, int RC>
+template <typename T, typename AT, int RC>
 __global__ void __launch_bounds__(kThreads) expand_kernel(MultiLoraExpandParams p) {
   constexpr int TN = 128, TM = 16, RPT = TM / (kThreads / TN);
   __shared__ float hs[TM][RC + 1];
@@ -129,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(MultiLoraExpandParams 
   const int64_t r_max = p.seg.r_max;
   if (tid < TM) toks[tid] = tile_token(p.seg, pos0, tid, count);
   __syncthreads();
-  const T* __restrict__ b = static_cast<const T*>(p.b) + l * p.out_total * r_max;
+  const AT* __restrict__ b = static_cast<const AT*>(p.b) + l * p.out_total * r_max;
   const float* __restrict__ hidden = p.hidden + s * p.seg.tokens * r_max;
   const float scale = p.scales[l];
   float acc[RPT];
@@ -172,7 +176,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(MultiLoraExpandParams 
 // ---------------------------------------------------------------------------------------
 // Backward, pass over dy. Block: 64 tokens of one adapter × 64 outputs, dy staged once in
 // shared memory and used for both grad_z and grad_b; partial sums go out by atomicAdd.
-template <typename T, int RC>
+template <typename T, typename AT, int RC>
 __global__ void __launch_bounds__(kThreads) grad_out_kernel(MultiLoraGradOutParams p) {
   constexpr int TM = 64, TN = 64;
   constexpr int NPT_H = TM * RC / kThreads, NPT_B = TN * RC / kThreads;
@@ -192,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) grad_out_kernel(MultiLoraGradOutPara
   if (tid < TM) toks[tid] = tile_token(p.seg, pos0, tid, count);
   __syncthreads();
   const T* __restrict__ dy = static_cast<const T*>(p.grad_out);
-  const T* __restrict__ b = static_cast<const T*>(p.b) + l * out * r_max;
+  const AT* __restrict__ b = static_cast<const AT*>(p.b) + l * out * r_max;
   const float scale = p.scales[l];
 #pragma unroll
   for (int i = 0; i < TM * TN / kThreads; ++i) {
@@ -246,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) grad_out_kernel(MultiLoraGradOutPara
 // ---------------------------------------------------------------------------------------
 // Backward, pass over x. Block: 64 tokens of one adapter × 64 input features; x staged once
 // for grad_a, A staged per rank chunk for grad_x.
-template <typename T, int RC>
+template <typename T, typename AT, int RC>
 __global__ void __launch_bounds__(kThreads) grad_in_kernel(MultiLoraGradInParams p) {
   constexpr int TM = 64, TK = 64;
   constexpr int GROUPS = TM * TK / 8 / kThreads;  // 2
@@ -267,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) grad_in_kernel(MultiLoraGradInParams
   if (tid < TM) toks[tid] = tile_token(p.seg, pos0, tid, count);
   __syncthreads();
   const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ a = static_cast<const T*>(p.a) + l * r_max * in;
+  const AT* __restrict__ a = static_cast<const AT*>(p.a) + l * r_max * in;
   T* __restrict__ dx = static_cast<T*>(p.grad_x);
   float dacc[GROUPS][8];
 #pragma unroll
@@ -343,13 +347,19 @@ __global__ void __launch_bounds__(kThreads) grad_in_kernel(MultiLoraGradInParams
 
 inline unsigned ceil_div_u(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
-template <typename T>
-cudaError_t launch_shrink(MultiLoraShrinkParams p, cudaStream_t stream) {
+// ran_tensor_cores (optional): whether the tensor-core kernel was the one taken (asked for
+// with use_tensor_cores, and the types have it: fp16/bf16 x with adapters of the same type).
+template <typename T, typename AT = T>
+cudaError_t launch_shrink(MultiLoraShrinkParams p, cudaStream_t stream, bool* ran_tensor_cores = nullptr) {
+  if (ran_tensor_cores != nullptr) *ran_tensor_cores = false;
+  if constexpr (!std::is_same_v<T, float> && std::is_same_v<T, AT>) {
+    if (p.use_tensor_cores) {
+      if (ran_tensor_cores != nullptr) *ran_tensor_cores = true;
+      return launch_shrink_tc<T>(p, stream);
+    }
+  }
   const int64_t T_ = p.seg.tokens;
   if (T_ == 0 || p.seg.num_adapters == 0 || p.in_features == 0) return cudaSuccess;
-  if constexpr (!std::is_same_v<T, float>) {
-    if (p.use_tensor_cores) return launch_shrink_tc<T>(p, stream);
-  }
   constexpr int64_t kTM = 32, kKC = 64;
   const int64_t tiles = worst_case_tiles(T_, p.seg.num_adapters, kTM);
   // Split K until the grid has a few waves' worth of blocks (decode: few tiles).
@@ -358,18 +368,22 @@ cudaError_t launch_shrink(MultiLoraShrinkParams p, cudaStream_t stream) {
   if (tiles > 0x7fffffffLL || splits > 65535 || p.slices > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(p.slices));
   return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 64, RC, [&] {
-    shrink_kernel<T, RC><<<grid, kThreads, 0, stream>>>(p);
+    shrink_kernel<T, AT, RC><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
 
-template <typename T>
-cudaError_t launch_expand(const MultiLoraExpandParams& p, cudaStream_t stream) {
+template <typename T, typename AT = T>
+cudaError_t launch_expand(const MultiLoraExpandParams& p, cudaStream_t stream, bool* ran_tensor_cores = nullptr) {
+  if (ran_tensor_cores != nullptr) *ran_tensor_cores = false;
+  if constexpr (!std::is_same_v<T, float> && std::is_same_v<T, AT>) {
+    if (p.use_tensor_cores) {
+      if (ran_tensor_cores != nullptr) *ran_tensor_cores = true;
+      return launch_expand_tc<T>(p, stream);
+    }
+  }
   const int64_t T_ = p.seg.tokens;
   if (T_ == 0 || p.seg.num_adapters == 0 || p.out_total == 0) return cudaSuccess;
-  if constexpr (!std::is_same_v<T, float>) {
-    if (p.use_tensor_cores) return launch_expand_tc<T>(p, stream);
-  }
   int64_t col_tiles = 0;
   for (int64_t s = 0; s < p.slices; ++s) col_tiles += (p.slice_start[s + 1] - p.slice_start[s] + 127) / 128;
   if (col_tiles == 0) return cudaSuccess;
@@ -377,12 +391,12 @@ cudaError_t launch_expand(const MultiLoraExpandParams& p, cudaStream_t stream) {
   if (tiles > 0x7fffffffLL || col_tiles > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles));
   return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 32, RC, [&] {
-    expand_kernel<T, RC><<<grid, kThreads, 0, stream>>>(p);
+    expand_kernel<T, AT, RC><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
 
-template <typename T>
+template <typename T, typename AT = T>
 cudaError_t launch_grad_out(const MultiLoraGradOutParams& p, cudaStream_t stream) {
   const int64_t T_ = p.seg.tokens;
   if (T_ == 0 || p.seg.num_adapters == 0 || p.out_features == 0) return cudaSuccess;
@@ -391,12 +405,12 @@ cudaError_t launch_grad_out(const MultiLoraGradOutParams& p, cudaStream_t stream
   if (tiles > 0x7fffffffLL || col_tiles > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles));
   return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 32, RC, [&] {
-    grad_out_kernel<T, RC><<<grid, kThreads, 0, stream>>>(p);
+    grad_out_kernel<T, AT, RC><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
 
-template <typename T>
+template <typename T, typename AT = T>
 cudaError_t launch_grad_in(const MultiLoraGradInParams& p, cudaStream_t stream) {
   const int64_t T_ = p.seg.tokens;
   if (T_ == 0 || p.seg.num_adapters == 0 || p.in_features == 0) return cudaSuccess;
@@ -405,7 +419,7 @@ cudaError_t launch_grad_in(const MultiLoraGradInParams& p, cudaStream_t stream) 
   if (tiles > 0x7fffffffLL || k_tiles > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(k_tiles));
   return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 32, RC, [&] {
-    grad_in_kernel<T, RC><<<grid, kThreads, 0, stream>>>(p);
+    grad_in_kernel<T, AT, RC><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }

@@ -91,6 +91,11 @@ __global__ void __launch_bounds__(kTcThreads) shrink_tc_kernel(MultiLoraShrinkPa
     }
     __syncthreads();
   }
+#else
+  // Compiled below sm_80: no WMMA bf16 here, so no body. The host never launches this image
+  // (it checks the loaded image's arch, common/kernel_select.h); if it ever did, trap rather
+  // than return with the output unwritten.
+  __trap();
 #endif
 }
 
@@ -156,6 +161,11 @@ __global__ void __launch_bounds__(kTcThreads) expand_tc_kernel(MultiLoraExpandPa
       *dst = from_float<T>(to_float(*dst) + cs[row][nn]);
     }
   }
+#else
+  // Compiled below sm_80: no WMMA bf16 here, so no body. The host never launches this image
+  // (it checks the loaded image's arch, common/kernel_select.h); if it ever did, trap rather
+  // than return with the output unwritten.
+  __trap();
 #endif
 }
 

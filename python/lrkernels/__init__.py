@@ -9,8 +9,9 @@ import torch  # noqa: F401  (the native library links against torch: import it f
 
 from . import _C  # noqa: F401  registers torch.ops.lrkernels.*
 from . import ops  # noqa: F401  fakes + autograd for every op
-from ._build import (build_info, get_cpu_capability, get_cpu_kernels, has_kernel, registered_ops,
-                     set_cpu_capability, set_cpu_kernels, use_cpu_capability, use_cpu_kernels)
+from ._build import (build_info, cuda_kernel_launches, get_cpu_capability, get_cpu_kernels, get_cuda_kernels,
+                     has_kernel, registered_ops, set_cpu_capability, set_cpu_kernels, set_cuda_kernels,
+                     use_cpu_capability, use_cpu_kernels, use_cuda_kernels)
 from .ops.common import dropout_mask
 from .ops.lora import lora_linear
 from .ops.c3a import c3a, c3a_linear
@@ -31,6 +32,10 @@ __all__ = [
     "get_cpu_capability",
     "set_cpu_capability",
     "use_cpu_capability",
+    "get_cuda_kernels",
+    "set_cuda_kernels",
+    "use_cuda_kernels",
+    "cuda_kernel_launches",
     "dropout_mask",
     "lora_linear",
     "MultiLoraSegments",

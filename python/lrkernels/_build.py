@@ -13,7 +13,8 @@ def build_info() -> dict:
     instruction sets the vectorised kernels were compiled for (``cpu_capabilities_compiled``),
     the best this CPU runs (``cpu_capability_detected``) and the one in force
     (``cpu_capability``, see :func:`set_cpu_capability`), the CPU kernel path in force
-    (``cpu_kernels``, see :func:`set_cpu_kernels`), and ``cpu_avx512`` (whether AVX-512 kernels
+    (``cpu_kernels``, see :func:`set_cpu_kernels`), the CUDA kernel path per family
+    (``cuda_kernels``, see :func:`set_cuda_kernels`), and ``cpu_avx512`` (whether AVX-512 kernels
     can run here at all)."""
     info = dict(_C.build_info())
     info["torch_runtime_version"] = torch.__version__
@@ -23,6 +24,7 @@ def build_info() -> dict:
     info["cpu_capabilities_compiled"] = list(_C.cpu_capabilities_compiled())
     info["cpu_avx512"] = info["cpu_capability_detected"] == "avx512"
     info["cpu_kernels"] = get_cpu_kernels()
+    info["cuda_kernels"] = get_cuda_kernels()
     info["ops"] = registered_ops()
     return info
 
@@ -117,3 +119,75 @@ def use_cpu_capability(capability: str):
         yield
     finally:
         set_cpu_capability(previous)
+
+
+_CUDA_KERNEL_MODES = ("auto", "simt", "tensor_core")
+CUDA_KERNEL_FAMILIES = ("lora_linear", "multi_lora")
+
+
+def get_cuda_kernels() -> dict:
+    """The CUDA kernel path in force per op family: ``{"lora_linear": mode, "multi_lora": mode}``
+    with mode "auto", "simt" or "tensor_core" (see :func:`set_cuda_kernels`)."""
+    return {f: _CUDA_KERNEL_MODES[m] for f, m in _C.get_cuda_kernels().items()}
+
+
+def set_cuda_kernels(mode: str, families=None) -> dict:
+    """Choose which CUDA kernels the LoRA families run, process-wide; returns the previous modes
+    (a dict, which :func:`use_cuda_kernels` restores).
+
+    "auto" (the default): the tensor-core (WMMA) shrink and expand for fp16/bf16 inputs whose
+    adapters have the same dtype, when the GPU runs sm_80+ code of them and the shape fills
+    their tiles (lora_linear: >= 64 tokens; multi-LoRA: >= 32 tokens per adapter on average),
+    else the SIMT kernels. "simt": always the SIMT kernels. "tensor_core": the tensor-core
+    kernels wherever the dtypes have them, at every shape; raises RuntimeError on a call where
+    the GPU has no sm_80+ code for them (a build whose arch list does not cover the GPU).
+    float32 inputs and float32 adapters on a 16-bit base always run the SIMT kernels.
+    ``families``: None (all), or a name or list of names from ``CUDA_KERNEL_FAMILIES``.
+
+    The environment variables ``LRKERNELS_LORA_SIMT_ONLY=1`` / ``LRKERNELS_MULTI_LORA_SIMT_ONLY=1``
+    set "simt" for lora_linear / multi-LoRA when the library loads (they are not re-read later).
+    Which path ran is counted by :func:`cuda_kernel_launches`.
+    """
+    if isinstance(mode, dict):  # what an earlier call returned
+        previous = get_cuda_kernels()
+        for family, m in mode.items():
+            set_cuda_kernels(m, family)
+        return {f: previous[f] for f in mode}
+    if mode not in _CUDA_KERNEL_MODES:
+        raise ValueError(f"lrkernels.set_cuda_kernels: mode must be one of {_CUDA_KERNEL_MODES}, got {mode!r}")
+    if families is None:
+        families = CUDA_KERNEL_FAMILIES
+    elif isinstance(families, str):
+        families = (families,)
+    for f in families:
+        if f not in CUDA_KERNEL_FAMILIES:
+            raise ValueError(f"lrkernels.set_cuda_kernels: families must be names from {CUDA_KERNEL_FAMILIES}, "
+                             f"got {f!r}")
+    previous = get_cuda_kernels()
+    for f in families:
+        _C.set_cuda_kernels(f, _CUDA_KERNEL_MODES.index(mode))
+    return {f: previous[f] for f in families}
+
+
+@contextlib.contextmanager
+def use_cuda_kernels(mode: str, families=None):
+    """``with lrkernels.use_cuda_kernels("simt"): ...`` runs the block with that CUDA kernel path
+    (see set_cuda_kernels) and restores the previous one afterwards, also on error."""
+    previous = set_cuda_kernels(mode, families)
+    try:
+        yield
+    finally:
+        set_cuda_kernels(previous)
+
+
+def cuda_kernel_launches(reset: bool = False) -> dict:
+    """Launches of the LoRA families' two-path CUDA kernels since the last reset, counted on the
+    host when each launch is made: keys ``"<family>.<shrink|expand>.<simt|tensor_core>"``, plus
+    ``"<family>.tensor_core_image_arch"``: the ``__CUDA_ARCH__`` the GPU's loaded image of the
+    family's tensor-core kernels was compiled for (e.g. 900; 0: none; -1: not asked yet). A
+    debugging and testing aid: it shows which path a call took. ``reset=True`` zeroes the
+    counters after reading them."""
+    counts = dict(_C.cuda_kernel_launches())
+    if reset:
+        _C.reset_cuda_kernel_launches()
+    return counts

@@ -123,6 +123,7 @@ struct ThreadState {
 };
 inline thread_local ThreadState current;
 inline std::atomic<long> launches{0};
+inline std::atomic<const void*> last_kernel{nullptr};
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "EMU: %s\n", what);
@@ -154,6 +155,8 @@ struct LaunchConfig {
 };
 
 inline long launch_count() { return detail::launches.load(); }
+// The kernel function of the latest launch (tests check which of two paths a launcher took).
+inline const void* last_kernel() { return detail::last_kernel.load(); }
 
 // kernel<<<config>>>(args...): every block of the grid in turn, each with one OS thread per
 // CUDA thread. Each thread receives its own copy of the arguments, as kernel parameters are.
@@ -170,6 +173,7 @@ void launch(const LaunchConfig& config, void (*kernel)(Params...), Args&&... arg
   }
   if (config.shared_bytes != 0) detail::fail("dynamic shared memory is not emulated");
   detail::launches.fetch_add(1);
+  detail::last_kernel.store(reinterpret_cast<const void*>(kernel));
   const std::tuple<std::decay_t<Params>...> arguments(std::forward<Args>(args)...);
   const unsigned threads = block.x * block.y * block.z;
   detail::BlockBarrier barrier(threads);

@@ -181,6 +181,11 @@ class Checker {
     compare(what, config, to_double(got), want, tol);
   }
 
+  // A property that must hold whatever the mode (e.g. which kernel a launcher took).
+  void expect(bool ok, const char* what, const std::string& config, const char* detail) {
+    if (!ok) report_failure(what, config, detail);
+  }
+
   // A launcher that returned an error where none was expected.
   void launch_failed(const char* what, const std::string& config) { report_failure(what, config, "launch failed"); }
 

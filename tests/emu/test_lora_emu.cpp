@@ -13,7 +13,8 @@ using namespace emu_check;
 
 namespace {
 
-enum class DType { f32, f16, bf16 };
+// f16_f32a / bf16_f32a: x (y, dy, dx) in fp16/bf16, the adapter tensors (A, B, g, o) in fp32.
+enum class DType { f32, f16, bf16, f16_f32a, bf16_f32a };
 
 struct Case {
   DType dtype;
@@ -41,18 +42,19 @@ struct Dropout {
   }
 };
 
-template <typename T>
+template <typename T, typename AT = T>
 void run(Checker& check, Random& rng, const Case& c) {
   const int64_t T_ = c.tokens, in = c.in, out = c.out, r = c.rank;
   char buf[200];
-  std::snprintf(buf, sizeof buf, "[%s T=%ld in=%ld out=%ld r=%ld g=%d o=%d p=%.2f s=%.2f]", type_name<T>(), T_, in,
-                out, r, c.rank_scale, c.out_scale, c.dropout_p, c.scale);
+  std::snprintf(buf, sizeof buf, "[%s%s T=%ld in=%ld out=%ld r=%ld g=%d o=%d p=%.2f s=%.2f]", type_name<T>(),
+                std::is_same_v<T, AT> ? "" : "+f32-adapters", T_, in, out, r, c.rank_scale, c.out_scale, c.dropout_p,
+                c.scale);
   const std::string config = buf;
   const double tol = tolerance<T>();
   const auto x = rng.tensor<T>(T_ * in, 1.0);
-  const auto a = rng.tensor<T>(r * in, 1 / std::sqrt(double(std::max<int64_t>(in, 1))));
-  const auto b = rng.tensor<T>(out * r, 1 / std::sqrt(double(r)));
-  const auto g = rng.tensor<T>(r, 1.0), o = rng.tensor<T>(out, 1.0);
+  const auto a = rng.tensor<AT>(r * in, 1 / std::sqrt(double(std::max<int64_t>(in, 1))));
+  const auto b = rng.tensor<AT>(out * r, 1 / std::sqrt(double(r)));
+  const auto g = rng.tensor<AT>(r, 1.0), o = rng.tensor<AT>(out, 1.0);
   const auto y0 = rng.tensor<T>(T_ * out, 1.0), dy = rng.tensor<T>(T_ * out, 1.0), dx0 = rng.tensor<T>(T_ * in, 1.0);
   const auto X = to_double(x), A = to_double(a), B = to_double(b), G = to_double(g), O = to_double(o);
   const auto DY = to_double(dy);
@@ -109,7 +111,7 @@ void run(Checker& check, Random& rng, const Case& c) {
   LoraShrinkParams sp;
   sp.x = x.data(); sp.a = a.data(); sp.hidden = hidden.data();
   sp.tokens = T_; sp.in_features = in; sp.rank = r; sp.dropout = drop.params;
-  if (lora::launch_shrink<T>(sp, nullptr) != cudaSuccess) check.launch_failed("shrink", config);
+  if (lora::launch_shrink<T, AT>(sp, nullptr) != cudaSuccess) check.launch_failed("shrink", config);
   check.compare("hidden", config, hidden, U, tol);
 
   // expand, from the reference u
@@ -119,7 +121,7 @@ void run(Checker& check, Random& rng, const Case& c) {
   ep.hidden = u_ref.data(); ep.b = b.data(); ep.y = y.data();
   ep.rank_scale = c.rank_scale ? g.data() : nullptr; ep.out_scale = c.out_scale ? o.data() : nullptr;
   ep.tokens = T_; ep.out_features = out; ep.rank = r; ep.scale = c.scale;
-  if (lora::launch_expand<T>(ep, nullptr) != cudaSuccess) check.launch_failed("expand", config);
+  if (lora::launch_expand<T, AT>(ep, nullptr) != cudaSuccess) check.launch_failed("expand", config);
   check.compare("y", config, y, Y, tol);
 
   // grad_out: grad_hidden and grad_b_raw, zero-initialised
@@ -129,7 +131,7 @@ void run(Checker& check, Random& rng, const Case& c) {
   gp.rank_scale = ep.rank_scale; gp.out_scale = ep.out_scale;
   gp.grad_hidden = grad_hidden.data(); gp.grad_b_raw = grad_b_raw.data();
   gp.tokens = T_; gp.out_features = out; gp.rank = r; gp.scale = c.scale;
-  if (lora::launch_grad_out<T>(gp, nullptr) != cudaSuccess) check.launch_failed("grad_out", config);
+  if (lora::launch_grad_out<T, AT>(gp, nullptr) != cudaSuccess) check.launch_failed("grad_out", config);
   check.compare("grad_hidden", config, grad_hidden, DH, tol);
   check.compare("grad_b_raw", config, grad_b_raw, P, tol);
 
@@ -140,19 +142,20 @@ void run(Checker& check, Random& rng, const Case& c) {
   LoraGradInParams ip;
   ip.x = x.data(); ip.a = a.data(); ip.grad_u = du_ref.data(); ip.grad_x = dx.data(); ip.grad_a = grad_a.data();
   ip.tokens = T_; ip.in_features = in; ip.rank = r; ip.dropout = drop.params;
-  if (lora::launch_grad_in<T>(ip, nullptr) != cudaSuccess) check.launch_failed("grad_in", config);
+  if (lora::launch_grad_in<T, AT>(ip, nullptr) != cudaSuccess) check.launch_failed("grad_in", config);
   check.compare("grad_x", config, dx, DX, tol);
   check.compare("grad_a", config, grad_a, GA, tol);
 }
 
-// Each shape in every dtype, with dropout off and on; rank_scale / out_scale / scale rotate
-// over the cases so each is on and off in every dtype.
+// Each shape in every dtype, with dropout off and on, plus fp32 adapters on a 16-bit x
+// (fp16 and bf16 in turn); rank_scale / out_scale / scale rotate over the cases so each is on
+// and off in every dtype.
 std::vector<Case> expand_shapes(const std::vector<std::array<int64_t, 4>>& shapes) {
   std::vector<Case> cases;
   int n = 0;
   for (const auto& [T_, in, out, r] : shapes)
     for (double p : {0.0, 0.3})
-      for (DType dt : {DType::f32, DType::f16, DType::bf16}) {
+      for (DType dt : {DType::f32, DType::f16, DType::bf16, n % 8 < 4 ? DType::f16_f32a : DType::bf16_f32a}) {
         const bool g = n % 2 == 0, o = n % 3 != 0;
         const float s = n % 4 == 1 ? 1.0f : 0.7f;
         cases.push_back({dt, T_, in, out, r, g, o, p, s});
@@ -186,6 +189,8 @@ int main(int argc, char** argv) {
       case DType::f32: run<float>(check, rng, c); break;
       case DType::f16: run<half>(check, rng, c); break;
       case DType::bf16: run<bf16>(check, rng, c); break;
+      case DType::f16_f32a: run<half, float>(check, rng, c); break;
+      case DType::bf16_f32a: run<bf16, float>(check, rng, c); break;
     }
   }
   return check.finish();

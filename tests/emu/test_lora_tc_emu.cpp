@@ -13,6 +13,27 @@ using namespace emu_check;
 
 namespace {
 
+// Whether the latest launch was one of lora_tc.cuh's tensor-core kernels.
+template <typename T>
+bool last_launch_was_tensor_cores() {
+  const void* k = emu::last_kernel();
+  return k == reinterpret_cast<const void*>(&lora::shrink_tc_kernel<T, 16>) ||
+         k == reinterpret_cast<const void*>(&lora::shrink_tc_kernel<T, 32>) ||
+         k == reinterpret_cast<const void*>(&lora::shrink_tc_kernel<T, 64>) ||
+         k == reinterpret_cast<const void*>(&lora::shrink_tc_kernel<T, 128>) ||
+         k == reinterpret_cast<const void*>(&lora::expand_tc_kernel<T, 16>) ||
+         k == reinterpret_cast<const void*>(&lora::expand_tc_kernel<T, 32>) ||
+         k == reinterpret_cast<const void*>(&lora::expand_tc_kernel<T, 64>);
+}
+
+// The dispatcher's reported path must be `want`, and a launch it made must be that path's.
+template <typename T>
+void check_path(Checker& check, const char* what, const std::string& config, bool want, bool ran, long before) {
+  check.expect(ran == want, what, config, want ? "did not take the tensor cores" : "took the tensor cores");
+  if (emu::launch_count() != before)
+    check.expect(last_launch_was_tensor_cores<T>() == want, what, config, "launched the other path's kernel");
+}
+
 struct Case {
   bool bf16;
   int64_t tokens, in, out, rank;
@@ -78,14 +99,19 @@ void run(Checker& check, Random& rng, const Case& c) {
   LoraShrinkParams sp;
   sp.x = x; sp.a = a; sp.hidden = hidden.data();
   sp.tokens = T_; sp.in_features = in; sp.rank = r; sp.dropout = dropout; sp.k_split = c.k_split;
-  if (lora::launch_shrink_on<T>(sp, true, nullptr) != cudaSuccess) check.launch_failed("shrink tc", config);
+  bool ran = false;
+  long before = emu::launch_count();
+  if (lora::launch_shrink_on<T>(sp, true, nullptr, &ran) != cudaSuccess) check.launch_failed("shrink tc", config);
+  check_path<T>(check, "shrink tc path", config, true, ran, before);
   check.compare("hidden-tc", config, hidden, U, tol);
 
   // the SIMT shrink through the same dispatcher, same inputs
   std::vector<float> hidden_simt(T_ * r, NAN);
   sp.hidden = hidden_simt.data();
   sp.k_split = 0;
-  if (lora::launch_shrink_on<T>(sp, false, nullptr) != cudaSuccess) check.launch_failed("shrink simt", config);
+  before = emu::launch_count();
+  if (lora::launch_shrink_on<T>(sp, false, nullptr, &ran) != cudaSuccess) check.launch_failed("shrink simt", config);
+  check_path<T>(check, "shrink simt path", config, false, ran, before);
   check.compare("hidden-simt", config, hidden_simt, U, tol);
 
   // tensor-core expand from the reference u
@@ -95,7 +121,9 @@ void run(Checker& check, Random& rng, const Case& c) {
   ep.hidden = u_ref.data(); ep.b = b.data(); ep.y = y.data();
   ep.rank_scale = c.rank_scale ? g.data() : nullptr; ep.out_scale = c.out_scale ? o.data() : nullptr;
   ep.tokens = T_; ep.out_features = out; ep.rank = r; ep.scale = c.scale;
-  if (lora::launch_expand_on<T>(ep, true, nullptr) != cudaSuccess) check.launch_failed("expand tc", config);
+  before = emu::launch_count();
+  if (lora::launch_expand_on<T>(ep, true, nullptr, &ran) != cudaSuccess) check.launch_failed("expand tc", config);
+  check_path<T>(check, "expand tc path", config, true, ran, before);
   check.compare("y-tc", config, y, Y, tol);
 
   // tensor-core shrink output into the tensor-core expand
@@ -104,6 +132,36 @@ void run(Checker& check, Random& rng, const Case& c) {
   ep.y = y_chain.data();
   if (lora::launch_expand_on<T>(ep, true, nullptr) != cudaSuccess) check.launch_failed("expand tc chain", config);
   check.compare("y-tc-chain", config, y_chain, Y, tol);
+
+  // the same x with the adapters in fp32 (a PEFT-style mixed layer), tensor cores requested:
+  // the dispatchers take the SIMT kernels (the WMMA tiles take no fp32 operand); A, B, g, o
+  // here are exactly the 16-bit values above, so the reference is unchanged
+  auto widen = [](const T* p, int64_t n) {
+    std::vector<float> v(n);
+    for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(to_double(p[i]));
+    return v;
+  };
+  const auto a32 = widen(a, r * in), b32 = widen(b.data(), out * r), g32 = widen(g.data(), r),
+             o32 = widen(o.data(), out);
+  std::vector<float> hidden_mixed(T_ * r, NAN);
+  sp.a = a32.data();
+  sp.hidden = hidden_mixed.data();
+  before = emu::launch_count();
+  if (lora::launch_shrink_on<T, float>(sp, true, nullptr, &ran) != cudaSuccess)
+    check.launch_failed("shrink fp32 adapters", config);
+  check_path<T>(check, "shrink fp32-adapter path", config, false, ran, before);
+  check.compare("hidden-fp32-adapters", config, hidden_mixed, U, tol);
+  auto y_mixed = y0;
+  ep.hidden = u_ref.data();
+  ep.y = y_mixed.data();
+  ep.b = b32.data();
+  ep.rank_scale = c.rank_scale ? g32.data() : nullptr;
+  ep.out_scale = c.out_scale ? o32.data() : nullptr;
+  before = emu::launch_count();
+  if (lora::launch_expand_on<T, float>(ep, true, nullptr, &ran) != cudaSuccess)
+    check.launch_failed("expand fp32 adapters", config);
+  check_path<T>(check, "expand fp32-adapter path", config, false, ran, before);
+  check.compare("y-fp32-adapters", config, y_mixed, Y, tol);
 }
 
 }  // namespace

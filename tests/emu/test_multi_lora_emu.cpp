@@ -24,7 +24,34 @@ struct Case {
   bool tensor_cores;
   int64_t tokens, in, out, adapters, r_max, slices;
   bool per_adapter_ranks;  // else every adapter has rank r_max (ranks = null)
+  bool fp32_adapters = false;  // A and B in float32 on an fp16/bf16 x (SIMT kernels only)
 };
+
+// Whether the latest launch was one of multi_lora_tc.cuh's tensor-core kernels.
+template <typename T>
+bool last_launch_was_tensor_cores() {
+  if constexpr (std::is_same_v<T, float>) {
+    return false;
+  } else {
+    const void* k = emu::last_kernel();
+    return k == reinterpret_cast<const void*>(&multi_lora::shrink_tc_kernel<T, 16>) ||
+           k == reinterpret_cast<const void*>(&multi_lora::shrink_tc_kernel<T, 32>) ||
+           k == reinterpret_cast<const void*>(&multi_lora::shrink_tc_kernel<T, 64>) ||
+           k == reinterpret_cast<const void*>(&multi_lora::expand_tc_kernel<T, 16>) ||
+           k == reinterpret_cast<const void*>(&multi_lora::expand_tc_kernel<T, 32>);
+  }
+}
+
+// The path a launcher reported must be the one requested (tensor cores only for 16-bit x with
+// adapters of its type), and a launch it made must be of that path's kernels.
+template <typename T, typename AT>
+void check_path(Checker& check, const char* what, const std::string& config, bool requested, bool ran,
+                long launches_before) {
+  const bool want = requested && !std::is_same_v<T, float> && std::is_same_v<T, AT>;
+  check.expect(ran == want, what, config, want ? "did not take the tensor cores" : "took the tensor cores");
+  if (emu::launch_count() != launches_before)
+    check.expect(last_launch_was_tensor_cores<T>() == want, what, config, "launched the other path's kernel");
+}
 
 // The grouping of multi_lora_segments: tokens stably sorted by adapter, base-only last.
 struct Grouping {
@@ -67,12 +94,13 @@ struct Grouping {
   }
 };
 
-template <typename T>
+template <typename T, typename AT = T>
 void run(Checker& check, Random& rng, const Case& c) {
   const int64_t T_ = c.tokens, in = c.in, out = c.out, L = c.adapters, r_max = c.r_max, S = c.slices;
   char buf[240];
-  std::snprintf(buf, sizeof buf, "[%s%s T=%ld in=%ld out=%ld L=%ld r_max=%ld S=%ld ranks=%d]", type_name<T>(),
-                c.tensor_cores ? "-tc" : "", T_, in, out, L, r_max, S, c.per_adapter_ranks);
+  std::snprintf(buf, sizeof buf, "[%s%s%s T=%ld in=%ld out=%ld L=%ld r_max=%ld S=%ld ranks=%d]", type_name<T>(),
+                std::is_same_v<T, AT> ? "" : "+f32-adapters", c.tensor_cores ? "-tc" : "", T_, in, out, L, r_max, S,
+                c.per_adapter_ranks);
   const std::string config = buf;
   const double tol = tolerance<T>();
   // ids: 10% base only (-1), 10% out of range (also base only), the rest a random adapter
@@ -92,8 +120,8 @@ void run(Checker& check, Random& rng, const Case& c) {
   auto rank_of = [&](int64_t l) { return grouping.rank_used[l]; };
 
   const auto x = rng.tensor<T>(T_ * in, 1.0);
-  const auto a = rng.tensor<T>(S * L * r_max * in, 1 / std::sqrt(double(std::max<int64_t>(in, 1))));
-  const auto b = rng.tensor<T>(L * out * r_max, 1 / std::sqrt(double(r_max)));
+  const auto a = rng.tensor<AT>(S * L * r_max * in, 1 / std::sqrt(double(std::max<int64_t>(in, 1))));
+  const auto b = rng.tensor<AT>(L * out * r_max, 1 / std::sqrt(double(r_max)));
   std::vector<float> scales(L);
   for (float& s : scales) s = static_cast<float>(0.5 + rng.integer(0, 100) / 100.0);
   std::vector<int64_t> slice_size(S);  // uneven, some possibly empty
@@ -120,7 +148,10 @@ void run(Checker& check, Random& rng, const Case& c) {
   MultiLoraShrinkParams sp;
   sp.x = x.data(); sp.a = a.data(); sp.hidden = hidden.data(); sp.in_features = in; sp.slices = S;
   sp.use_tensor_cores = c.tensor_cores; sp.seg = seg;
-  if (multi_lora::launch_shrink<T>(sp, nullptr) != cudaSuccess) check.launch_failed("shrink", config);
+  bool ran_tc = false;
+  long before = emu::launch_count();
+  if (multi_lora::launch_shrink<T, AT>(sp, nullptr, &ran_tc) != cudaSuccess) check.launch_failed("shrink", config);
+  check_path<T, AT>(check, "shrink path", config, c.tensor_cores, ran_tc, before);
   check.compare("hidden", config, hidden, H, tol);
 
   // expand, from the reference hidden, into columns [1, 1 + out) of rows ldy = out + 3 apart:
@@ -144,11 +175,13 @@ void run(Checker& check, Random& rng, const Case& c) {
   ep.out_total = out; ep.slices = S; ep.slice_start[0] = 0;
   for (int64_t s = 0; s < S; ++s) ep.slice_start[s + 1] = ep.slice_start[s] + slice_size[s];
   ep.use_tensor_cores = c.tensor_cores; ep.seg = seg;
-  if (multi_lora::launch_expand<T>(ep, nullptr) != cudaSuccess) check.launch_failed("expand", config);
+  before = emu::launch_count();
+  if (multi_lora::launch_expand<T, AT>(ep, nullptr, &ran_tc) != cudaSuccess) check.launch_failed("expand", config);
+  check_path<T, AT>(check, "expand path", config, c.tensor_cores, ran_tc, before);
   check.compare("y", config, y, Y, tol);
 
-  // The backward kernels have no slices and no tensor-core variant.
-  if (S != 1 || c.tensor_cores) return;
+  // The backward kernels have no slices and no tensor-core variant (fp32-adapter cases run them).
+  if (S != 1 || (c.tensor_cores && std::is_same_v<T, AT>)) return;
 
   // grad_out: grad_z[t, j] = dy_t · B[a_t, :, j], grad_b[l, n, j] = s_l Σ_t dy[t, n] hidden[t, j]
   const auto dy = rng.tensor<T>(T_ * out, 1.0);
@@ -170,7 +203,7 @@ void run(Checker& check, Random& rng, const Case& c) {
   MultiLoraGradOutParams gp;
   gp.grad_out = dy.data(); gp.hidden = h_ref.data(); gp.b = b.data(); gp.scales = scales.data();
   gp.grad_z = grad_z.data(); gp.grad_b = grad_b.data(); gp.out_features = out; gp.seg = seg;
-  if (multi_lora::launch_grad_out<T>(gp, nullptr) != cudaSuccess) check.launch_failed("grad_out", config);
+  if (multi_lora::launch_grad_out<T, AT>(gp, nullptr) != cudaSuccess) check.launch_failed("grad_out", config);
   check.compare("grad_z", config, grad_z, DZ, tol);
   check.compare("grad_b", config, grad_b, GB, tol);
 
@@ -197,7 +230,7 @@ void run(Checker& check, Random& rng, const Case& c) {
   MultiLoraGradInParams ip;
   ip.x = x.data(); ip.a = a.data(); ip.grad_u = du.data(); ip.grad_x = dx.data(); ip.grad_a = grad_a.data();
   ip.in_features = in; ip.seg = seg;
-  if (multi_lora::launch_grad_in<T>(ip, nullptr) != cudaSuccess) check.launch_failed("grad_in", config);
+  if (multi_lora::launch_grad_in<T, AT>(ip, nullptr) != cudaSuccess) check.launch_failed("grad_in", config);
   check.compare("grad_x", config, dx, DX, tol);
   check.compare("grad_a", config, grad_a, GA, tol);
 }
@@ -237,8 +270,9 @@ void run_malformed(Random& rng, bool tensor_cores) {
   multi_lora::launch_grad_in<T>(ip, nullptr);
 }
 
-// Each shape with and without per-adapter ranks, in fp32 and fp16/bf16 (SIMT) and fp16 and
-// bf16 on the tensor-core path.
+// Each shape with and without per-adapter ranks, in fp32 and fp16/bf16 (SIMT), fp16 and bf16
+// on the tensor-core path, and fp16/bf16 x with fp32 adapters (SIMT, though tensor cores are
+// requested).
 std::vector<Case> expand_shapes(const std::vector<std::array<int64_t, 6>>& shapes) {
   std::vector<Case> cases;
   for (const auto& [T_, in, out, L, r_max, S] : shapes)
@@ -247,6 +281,8 @@ std::vector<Case> expand_shapes(const std::vector<std::array<int64_t, 6>>& shape
       cases.push_back({ranks ? DType::bf16 : DType::f16, false, T_, in, out, L, r_max, S, ranks});
       cases.push_back({DType::f16, true, T_, in, out, L, r_max, S, ranks});
       cases.push_back({DType::bf16, true, T_, in, out, L, r_max, S, ranks});
+      // fp32 adapters on a 16-bit x, tensor cores requested: the launchers must take SIMT
+      cases.push_back({ranks ? DType::f16 : DType::bf16, true, T_, in, out, L, r_max, S, ranks, true});
     }
   return cases;
 }
@@ -277,8 +313,8 @@ int main(int argc, char** argv) {
   for (const Case& c : check.select(quick, extra, 8)) {
     switch (c.dtype) {
       case DType::f32: run<float>(check, rng, c); break;
-      case DType::f16: run<half>(check, rng, c); break;
-      case DType::bf16: run<bf16>(check, rng, c); break;
+      case DType::f16: c.fp32_adapters ? run<half, float>(check, rng, c) : run<half>(check, rng, c); break;
+      case DType::bf16: c.fp32_adapters ? run<bf16, float>(check, rng, c) : run<bf16>(check, rng, c); break;
     }
   }
   if (!check.negative_control()) {

@@ -55,7 +55,7 @@ def galore_adam_moments(exp_avg, exp_avg_sq, grad, *, beta1=0.9, beta2=0.999, ep
     the ``alpha`` of :func:`galore_apply_update`.
 
     Args:
-        exp_avg, exp_avg_sq: the moments (R's shape; float32 or bfloat16, float64 on CPU),
+        exp_avg, exp_avg_sq: the moments (R's shape; float32, bfloat16 or float64, on CPU and CUDA),
             contiguous, updated in place.
         grad: R, the projected gradient, any supported float dtype.
 
