@@ -32,12 +32,16 @@ class Case:
     bytes: float = 0.0             # fewest bytes one iteration must move
     targets: Dict[str, float] = dataclasses.field(default_factory=dict)  # baseline -> max ratio
     note: str = ""
-    # For the report: the op family ("lora", "miss", ...), the case's natural sizes
-    # ({"tokens": 4096, "rank": 16, ...}), and the scaling curve it belongs to: cases of one
-    # family with the same `sweep` name and different values of params[sweep] form a curve.
+    # For the report: the op family ("lora", "miss", ...; the runner fills in the benchmark's
+    # name when empty), the case's natural sizes ({"tokens": 4096, "rank": 16, ...}), and the
+    # scaling curve(s) it belongs to: cases of one family with the same `sweep` name and
+    # different values of params[sweep] form a curve (one line per set of the other params);
+    # "tokens,rank" puts a case on two curves. `headline`: a row of the README table; the
+    # extra points of a curve set it False.
     family: str = ""
     params: Dict[str, float] = dataclasses.field(default_factory=dict)
     sweep: str = ""
+    headline: bool = True
 
 
 @dataclasses.dataclass
@@ -184,18 +188,59 @@ def measure_cuda_ceilings() -> dict:
     return {"copy_GBps": round(bw, 1), "bf16_matmul_TFLOPs": round(tf, 1)}
 
 
+def measure_cpu_ceilings() -> dict:
+    """This CPU's two ceilings, measured: copy bandwidth of a buffer far larger than the caches
+    (bytes read + written) and a float32 matrix product's rate, on torch's threads."""
+    src = torch.randn(64 * 2**20)  # 256 MiB
+    dst = torch.empty_like(src)
+    ms = statistics.median(time_cpu_interleaved({"copy": lambda: dst.copy_(src)}, warmup=1, rounds=5)["copy"])
+    bw = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    m = 1024
+    a, b = torch.randn(m, m), torch.randn(m, m)
+    ms = statistics.median(time_cpu_interleaved({"mm": lambda: a @ b}, warmup=2, rounds=7)["mm"])
+    return {"copy_GBps": round(bw, 1), "fp32_matmul_TFLOPs": round(2 * m**3 / (ms * 1e-3) / 1e12, 3)}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_isa() -> str:
+    """The best vector instruction set this CPU offers (what lrkernels could use)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = " ".join(l for l in f if l.startswith(("flags", "Features")))
+    except OSError:
+        pass
+    words = set(flags.split())
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sve", "SVE"), ("asimd", "NEON")):
+        if flag in words:
+            return name
+    return "NEON" if platform.machine() in ("aarch64", "arm64") else "baseline"
+
+
 def environment(device: str) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_model(),
+        "cpu_model": _cpu_model(),
+        "cpu_isa": _cpu_isa(),
+        "machine": platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
     }
-    if device == "cuda":
-        env["ceilings"] = measure_cuda_ceilings()
+    env["ceilings"] = measure_cuda_ceilings() if device == "cuda" else measure_cpu_ceilings()
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
@@ -220,14 +265,19 @@ def ratios(case: Case, results: List[Result]) -> Dict[str, float]:
     return out
 
 
+def _kernel_isa(env):
+    b = env.get("lrkernels_build")
+    return b.get("cpu_capability") if isinstance(b, dict) else None
+
+
 def markdown(env: dict, cases: List[Case], results: List[Result]) -> str:
     lines = [f"# lrkernels benchmarks — {env['device_name']} ({env['device']})", "",
-             f"{env['date']}, torch {env['torch']}, CUDA {env['cuda']}, commit {env.get('commit')}, "
-             f"{env['cpu_threads']} CPU threads", ""]
+             f"{env['date']}, {env.get('cpu_model')}, kernels' ISA {_kernel_isa(env)}, "
+             f"torch {env['torch']}, CUDA {env['cuda']}, commit {env.get('commit')}, {env['cpu_threads']} CPU threads", ""]
     ceil = env.get("ceilings")
     if ceil:
-        lines += [f"Measured ceilings: copy {ceil['copy_GBps']} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']} TFLOP/s "
-                  "(the TFLOP/s and GB/s columns are the subject's achieved rates)", ""]
+        lines += ["Measured ceilings: " + ", ".join(f"{k} {v}" for k, v in ceil.items()) +
+                  " (the TFLOP/s and GB/s columns are the subject's achieved rates)", ""]
     for case in cases:
         rs = [r for r in results if r.case == case.name]
         lines += [f"## {case.name}", ""]
@@ -260,6 +310,7 @@ def write_results(outdir: str, stem: str, env: dict, cases: List[Case], results:
         "environment": env,
         "cases": [{"name": c.name, "subject": c.subject, "baselines": c.baselines, "targets": c.targets,
                    "flops": c.flops, "bytes": c.bytes, "family": c.family, "params": c.params, "sweep": c.sweep,
+                   "headline": c.headline, "note": c.note,
                    "ratios": ratios(c, [r for r in results if r.case == c.name])}
                   for c in cases],
         "results": [dataclasses.asdict(r) for r in results],
