@@ -10,7 +10,8 @@ def sweeps_of(case):
 
 
 def curves(cases):
-    """sweep name -> [(label, [(x, case), ...] sorted by x)], only lines of 2+ points."""
+    """sweep name -> [(label, [(x, case), ...])], only lines of 2+ points; numeric x sorted,
+    categorical x (a rank mix "8,16,64") in the order the benchmark lists its cases."""
     by_sweep = OrderedDict()
     for c in cases:
         params = c.get("params") or {}
@@ -26,8 +27,7 @@ def curves(cases):
             continue
         varying = _varying([dict(rest) for rest, _ in keep])
         out[s] = [(", ".join(f"{k} {v}" for k, v in rest if k in varying),
-                   sorted(pts, key=lambda p: (not isinstance(p[0], (int, float)), p[0] if isinstance(p[0], (int, float))
-                                              else str(p[0]))))
+                   sorted(pts, key=lambda p: p[0]) if all(isinstance(x, (int, float)) for x, _ in pts) else pts)
                   for rest, pts in keep]
     return out
 

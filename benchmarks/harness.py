@@ -123,21 +123,28 @@ def cuda_peak_memory(fn):
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def cpu_peak_memory(module: str, case: str, candidate: str, quick: bool) -> Optional[float]:
-    """Peak resident-memory growth of one iteration, measured in a fresh process (VmHWM minus
-    VmRSS after set-up), so every allocation counts, including the ops' internal ones."""
-    cmd = [sys.executable, "-m", "benchmarks.peak", module, case, candidate] + (["--quick"] if quick else [])
+def cpu_peak_memories(module: str, case: str, candidates: List[str], quick: bool) -> Dict[str, float]:
+    """Peak resident-memory growth of one iteration of each candidate, measured in one fresh
+    process for the case (VmHWM minus VmRSS after the candidate's warm-up iteration), so every
+    allocation counts, including the ops' internal ones. Missing candidates: not measured."""
+    cmd = [sys.executable, "-m", "benchmarks.peak", module, case] + list(candidates) + (["--quick"] if quick else [])
     try:
         # A fixed mmap threshold keeps glibc from caching large freed blocks in its heap, so
         # resident memory follows the live allocations (large tensors are mmapped and unmapped).
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     except subprocess.TimeoutExpired:
-        return None
+        return {}
+    peaks = {}
     for line in out.stdout.splitlines():
-        if line.startswith("PEAK_MB "):
-            return float(line.split()[1])
-    return None
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "PEAK_MB":
+            peaks[parts[2]] = float(parts[1])
+    return peaks
+
+
+def cpu_peak_memory(module: str, case: str, candidate: str, quick: bool) -> Optional[float]:
+    return cpu_peak_memories(module, case, [candidate], quick).get(candidate)
 
 
 def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=True) -> List[Result]:
@@ -153,6 +160,7 @@ def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=T
     else:
         times = time_cpu_interleaved(fns, warmup=1 if quick else 2, rounds=5 if quick else 15,
                                      max_seconds=20 if quick else 90)
+    peaks = cpu_peak_memories(module, case.name, list(times), quick) if measure_memory and device != "cuda" else {}
     for name, ts in times.items():
         med, iqr = _quartiles(ts)
         r = Result(case.name, name, med, iqr, len(ts))
@@ -162,8 +170,7 @@ def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=T
             if case.bytes:
                 r.gbps = case.bytes / (med * 1e-3) / 1e9
         if measure_memory:
-            r.peak_mem_mb = (cuda_peak_memory(fns[name]) if device == "cuda"
-                             else cpu_peak_memory(module, case.name, name, quick))
+            r.peak_mem_mb = cuda_peak_memory(fns[name]) if device == "cuda" else peaks.get(name)
         results.append(r)
     for name, why in skipped.items():
         results.append(Result(case.name, name, float("nan"), 0.0, 0, skipped=why))

@@ -197,7 +197,11 @@ def scaling(path, rf, family, sweep, lines, ceilings):
     ax_t, ax_r = axes[0][0], axes[0][1]
     styles = ["-", "--", ":", "-."]
     numeric = all(isinstance(x, (int, float)) for _, pts in lines for x, _ in pts)
-    xs_all = sorted({x for _, pts in lines for x, _ in pts}, key=lambda v: (not numeric, v if numeric else str(v)))
+    xs_all = []
+    for _, pts in lines:
+        xs_all += [x for x, _ in pts if x not in xs_all]
+    if numeric:
+        xs_all.sort()
     pos = (lambda x: x) if numeric else (lambda x: xs_all.index(x))
     for li, (lab, pts) in enumerate(lines):
         ls = styles[li % len(styles)]
