@@ -69,6 +69,9 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     help="output folder (default: benchmarks/results)")
     ap.add_argument("--stem", help="output file name without extension (default: latest-<device>.local)")
+    ap.add_argument("--budget", type=float, metavar="MIN",
+                    help="minutes the whole run should take (default 25, --quick 4): each case's timing loop "
+                         "stops early (after at least 5 rounds) when the cases left would overrun it")
     ap.add_argument("--list", action="store_true", help="list benchmarks and cases, then exit")
     args = ap.parse_args(argv)
 
@@ -96,19 +99,24 @@ def main(argv=None):
         return 0
 
     env = harness.environment(device)
-    all_cases, all_results = [], []
+    all_cases, all_results, wall_s = [], [], {}
     progress = Progress([case.family for _, _, case in planned])
-    for name, module, case in planned:
+    budget_s = 60 * (args.budget if args.budget else 4 if args.quick else 25)
+    for i, (name, module, case) in enumerate(planned):
         print(f"{progress.line(f'{name}: {case.name}')}", flush=True)
         progress.start_case()
-        results = harness.run_case(module, case, device, args.quick, measure_memory=not args.no_memory)
-        progress.end_case()
+        # the timing loop's share of what is left; set-up and memory take the rest
+        cap = max(3.0, 0.6 * (budget_s - progress.elapsed_s()) / (len(planned) - i))
+        results = harness.run_case(module, case, device, args.quick, measure_memory=not args.no_memory,
+                                   max_seconds=cap)
+        wall_s[case.name] = round(progress.end_case(), 2)
         _print_results(case, results, harness)
         all_cases.append(case)
         all_results.extend(results)
     print(progress.line("all cases done"))
+    env["run_wall_s"] = round(progress.elapsed_s(), 1)
     stem = args.stem or f"latest-{device}.local"
-    jpath, mpath = harness.write_results(args.out, stem, env, all_cases, all_results)
+    jpath, mpath = harness.write_results(args.out, stem, env, all_cases, all_results, wall_s)
     print(f"wrote {jpath} and {mpath}")
     if args.no_report:
         return 0

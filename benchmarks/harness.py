@@ -147,7 +147,10 @@ def cpu_peak_memory(module: str, case: str, candidate: str, quick: bool) -> Opti
     return cpu_peak_memories(module, case, [candidate], quick).get(candidate)
 
 
-def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=True) -> List[Result]:
+def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=True,
+             max_seconds: Optional[float] = None) -> List[Result]:
+    """Times every candidate of the case (CPU: interleaved rounds, stopped after at least 5
+    once `max_seconds` is spent, which the runner sets to keep a whole run in its budget)."""
     try:
         fns = case.setup()
     except ImportError as e:  # a peer package is missing: say so, skip the candidate
@@ -158,8 +161,9 @@ def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=T
     if device == "cuda":
         times = {k: time_cuda(fn, warmup=3 if quick else 10, reps=10 if quick else 50) for k, fn in fns.items()}
     else:
+        cap = 20 if quick else 90
         times = time_cpu_interleaved(fns, warmup=1 if quick else 2, rounds=5 if quick else 15,
-                                     max_seconds=20 if quick else 90)
+                                     max_seconds=cap if max_seconds is None else min(cap, max_seconds))
     peaks = cpu_peak_memories(module, case.name, list(times), quick) if measure_memory and device != "cuda" else {}
     for name, ts in times.items():
         med, iqr = _quartiles(ts)
@@ -280,7 +284,8 @@ def _kernel_isa(env):
 def markdown(env: dict, cases: List[Case], results: List[Result]) -> str:
     lines = [f"# lrkernels benchmarks — {env['device_name']} ({env['device']})", "",
              f"{env['date']}, {env.get('cpu_model')}, kernels' ISA {_kernel_isa(env)}, "
-             f"torch {env['torch']}, CUDA {env['cuda']}, commit {env.get('commit')}, {env['cpu_threads']} CPU threads", ""]
+             f"torch {env['torch']}, CUDA {env['cuda']}, commit {env.get('commit')}, "
+             f"{env['cpu_threads']} CPU threads", ""]
     ceil = env.get("ceilings")
     if ceil:
         lines += ["Measured ceilings: " + ", ".join(f"{k} {v}" for k, v in ceil.items()) +
@@ -311,13 +316,16 @@ def markdown(env: dict, cases: List[Case], results: List[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_results(outdir: str, stem: str, env: dict, cases: List[Case], results: List[Result]):
+def write_results(outdir: str, stem: str, env: dict, cases: List[Case], results: List[Result],
+                  wall_s: Optional[Dict[str, float]] = None):
+    """wall_s: seconds each case took in the run (set-up, timing and memory), by case name."""
     os.makedirs(outdir, exist_ok=True)
+    wall_s = wall_s or {}
     payload = {
         "environment": env,
         "cases": [{"name": c.name, "subject": c.subject, "baselines": c.baselines, "targets": c.targets,
                    "flops": c.flops, "bytes": c.bytes, "family": c.family, "params": c.params, "sweep": c.sweep,
-                   "headline": c.headline, "note": c.note,
+                   "headline": c.headline, "note": c.note, "wall_s": wall_s.get(c.name),
                    "ratios": ratios(c, [r for r in results if r.case == c.name])}
                   for c in cases],
         "results": [dataclasses.asdict(r) for r in results],

@@ -286,4 +286,5 @@ def ceiling_fractions(path, rf, family, cases, ceilings):
     _header_text(ax, layout)
     ax.set_xlabel("fraction of the measured ceiling (" + ", ".join(f"{k} {v:g}" for k, v in ceilings.items()) + ")",
                   fontsize=8)
-    return _finish(fig, plt, path, rf.env, f"{family}: {rf.env.get('device')} ceilings reached by {cases[0]['subject']}")
+    title = f"{family}: {rf.env.get('device')} ceilings reached by {cases[0]['subject']}"
+    return _finish(fig, plt, path, rf.env, title)

@@ -27,12 +27,18 @@ class Progress:
     def start_case(self):
         self._case_t0 = self.clock()
 
+    def elapsed_s(self):
+        return self.clock() - self.t0
+
     def end_case(self):
+        """Marks the case done; returns the seconds it took."""
         fam = self.families[self.done]
         s = self.spent.setdefault(fam, [0.0, 0])
-        s[0] += self.clock() - (self._case_t0 if self._case_t0 is not None else self.t0)
+        took = self.clock() - (self._case_t0 if self._case_t0 is not None else self.t0)
+        s[0] += took
         s[1] += 1
         self.done += 1
+        return took
 
     def remaining_s(self):
         if not self.done:

@@ -40,6 +40,8 @@ def environment_md(rf):
             ("device", f"{env.get('device')} ({env.get('device_name')})"), ("torch", env.get("torch")),
             ("CUDA", env.get("cuda")), ("python", env.get("python")), ("commit", env.get("commit")),
             ("date", env.get("date")), ("result file", f"`{rf.path}`")]
+    if env.get("run_wall_s") is not None:
+        rows.append(("the run took", f"{env['run_wall_s'] / 60:.1f} min"))
     ceil = env.get("ceilings")
     if ceil:
         rows.append(("measured ceilings", ", ".join(f"{k} {v:g}" for k, v in ceil.items())))
@@ -57,46 +59,50 @@ def targets_md(rf):
             lines.append(f"| {rf.family(c)} | {c['name']} | {c['subject']} / {b} | {got} | ≤ {t:g} | {verdict} |")
     if not lines:
         return []
-    return ["## Targets", "", "| family | case | ratio | measured | target | |", "|---|---|---|---:|---:|---|"] + lines + [""]
+    head = ["## Targets", "", "| family | case | ratio | measured | target | |", "|---|---|---|---:|---:|---|"]
+    return head + lines + [""]
 
 
 def case_table(rf, cases):
     ceil = rf.env.get("ceilings") or {}
     bw = ceil.get("copy_GBps")
-    lines = ["| case | candidate | median ms | IQR ms | peak MB | subject / this | target | GB/s | of bandwidth |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| case | candidate | median ms | IQR ms | runs | peak MB | subject / this | target | GB/s "
+             "| of bandwidth |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cases:
         rat, tg = rf.ratios(c), c.get("targets") or {}
         for k, r in rf.results(c["name"]).items():
             if r.get("skipped"):
-                lines.append(f"| {c['name']} | {k} | skipped: {r['skipped']} | | | | | | |")
+                lines.append(f"| {c['name']} | {k} | skipped: {r['skipped']} | | | | | | | |")
                 continue
             mem = "" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.1f}"
             gb = r.get("gbps")
             frac = f"{100 * gb / bw:.0f}%" if gb and bw else ""
             name = f"**{k}**" if k == c["subject"] else k
             t = f"≤ {tg[k]:g}" if k in tg else ""
-            lines.append(f"| {c['name']} | {name} | {fmt_ms(r['median_ms'])} | {fmt_ms(r.get('iqr_ms'))} | {mem} | "
-                         f"{'' if k not in rat else f'{rat[k]:.3f}×'} | {t} | {'' if not gb else f'{gb:.1f}'} | {frac} |")
+            cells = [c["name"], name, fmt_ms(r["median_ms"]), fmt_ms(r.get("iqr_ms")), r.get("runs", ""), mem,
+                     "" if k not in rat else f"{rat[k]:.3f}×", t, "" if not gb else f"{gb:.1f}", frac]
+            lines.append("| " + " | ".join(str(x) for x in cells) + " |")
     return lines
 
 
 def family_md(rf, family, cases, outdir, draw):
     lines = [f"## {family}", ""]
+    took = [c["wall_s"] for c in cases if c.get("wall_s") is not None]
+    if took:
+        lines += [f"{len(cases)} cases, {sum(took):.0f} s of the run (set-up, timing and peak memory).", ""]
     notes = [f"- *{c['name']}*: {c['note']}" for c in cases if c.get("note")]
     figs = []
     if draw:
         stem = _slug(family)
-        figs.append(("time and peak memory", plots.times(os.path.join(outdir, f"{stem}-times.png"), rf, family, cases)))
-        figs.append(("ratio to each baseline", plots.ratios(os.path.join(outdir, f"{stem}-ratios.png"), rf, family,
-                                                            cases)))
+        out = lambda kind: os.path.join(outdir, f"{stem}-{kind}.png")  # noqa: E731
+        figs.append(("time and peak memory", plots.times(out("times"), rf, family, cases)))
+        figs.append(("ratio to each baseline", plots.ratios(out("ratios"), rf, family, cases)))
         for sweep, lns in curves(cases).items():
-            figs.append((f"scaling with {sweep}", plots.scaling(os.path.join(outdir, f"{stem}-scaling-{_slug(sweep)}.png"),
-                                                                rf, family, sweep, lns, rf.env.get("ceilings"))))
+            figs.append((f"scaling with {sweep}", plots.scaling(out(f"scaling-{_slug(sweep)}"), rf, family, sweep, lns,
+                                                                rf.env.get("ceilings"))))
         if rf.env.get("ceilings"):
             figs.append(("fraction of the measured ceilings",
-                         plots.ceiling_fractions(os.path.join(outdir, f"{stem}-ceilings.png"), rf, family, cases,
-                                                 rf.env["ceilings"])))
+                         plots.ceiling_fractions(out("ceilings"), rf, family, cases, rf.env["ceilings"])))
     for title, path in figs:
         if path:
             lines += [f"![{family}: {title}]({os.path.basename(path)})", ""]

@@ -19,7 +19,8 @@ from benchmarks.curves import curves  # noqa: E402
 from benchmarks.progress import Progress  # noqa: E402
 from benchmarks.resultfile import ResultFile  # noqa: E402
 
-ENV = {"date": "2026-12-02T10:00:00+00:00", "device": "cpu", "device_name": "Test CPU 9000", "cpu_model": "Test CPU 9000",
+ENV = {"date": "2026-12-02T10:00:00+00:00", "device": "cpu", "device_name": "Test CPU 9000",
+       "cpu_model": "Test CPU 9000",
        "cpu_isa": "AVX2", "machine": "x86_64", "cpu_threads": 2, "torch": "2.99.0", "cuda": None, "python": "3.11",
        "commit": "abc1234", "ceilings": {"copy_GBps": 20.0, "fp32_matmul_TFLOPs": 0.1},
        "lrkernels_build": {"cpu_capability": "avx2", "cpu_capability_detected": "avx2",
