@@ -213,14 +213,20 @@ def measure_cpu_ceilings() -> dict:
 
 
 def _cpu_model() -> str:
+    """/proc/cpuinfo's model name; with its family / model numbers when the name alone (as
+    under some hypervisors: "AMD EPYC") does not say which generation it is."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith(("model name", "hardware")):
-                    return line.split(":", 1)[1].strip()
+                k, _, v = line.partition(":")
+                info.setdefault(k.strip().lower(), v.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = info.get("model name") or info.get("hardware") or platform.processor() or platform.machine()
+    if not any(ch.isdigit() for ch in name) and "cpu family" in info:
+        name += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+    return name
 
 
 def _cpu_isa() -> str:
@@ -252,9 +258,12 @@ def environment(device: str) -> dict:
         "python": platform.python_version(),
     }
     env["ceilings"] = measure_cuda_ceilings() if device == "cuda" else measure_cpu_ceilings()
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa
+        env["commit"] = git("rev-parse", "--short", "HEAD") or None
+        if env["commit"] and git("status", "--porcelain", "--untracked-files=no"):
+            env["commit"] += "+uncommitted changes"
     except OSError:
         env["commit"] = None
     try:

@@ -127,6 +127,9 @@ def times(path, rf, family, cases):
             ax.text(v + (err or 0), y, f" {fmt_ms(v)}", fontsize=7, va="center")
             vals.append(v)
         _log_if_wide(ax, vals)
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_major_formatter(_plain())
+            ax.xaxis.set_minor_formatter(_plain())
         ax.set_xlabel(label, fontsize=9)
         ax.margins(x=0.15)
         ax.tick_params(labelsize=8)
@@ -150,7 +153,6 @@ def ratios(path, rf, family, cases):
     if not groups:
         return None
     plt = _plt()
-    subject = cases[0]["subject"]
     layout, height = _grouped_rows(groups)
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.24 * height), layout="constrained")
     vals, labelled = [], False
@@ -173,8 +175,9 @@ def ratios(path, rf, family, cases):
     _times_axis(ax)
     ax.set_yticks([])
     ax.set_ylim(height, -1)
-    ax.set_xlabel(f"{subject} time / baseline time (log; < 1: {subject} faster; green: target met, red: not met)",
-                  fontsize=8)
+    subjects = " / ".join(sorted({c["subject"] for c in cases}))
+    ax.set_xlabel(f"subject ({subjects}) time / baseline time (log; < 1: subject faster; green: target met, "
+                  "red: not met)", fontsize=8)
     ax.grid(axis="x", alpha=0.3, which="both")
     _header_text(ax, layout)
     if labelled:
@@ -239,7 +242,8 @@ def scaling(path, rf, family, sweep, lines, ceilings):
         ax_t.yaxis.set_major_formatter(_plain())
         ax_t.yaxis.set_minor_formatter(_plain())
     ax_t.set_ylabel("median time, ms", fontsize=9)
-    ax_r.set_ylabel(f"{subject} time / baseline time", fontsize=9)
+    subjects = sorted({c["subject"] for c in all_cases})
+    ax_r.set_ylabel(f"{' / '.join(subjects)} time / baseline time", fontsize=9)
     ax_t.legend(fontsize=7)
     ax_r.legend(fontsize=7)
     if has_bw:
