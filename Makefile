@@ -4,7 +4,11 @@
 #
 #   make test    build (CUDA kernels when nvcc is present), run the test suite and the C++
 #                unit tests, then build and import the CPU-only configuration
-#   make bench   build, then run every benchmark on the best available device
+#   make bench   build, then run every benchmark on the best available device; writes
+#                benchmarks/results/latest-<device>.local.json and ends with the report
+#                (latest-<device>.local.report/README.md + PNG plots). --quick: a short pass.
+#                BENCH_ARGS="--compare OLD.json" compares with an older run: exit status 1
+#                when a case's subject got slower than OLD by more than the runs' spread (IQR).
 #
 # Variables: PYTHON (the interpreter that creates the venv), VENV, JOBS (parallel compile
 # jobs), BENCH_ARGS (extra arguments for the benchmark CLI), PYTEST_ARGS.

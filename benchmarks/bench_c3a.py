@@ -132,6 +132,17 @@ def cases(device: str, quick: bool):
                             "lrkernels", ["base_linear", "peft_c3a", "eager_dense"], _flops(T, din, dout, b, True),
                             _bytes(T, din, dout, dtype, True), targets,
                             note="whole layer, base weight frozen: grads for x and the kernel"))
+        for c, (T, din, dout, b, _) in zip(out, shapes):  # block-size curve at 4096 tok 1024->1024
+            c.params = {"tokens": T, "in": din, "out": dout, "block size": b}
+            c.sweep = "block size" if (T, din, dout) == (4096, 1024, 1024) else ""
+        if not quick:
+            c = Case("block size curve: 4096x1024->1024 b128 fp32 fwd+bwd",
+                     _candidates(4096, 1024, 1024, 128, dtype, device, True), "lrkernels",
+                     ["base_linear", "peft_c3a", "eager_dense"], _flops(4096, 1024, 1024, 128, True),
+                     _bytes(4096, 1024, 1024, dtype, True), {}, note="whole layer, base weight frozen",
+                     params={"tokens": 4096, "in": 1024, "out": 1024, "block size": 128}, sweep="block size",
+                     headline=False)
+            out.append(c)
         T, din, dout, b = shapes[0][:4]
         out.append(Case(f"{shapes[0][4]} fp32 fwd", _candidates(T, din, dout, b, dtype, device, False),
                         "lrkernels", ["base_linear", "peft_c3a", "eager_dense"], _flops(T, din, dout, b, False),

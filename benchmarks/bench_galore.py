@@ -150,6 +150,26 @@ def cases(device: str, quick: bool):
             out.append(refresh_case(4096, 4096, 128, device, "llama7b-attn"))
     elif not quick:
         out.append(step_case(4096, 4096, 128, torch.float32, device, "llama7b-attn", quick))
+    return _with_size_curves(out, device, quick)
+
+
+def _with_size_curves(out, device, quick):
+    """Matrix-size curves (square m = n, r 128, float32 on CPU): the step without refresh and
+    the projector refresh; the named cases at 2048 (and 4096) are points of them."""
+    def op(name):
+        return "step" if "GaLoreAdamW step" in name and "float32" in name else \
+            "refresh" if name.endswith("projector refresh") else None
+
+    for c in out:
+        m, n = map(int, c.name.split()[1].split("x"))
+        if m == n and op(c.name):
+            c.params, c.sweep = {"size": m, "rank": 128, "op": op(c.name)}, "size"
+    sizes = [] if device == "cuda" else ([1024] if quick else [512, 1024])
+    for size in sizes:
+        for c in (step_case(size, size, 128, torch.float32, device, "size curve", quick),
+                  refresh_case(size, size, 128, device, "size curve")):
+            c.params, c.sweep, c.headline = {"size": size, "rank": 128, "op": op(c.name)}, "size", False
+            out.append(c)
     return out
 
 

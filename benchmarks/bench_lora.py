@@ -122,6 +122,8 @@ def cases(device, quick):
                                 ["base_linear", "eager_formula", "peft_lora", "lrkernels_portable"],
                                 flops=_flops(T, din, dout, r, backward),
                                 bytes=_bytes(T, din, dout, r, dtype, backward), targets=targets))
+                _curve_point(out[-1], label, T, r, dname, backward)
+        out += _cpu_sweep_cases(quick)
     else:
         shapes = [("issue target (LLaMA-7B q_proj)", 8192, 4096, 4096, 16, 0.1)]
         if not quick:
@@ -138,4 +140,33 @@ def cases(device, quick):
                                 "lrkernels", ["base_linear", "eager_formula", "peft_lora"],
                                 flops=_flops(T, din, dout, r, backward),
                                 bytes=_bytes(T, din, dout, r, torch.bfloat16, backward), targets=targets))
+    return out
+
+
+# ------------------------------------------------------------------ scaling curves (CPU)
+
+def _curve_point(case, label, T, r, dname, backward):
+    """Puts a named case on the tokens / rank curves of its dtype and direction."""
+    case.params = {"tokens": T, "rank": r, "dtype": dname, "pass": "fwd+bwd" if backward else "fwd"}
+    if dname == "fp32" and backward:
+        case.sweep = "tokens,rank" if label == "issue target" else "rank"
+
+
+def _cpu_sweep_cases(quick):
+    """The extra points of the curves: tokens at r 16 and ranks at 4096 tokens, 1024->1024 fp32
+    fwd+bwd p 0.1; the named cases above are the curves' other points."""
+    din = dout = 1024
+    points = [("tokens", T, 16) for T in ((1024,) if quick else (512, 1024, 2048))]
+    if not quick:
+        points += [("rank", 4096, 4), ("rank", 4096, 128)]
+    out = []
+    for sweep, T, r in points:
+        c = Case(f"{sweep} curve: {T} tok {din}->{dout} r{r} p0.1 fp32 fwd+bwd",
+                 _candidates(T, din, dout, r, 0.1, torch.float32, "cpu", True), "lrkernels",
+                 ["base_linear", "eager_formula", "peft_lora", "lrkernels_portable"],
+                 flops=_flops(T, din, dout, r, True), bytes=_bytes(T, din, dout, r, torch.float32, True),
+                 headline=False)
+        _curve_point(c, "", T, r, "fp32", True)
+        c.sweep = sweep
+        out.append(c)
     return out

@@ -267,7 +267,12 @@ def cases(device: str, quick: bool) -> list:
             _mixed_rank_case("mixed ranks {8,16,64} 1024tok 1024->1024 fp32 shrink+expand", 1024, 1024, 1024, "cpu",
                              torch.float32),
         ]
-        return out
+        for c in out:  # the named cases that are also points of the curves below
+            if c.name.startswith("issue-cpu 2048tok/8 adapters") and c.name.endswith("fwd"):
+                c.params, c.sweep = {"tokens": 2048, "adapters": 8, "rank": 16}, "adapters,rank"
+            elif c.name.startswith("mixed ranks {8,16,64}"):
+                c.params, c.sweep = {"rank mix": "8,16,64"}, "rank mix"
+        return out + _cpu_sweep_cases(quick)
     bf16 = torch.bfloat16
     return [
         _forward_case("llama7b prefill 4096tok/16 adapters 4096->4096 r16 bf16 fwd", 4096, 4096, 4096, 16, 16,
@@ -279,3 +284,23 @@ def cases(device: str, quick: bool) -> list:
         _mixed_rank_case("llama7b mixed ranks {8,16,64} 4096tok 4096->4096 bf16 shrink+expand", 4096, 4096, 4096,
                          "cuda", bf16, note="Target: no more than the sum of the per-rank batches."),
     ]
+
+
+def _cpu_sweep_cases(quick):
+    """Extra points of the CPU curves (the issue's 2048-token forward case is their shared point):
+    number of adapters at r 16, rank at 8 adapters, and the adapters' rank mix (shrink + expand)."""
+    out = []
+    adapters = (32,) if quick else (1, 4, 32)
+    ranks = () if quick else (8, 64)
+    for L, r in [(L, 16) for L in adapters] + [(8, r) for r in ranks]:
+        sweep = "adapters" if r == 16 else "rank"
+        c = _forward_case(f"{sweep} curve: 2048tok/{L} adapters 1024->1024 r{r} fp32 fwd", 2048, 1024, 1024, L, r,
+                          "cpu", torch.float32, {})
+        c.params, c.sweep, c.headline = {"tokens": 2048, "adapters": L, "rank": r}, sweep, False
+        out.append(c)
+    for mix in ([] if quick else [(16, 16, 16), (4, 32, 128)]):
+        c = _mixed_rank_case(f"rank mix curve: {{{','.join(map(str, mix))}}} 1024tok 1024->1024 fp32 shrink+expand",
+                             1024, 1024, 1024, "cpu", torch.float32, ranks_cycle=mix)
+        c.params, c.sweep, c.headline = {"rank mix": ",".join(map(str, mix))}, "rank mix", False
+        out.append(c)
+    return out

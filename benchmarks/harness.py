@@ -32,12 +32,16 @@ class Case:
     bytes: float = 0.0             # fewest bytes one iteration must move
     targets: Dict[str, float] = dataclasses.field(default_factory=dict)  # baseline -> max ratio
     note: str = ""
-    # For the report: the op family ("lora", "miss", ...), the case's natural sizes
-    # ({"tokens": 4096, "rank": 16, ...}), and the scaling curve it belongs to: cases of one
-    # family with the same `sweep` name and different values of params[sweep] form a curve.
+    # For the report: the op family ("lora", "miss", ...; the runner fills in the benchmark's
+    # name when empty), the case's natural sizes ({"tokens": 4096, "rank": 16, ...}), and the
+    # scaling curve(s) it belongs to: cases of one family with the same `sweep` name and
+    # different values of params[sweep] form a curve (one line per set of the other params);
+    # "tokens,rank" puts a case on two curves. `headline`: a row of the README table; the
+    # extra points of a curve set it False.
     family: str = ""
     params: Dict[str, float] = dataclasses.field(default_factory=dict)
     sweep: str = ""
+    headline: bool = True
 
 
 @dataclasses.dataclass
@@ -119,24 +123,34 @@ def cuda_peak_memory(fn):
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def cpu_peak_memory(module: str, case: str, candidate: str, quick: bool) -> Optional[float]:
-    """Peak resident-memory growth of one iteration, measured in a fresh process (VmHWM minus
-    VmRSS after set-up), so every allocation counts, including the ops' internal ones."""
-    cmd = [sys.executable, "-m", "benchmarks.peak", module, case, candidate] + (["--quick"] if quick else [])
+def cpu_peak_memories(module: str, case: str, candidates: List[str], quick: bool) -> Dict[str, float]:
+    """Peak resident-memory growth of one iteration of each candidate, measured in one fresh
+    process for the case (VmHWM minus VmRSS after the candidate's warm-up iteration), so every
+    allocation counts, including the ops' internal ones. Missing candidates: not measured."""
+    cmd = [sys.executable, "-m", "benchmarks.peak", module, case] + list(candidates) + (["--quick"] if quick else [])
     try:
         # A fixed mmap threshold keeps glibc from caching large freed blocks in its heap, so
         # resident memory follows the live allocations (large tensors are mmapped and unmapped).
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     except subprocess.TimeoutExpired:
-        return None
+        return {}
+    peaks = {}
     for line in out.stdout.splitlines():
-        if line.startswith("PEAK_MB "):
-            return float(line.split()[1])
-    return None
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "PEAK_MB":
+            peaks[parts[2]] = float(parts[1])
+    return peaks
 
 
-def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=True) -> List[Result]:
+def cpu_peak_memory(module: str, case: str, candidate: str, quick: bool) -> Optional[float]:
+    return cpu_peak_memories(module, case, [candidate], quick).get(candidate)
+
+
+def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=True,
+             max_seconds: Optional[float] = None) -> List[Result]:
+    """Times every candidate of the case (CPU: interleaved rounds, stopped after at least 5
+    once `max_seconds` is spent, which the runner sets to keep a whole run in its budget)."""
     try:
         fns = case.setup()
     except ImportError as e:  # a peer package is missing: say so, skip the candidate
@@ -147,8 +161,10 @@ def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=T
     if device == "cuda":
         times = {k: time_cuda(fn, warmup=3 if quick else 10, reps=10 if quick else 50) for k, fn in fns.items()}
     else:
+        cap = 20 if quick else 90
         times = time_cpu_interleaved(fns, warmup=1 if quick else 2, rounds=5 if quick else 15,
-                                     max_seconds=20 if quick else 90)
+                                     max_seconds=cap if max_seconds is None else min(cap, max_seconds))
+    peaks = cpu_peak_memories(module, case.name, list(times), quick) if measure_memory and device != "cuda" else {}
     for name, ts in times.items():
         med, iqr = _quartiles(ts)
         r = Result(case.name, name, med, iqr, len(ts))
@@ -158,8 +174,7 @@ def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=T
             if case.bytes:
                 r.gbps = case.bytes / (med * 1e-3) / 1e9
         if measure_memory:
-            r.peak_mem_mb = (cuda_peak_memory(fns[name]) if device == "cuda"
-                             else cpu_peak_memory(module, case.name, name, quick))
+            r.peak_mem_mb = cuda_peak_memory(fns[name]) if device == "cuda" else peaks.get(name)
         results.append(r)
     for name, why in skipped.items():
         results.append(Result(case.name, name, float("nan"), 0.0, 0, skipped=why))
@@ -184,21 +199,71 @@ def measure_cuda_ceilings() -> dict:
     return {"copy_GBps": round(bw, 1), "bf16_matmul_TFLOPs": round(tf, 1)}
 
 
+def measure_cpu_ceilings() -> dict:
+    """This CPU's two ceilings, measured: copy bandwidth of a buffer far larger than the caches
+    (bytes read + written) and a float32 matrix product's rate, on torch's threads."""
+    src = torch.randn(64 * 2**20)  # 256 MiB
+    dst = torch.empty_like(src)
+    ms = statistics.median(time_cpu_interleaved({"copy": lambda: dst.copy_(src)}, warmup=1, rounds=5)["copy"])
+    bw = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    m = 1024
+    a, b = torch.randn(m, m), torch.randn(m, m)
+    ms = statistics.median(time_cpu_interleaved({"mm": lambda: a @ b}, warmup=2, rounds=7)["mm"])
+    return {"copy_GBps": round(bw, 1), "fp32_matmul_TFLOPs": round(2 * m**3 / (ms * 1e-3) / 1e12, 3)}
+
+
+def _cpu_model() -> str:
+    """/proc/cpuinfo's model name; with its family / model numbers when the name alone (as
+    under some hypervisors: "AMD EPYC") does not say which generation it is."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                info.setdefault(k.strip().lower(), v.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or info.get("hardware") or platform.processor() or platform.machine()
+    if not any(ch.isdigit() for ch in name) and "cpu family" in info:
+        name += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+    return name
+
+
+def _cpu_isa() -> str:
+    """The best vector instruction set this CPU offers (what lrkernels could use)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = " ".join(l for l in f if l.startswith(("flags", "Features")))
+    except OSError:
+        pass
+    words = set(flags.split())
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sve", "SVE"), ("asimd", "NEON")):
+        if flag in words:
+            return name
+    return "NEON" if platform.machine() in ("aarch64", "arm64") else "baseline"
+
+
 def environment(device: str) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_model(),
+        "cpu_model": _cpu_model(),
+        "cpu_isa": _cpu_isa(),
+        "machine": platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
     }
-    if device == "cuda":
-        env["ceilings"] = measure_cuda_ceilings()
+    env["ceilings"] = measure_cuda_ceilings() if device == "cuda" else measure_cpu_ceilings()
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=here).stdout.strip()  # noqa
+        env["commit"] = git("rev-parse", "--short", "HEAD") or None
+        if env["commit"] and git("status", "--porcelain", "--untracked-files=no"):
+            env["commit"] += "+uncommitted changes"
     except OSError:
         env["commit"] = None
     try:
@@ -220,14 +285,20 @@ def ratios(case: Case, results: List[Result]) -> Dict[str, float]:
     return out
 
 
+def _kernel_isa(env):
+    b = env.get("lrkernels_build")
+    return b.get("cpu_capability") if isinstance(b, dict) else None
+
+
 def markdown(env: dict, cases: List[Case], results: List[Result]) -> str:
     lines = [f"# lrkernels benchmarks — {env['device_name']} ({env['device']})", "",
-             f"{env['date']}, torch {env['torch']}, CUDA {env['cuda']}, commit {env.get('commit')}, "
+             f"{env['date']}, {env.get('cpu_model')}, kernels' ISA {_kernel_isa(env)}, "
+             f"torch {env['torch']}, CUDA {env['cuda']}, commit {env.get('commit')}, "
              f"{env['cpu_threads']} CPU threads", ""]
     ceil = env.get("ceilings")
     if ceil:
-        lines += [f"Measured ceilings: copy {ceil['copy_GBps']} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']} TFLOP/s "
-                  "(the TFLOP/s and GB/s columns are the subject's achieved rates)", ""]
+        lines += ["Measured ceilings: " + ", ".join(f"{k} {v}" for k, v in ceil.items()) +
+                  " (the TFLOP/s and GB/s columns are the subject's achieved rates)", ""]
     for case in cases:
         rs = [r for r in results if r.case == case.name]
         lines += [f"## {case.name}", ""]
@@ -254,12 +325,16 @@ def markdown(env: dict, cases: List[Case], results: List[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_results(outdir: str, stem: str, env: dict, cases: List[Case], results: List[Result]):
+def write_results(outdir: str, stem: str, env: dict, cases: List[Case], results: List[Result],
+                  wall_s: Optional[Dict[str, float]] = None):
+    """wall_s: seconds each case took in the run (set-up, timing and memory), by case name."""
     os.makedirs(outdir, exist_ok=True)
+    wall_s = wall_s or {}
     payload = {
         "environment": env,
         "cases": [{"name": c.name, "subject": c.subject, "baselines": c.baselines, "targets": c.targets,
                    "flops": c.flops, "bytes": c.bytes, "family": c.family, "params": c.params, "sweep": c.sweep,
+                   "headline": c.headline, "note": c.note, "wall_s": wall_s.get(c.name),
                    "ratios": ratios(c, [r for r in results if r.case == c.name])}
                   for c in cases],
         "results": [dataclasses.asdict(r) for r in results],

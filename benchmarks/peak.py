@@ -1,9 +1,11 @@
-"""Measure one candidate's peak memory growth on CPU in a fresh process (used by harness).
+"""Measure candidates' peak memory growth on CPU in a fresh process (used by harness).
 
-    python -m benchmarks.peak <module> <case name> <candidate> [--quick]
+    python -m benchmarks.peak <module> <case name> [<candidate> ...] [--quick]
 
-Prints "PEAK_MB <float>": VmHWM after one iteration minus VmRSS after set-up and one warm-up
-iteration, so the number is the iteration's own high-water mark above its steady state.
+For each candidate (default: every candidate of the case), prints "PEAK_MB <float> <candidate>":
+VmHWM after one iteration minus VmRSS after one warm-up iteration of that candidate, so the
+number is the iteration's own high-water mark above its steady state. The case is set up once
+(its set-up builds every candidate anyway), so one process serves the whole case.
 """
 
 import importlib
@@ -29,24 +31,27 @@ def _reset_hwm():
 
 
 def main():
-    module, case_name, candidate = sys.argv[1:4]
-    quick = "--quick" in sys.argv[4:]
+    args = [a for a in sys.argv[1:] if a != "--quick"]
+    quick = "--quick" in sys.argv[1:]
+    module, case_name, wanted = args[0], args[1], args[2:]
+    import gc
+
     import torch  # noqa: F401
 
     mod = importlib.import_module(module)
     case = next(c for c in mod.cases("cpu", quick) if c.name == case_name)
-    fn = case.setup()[candidate]
-    fn()  # warm-up: one-time allocations (caches, lazy init) are not the iteration's cost
-    import gc
-
-    gc.collect()
-    base = _status_kb("VmRSS")
-    if not _reset_hwm():
-        print("PEAK_MB nan")
-        return
-    fn()
-    peak = _status_kb("VmHWM")
-    print(f"PEAK_MB {(peak - base) / 1024:.2f}")
+    fns = {k: v for k, v in case.setup().items() if not isinstance(v, str)}
+    for name in wanted or list(fns):
+        fn = fns[name]
+        fn()  # warm-up: one-time allocations (caches, lazy init) are not the iteration's cost
+        gc.collect()
+        base = _status_kb("VmRSS")
+        if not _reset_hwm():
+            print(f"PEAK_MB nan {name}")
+            continue
+        fn()
+        peak = _status_kb("VmHWM")
+        print(f"PEAK_MB {(peak - base) / 1024:.2f} {name}", flush=True)
 
 
 if __name__ == "__main__":
