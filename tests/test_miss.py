@@ -45,13 +45,13 @@ BAT_SHAPES = [
 # several W' chunks in both directions (the CPU chunks are 2 MiB: 256 rows of 2048 float32)
 MANY_CHUNKS = (33, 2048, 640, 64)
 
-MODES = ["auto", "aten"]
+MODES = ["auto", "blocked"]
 
 
 @pytest.fixture(params=MODES)
 def cpu_path(request):
-    """The chunked W'-building path (auto) and the ATen composition (aten: balance without
-    dropout then runs as x Wᵀ + S M, the same path dropout takes)."""
+    """balance/mini's two CPU paths: the composition x Wᵀ + b + S M (auto, the one dropout
+    always takes) and GEMMs over W' chunks built by the vectorised builders (blocked)."""
     with lrkernels.use_cpu_kernels(request.param):
         yield request.param
 
