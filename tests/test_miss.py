@@ -661,3 +661,102 @@ def test_mixed_devices():
     a = make_inputs(6, 16, 12, (4, 12), torch.float32)
     with pytest.raises((ValueError, RuntimeError), match="device"):
         OP(a["x"].cuda(), a["weight"], a["bias"], a["miss_block"], 0.0, None)
+
+
+# ---------------------------------------------------------------------------- CUDA
+
+CUDA_CASES = [
+    ("balance", (7, 16, 8), (4, 8)),
+    ("balance", (33, 130, 96), (16, 96)),    # in % r != 0
+    ("mini", (17, 64, 48), (8, 12)),
+    ("bat", (9, 64, 32), (2, 16, 16)),
+    ("bat", (65, 256, 192), (3, 64, 64)),
+    ("bat", (0, 8, 12), (3, 4, 4)),
+]
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_registered():
+    for op in ("miss_linear", "miss_linear_backward", "miss_bat_linear", "miss_bat_linear_backward"):
+        assert lrkernels.has_kernel(op, "cuda"), op
+
+
+def _to_cuda(a):
+    return {n: (v.detach().cuda().requires_grad_(True) if v is not None else None) for n, v in a.items()}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant,shape,block", CUDA_CASES)
+def test_cuda_forward_backward_matches_oracle(dtype, variant, shape, block):
+    T, din, dout = shape
+    a = _to_cuda(make_inputs(T, din, dout, block, dtype, block_scale=0.05))
+    v = "bat" if variant == "bat" else "balance"
+    y = lrkernels.miss_linear(a["x"], a["weight"], a["bias"], a["miss_block"], variant=v)
+    gy = torch.randn(y.shape, dtype=torch.float64, device="cuda").to(dtype)
+    got = (y,) + torch.autograd.grad(y, [a[n] for n in NAMES], gy)
+    want, low = oracle_grads(a, gy, torch.float64, NAMES), oracle_grads(a, gy, dtype, NAMES)
+    for n, g, w, lo in zip(["y"] + NAMES, got, want, low):
+        assert g.is_cuda
+        assert_close_to_oracle(g, w, lo, name=n)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant,shape,block", CUDA_CASES)
+def test_cuda_matches_cpu_float32(variant, shape, block):
+    T, din, dout = shape
+    a = make_inputs(T, din, dout, block, torch.float32, requires_grad=True)
+    c = _to_cuda(a)
+    v = "bat" if variant == "bat" else "balance"
+    y = lrkernels.miss_linear(a["x"], a["weight"], a["bias"], a["miss_block"], variant=v)
+    yc = lrkernels.miss_linear(c["x"], c["weight"], c["bias"], c["miss_block"], variant=v)
+    torch.testing.assert_close(yc.cpu(), y, rtol=1e-4, atol=1e-4)
+    gy = torch.randn_like(y)
+    g = torch.autograd.grad(y, [a[n] for n in NAMES], gy)
+    gc = torch.autograd.grad(yc, [c[n] for n in NAMES], gy.cuda())
+    for n, u, w in zip(NAMES, g, gc):
+        torch.testing.assert_close(w.cpu(), u, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {n}: {m}")
+
+
+@pytest.mark.cuda
+def test_cuda_dropout_is_the_cpu_mask():
+    a = make_inputs(40, 300, 20, (7, 20), torch.float32, requires_grad=True)
+    c = _to_cuda(a)
+    y, _ = OP(a["x"], a["weight"], a["bias"], a["miss_block"], 0.3, seed_tensor(11, "cpu"))
+    yc, _ = OP(c["x"], c["weight"], c["bias"], c["miss_block"], 0.3, seed_tensor(11, "cuda"))
+    torch.testing.assert_close(yc.cpu(), y, rtol=1e-4, atol=1e-4)
+    gy = torch.randn_like(y)
+    g = torch.autograd.grad(y, [a[n] for n in NAMES], gy)
+    gc = torch.autograd.grad(yc, [c[n] for n in NAMES], gy.cuda())
+    for n, u, w in zip(NAMES, g, gc):
+        torch.testing.assert_close(w.cpu(), u, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {n}: {m}")
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_compile_and_graph_capture():
+    a = _to_cuda(make_inputs(5, 12, 8, (4, 8), torch.float32))
+    b = _to_cuda(make_inputs(5, 12, 8, (2, 4, 4), torch.float32))
+    seed = seed_tensor(5, "cuda")
+    torch.library.opcheck(OP, (a["x"], a["weight"], a["bias"], a["miss_block"], 0.2, seed))
+    torch.library.opcheck(BAT, (b["x"], b["weight"], b["bias"], b["miss_block"]))
+    d = {n: v.detach() for n, v in a.items()}
+    y, s = OP(d["x"], d["weight"], d["bias"], d["miss_block"], 0.2, seed)
+    torch.library.opcheck(BWD, (torch.randn_like(y), d["x"], d["weight"], d["miss_block"], s, 0.2, seed, [True] * 4))
+    e = {n: v.detach() for n, v in b.items()}
+    torch.library.opcheck(BAT_BWD, (torch.randn_like(y), e["x"], e["weight"], e["miss_block"], [True] * 4))
+    torch._dynamo.reset()
+    cf = torch.compile(lambda x, w, bi, m: lrkernels.miss_linear(x, w, bi, m, variant="bat"), fullgraph=True)
+    cf(b["x"], b["weight"], b["bias"], b["miss_block"]).sum().backward()
+    assert b["miss_block"].grad is not None
+    f = lambda: OP(d["x"], d["weight"], d["bias"], d["miss_block"], 0.2, seed)[0]  # noqa: E731
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        want = f()
+    torch.cuda.current_stream().wait_stream(st)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=st):
+        out = f()
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want)
