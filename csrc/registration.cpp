@@ -126,6 +126,32 @@ TORCH_LIBRARY(lrkernels, m) {
       "c3a_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor kernel, Tensor kernel_fft, float scale, "
       "bool[4] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
 
+  // ---- miss ----------------------------------------------------------------------------
+  // Block-affine adapters — Bone ("Bone: Block-Affine Adaptation of Large Language Models",
+  // arXiv 2409.15371) and its successor MiSS (same arXiv entry, later versions; PEFT's
+  // `tuners.miss`). W is the frozen base weight (out, in), r the block size, M miss_block.
+  // balance (M of shape (r, out)) and mini (M of shape (r, mini_r), mini_r | out):
+  //   ΔW[o, c] = M[c mod r, o mod cols(M)],  y = x Wᵀ + b + S M,  S[t, k] = Σ_{c ≡ k (mod r)} drop(x)[t, c]
+  // (x cut into chunks of r, the last one zero-padded, the chunks summed). Returns (y, chunk_sum)
+  // with chunk_sum = S in float32 (float64 for float64 x), shape (..., r), saved for backward.
+  m.def(
+      "miss_linear(Tensor x, Tensor weight, Tensor? bias, Tensor miss_block, float dropout_p, Tensor? seed) "
+      "-> (Tensor, Tensor)");
+  // Gradients of miss_linear for (x, weight, bias, miss_block); output_mask says which. The
+  // dropout mask is regenerated from the seed, never stored.
+  m.def(
+      "miss_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor miss_block, Tensor chunk_sum, "
+      "float dropout_p, Tensor? seed, bool[4] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
+  // bat (M of shape (out/r, r, r), r | in and r | out): for the r×r block (p, q) of W,
+  //   ΔW_pq = W_pq M_p + M_p,  y = x (W + ΔW)ᵀ + b.  No dropout (as in PEFT).
+  // W + ΔW is never built whole: each chunk of its rows is built where the GEMM consumes it.
+  m.def("miss_bat_linear(Tensor x, Tensor weight, Tensor? bias, Tensor miss_block) -> Tensor");
+  // Gradients of miss_bat_linear for (x, weight, bias, miss_block): dx = dy (W + ΔW),
+  // dM_p = Σ_q (W_pq + I)ᵀ G_pq and dW_pq = G_pq (I + M_p)ᵀ with G = dyᵀx formed block by block.
+  m.def(
+      "miss_bat_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor miss_block, bool[4] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
+
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

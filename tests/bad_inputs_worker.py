@@ -162,6 +162,36 @@ def c3a_cases():
     }
 
 
+def miss_cases():
+    x, w = f(T, 8), f(6, 8)
+    op = torch.ops.lrkernels.miss_linear
+    bat = torch.ops.lrkernels.miss_bat_linear
+    bwd = torch.ops.lrkernels.miss_linear_backward
+    nan_x = f(T, 8)
+    nan_x[1, 2] = NAN
+    return {
+        "balance: r > in": (lambda: op(x, w, None, f(9, 6), 0.0, None)[0], "ValueError", "in_features"),
+        "mini: mini_r not dividing out": (lambda: op(x, w, None, f(4, 4), 0.0, None)[0], "ValueError", "mini_r"),
+        "balance: block 3-D": (lambda: op(x, w, None, f(2, 3, 3), 0.0, None)[0], "ValueError", "miss_block"),
+        "balance: zero block size": (lambda: op(x, w, None, f(0, 6), 0.0, None)[0], "ValueError", "miss_block"),
+        "balance: block float64 on float32 x": (lambda: op(x, w, None, f(4, 6, dtype=torch.float64), 0.0, None)[0],
+                                               "TypeError", "miss_block"),
+        "balance: dropout without seed": (lambda: op(x, w, None, f(4, 6), 0.5, None)[0], "ValueError", "seed"),
+        "balance: weight wrong in": (lambda: op(x, f(6, 9), None, f(4, 6), 0.0, None)[0], "ValueError", "weight"),
+        "balance: bias wrong": (lambda: op(x, w, f(5), f(4, 6), 0.0, None)[0], "ValueError", "bias"),
+        "balance: chunk_sum wrong": (lambda: bwd(f(T, 6), x, w, f(4, 6), f(T, 3), 0.0, None, [True] * 4)[0],
+                                     "ValueError", "chunk_sum"),
+        "bat: r not dividing in": (lambda: bat(f(T, 9), f(6, 9), None, f(3, 2, 2)), "ValueError", "in_features"),
+        "bat: r not dividing out": (lambda: bat(x, f(6, 8), None, f(1, 4, 4)), "ValueError", "out_features"),
+        "bat: block wrong shape": (lambda: bat(x, w, None, f(2, 2, 2)), "ValueError", "miss_block"),
+        "bat: block 2-D": (lambda: bat(x, w, None, f(2, 6)), "ValueError", "miss_block"),
+        "integer x": (lambda: op(torch.ones(T, 8, dtype=torch.int32), w, None, f(4, 6), 0.0, None)[0], "TypeError",
+                      "x"),
+        "NaN in x (propagates)": (lambda: op(nan_x, w, None, f(4, 6), 0.0, None)[0], "returned-nan", ""),
+        "NaN in x, bat (propagates)": (lambda: bat(nan_x, w, None, f(3, 2, 2)), "returned-nan", ""),
+    }
+
+
 def galore_cases():
     mom = torch.ops.lrkernels.galore_adam_moments
     app = torch.ops.lrkernels.galore_apply_update
@@ -193,8 +223,8 @@ def common_cases():
     }
 
 
-FAMILIES = {"lora": lora_cases, "multi_lora": multi_lora_cases, "c3a": c3a_cases, "galore": galore_cases,
-            "common": common_cases}
+FAMILIES = {"lora": lora_cases, "multi_lora": multi_lora_cases, "c3a": c3a_cases, "miss": miss_cases,
+            "galore": galore_cases, "common": common_cases}
 
 
 def main(family):

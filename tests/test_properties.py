@@ -20,6 +20,7 @@ from lrkernels.ops._util import seed_tensor
 from lrkernels.reference import c3a as ref_c3a
 from lrkernels.reference import galore as ref_galore
 from lrkernels.reference import lora as ref_lora
+from lrkernels.reference import miss as ref_miss
 from lrkernels.reference import multi_lora as ref_multi
 from lrkernels.reference.philox import dropout_mask as ref_dropout_mask
 
@@ -186,6 +187,38 @@ def test_c3a(lead, b, n_in, n_out, dtypes, bias, layout, linear):
             return ref_c3a.c3a(x, kernel, scale=0.5, dtype=dtype)
         names = ["x", "kernel"]
     _check_forward_and_grads(run, oracle, inputs, names, dt, "c3a_linear" if linear else "c3a")
+
+
+# ---------------------------------------------------------------------------- Bone / MiSS
+
+@SETTINGS
+@given(lead=lead_shapes, r=st.integers(1, 9), din_extra=st.integers(0, 30), n_out=st.integers(1, 5),
+       variant=st.sampled_from(["balance", "mini", "bat"]), dtypes=st.sampled_from(MIXED_DTYPES),
+       bias=st.booleans(), layout=layouts, path=st.sampled_from(["auto", "blocked"]),
+       p=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 2**32))
+def test_miss_linear(lead, r, din_extra, n_out, variant, dtypes, bias, layout, path, p, seed):
+    dt, mt = dtypes
+    if variant == "bat":
+        din, dout, block, p = r * (1 + din_extra % 4), r * n_out, (n_out, r, r), 0.0
+    else:
+        din, dout = r + din_extra, 2 * n_out
+        block = (r, dout) if variant == "balance" else (r, n_out)
+    x = _with_layout(_rand((*lead, din), dt), layout)
+    inputs = dict(x=x, weight=_rand((dout, din), dt, din ** -0.5), bias=_rand((dout,), dt) if bias else None,
+                  miss_block=_rand(block, mt, 0.3))
+
+    def run(x, weight, bias, miss_block):
+        with lrkernels.use_cpu_kernels(path):
+            if variant == "bat":
+                return torch.ops.lrkernels.miss_bat_linear(x, weight, bias, miss_block)
+            return torch.ops.lrkernels.miss_linear(x, weight, bias, miss_block, p,
+                                                   seed_tensor(seed, "cpu") if p > 0 else None)[0]
+
+    def oracle(x, weight, bias, miss_block, dtype):
+        return ref_miss.miss_linear(x.reshape(-1, din), weight, bias, miss_block, dropout_p=p, seed=seed,
+                                    dtype=dtype).reshape(*x.shape[:-1], dout)
+
+    _check_forward_and_grads(run, oracle, inputs, ["x", "weight", "bias", "miss_block"], dt, f"miss {variant}")
 
 
 # ---------------------------------------------------------------------------- GaLore step ops

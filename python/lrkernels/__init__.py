@@ -15,6 +15,7 @@ from ._build import (build_info, cuda_kernel_launches, get_cpu_capability, get_c
 from .ops.common import dropout_mask
 from .ops.lora import lora_linear
 from .ops.c3a import c3a, c3a_linear
+from .ops.miss import miss_linear
 from .ops.multi_lora import (MultiLoraSegments, lora_expand_, lora_shrink, multi_lora_linear,
                               multi_lora_segments)
 from .ops.galore import galore_adam_moments, galore_apply_update
@@ -45,6 +46,7 @@ __all__ = [
     "lora_expand_",
     "c3a",
     "c3a_linear",
+    "miss_linear",
     "galore_adam_moments",
     "galore_apply_update",
     "nn",
