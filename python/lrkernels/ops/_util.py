@@ -23,15 +23,57 @@ def schema_arg_names(op) -> tuple:
 
 
 def bind(op, inputs) -> dict:
-    """Map an op's positional inputs (as register_autograd's setup_context receives them)
-    to their schema names."""
-    names = schema_arg_names(op)
-    assert len(names) == len(inputs), f"{op}: expected {len(names)} inputs, got {len(inputs)}"
-    return dict(zip(names, inputs))
+    """Map an op's inputs (as register_autograd's setup_context receives them: in schema order,
+    keyword-only ones included, trailing defaults possibly omitted) to their schema names."""
+    args = op._schema.arguments
+    assert len(inputs) <= len(args), f"{op}: expected at most {len(args)} inputs, got {len(inputs)}"
+    out = dict(zip((a.name for a in args), inputs))
+    for a in args[len(inputs):]:
+        assert a.has_default_value(), f"{op}: input {a.name} is missing and has no default"
+        out[a.name] = a.default_value
+    return out
 
 
 def needs_grad(ctx, op, name: str) -> bool:
-    return ctx.needs_input_grad[schema_arg_names(op).index(name)]
+    i = schema_arg_names(op).index(name)
+    return i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]
+
+
+def check_one_device(op_name: str, names, args) -> None:
+    """Every tensor argument of ``lrkernels.<op_name>`` on one device, else ValueError naming the
+    first argument that is not on the first tensor's device. The C++ kernels check this too,
+    but a meta tensor among real ones dispatches to the fake kernel, which must not then
+    return shapes as if the call were valid."""
+    first = None
+    for name, a in zip(names, args):
+        tensors = a if isinstance(a, (list, tuple)) else (a,)
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                continue
+            if first is None:
+                first = (name, t.device)
+            elif t.device != first[1]:
+                raise ValueError(f"lrkernels.{op_name}: {name} is on {t.device} but {first[0]} is on {first[1]}; "
+                                 f"all tensors must be on one device")
+
+
+def register_fake(op_name: str):
+    """``torch.library.register_fake("lrkernels::<op_name>")`` for a fake that computes shapes,
+    preceded by the one-device check every op makes (:func:`check_one_device`)."""
+    op = getattr(torch.ops.lrkernels, op_name).default
+    names = schema_arg_names(op)
+
+    def wrap(fake):
+        def checked(*args, **kwargs):
+            check_one_device(op_name, names, args + tuple(kwargs.values()))
+            return fake(*args, **kwargs)
+
+        checked.__name__ = fake.__name__
+        checked.__doc__ = fake.__doc__
+        torch.library.register_fake(f"lrkernels::{op_name}", checked)
+        return fake
+
+    return wrap
 
 
 def new_seed(device, generator=None) -> torch.Tensor:
