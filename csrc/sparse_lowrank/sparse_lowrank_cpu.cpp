@@ -137,12 +137,29 @@ at::Tensor random_support(const char* op, const at::Tensor& support, const Spars
   return packed;
 }
 
-// Tokens per tile: the transposed x and output tiles of one thread about 256 KiB together
-// (Zen 2 / Skylake L2), a multiple of 16 (whole vectors on every ISA), 16 to 128.
-int64_t tile_width(int64_t tokens, int64_t features, int64_t elem) {
-  int64_t w = (256 * 1024) / std::max<int64_t>(1, features * elem);
-  w = std::clamp<int64_t>(w / 16 * 16, 16, 128);
+// Tokens per tile, a multiple of 16 (whole vectors on every ISA). Wider tiles amortise what is
+// paid per support entry and tile (the index and value loads; for the SDDMM, one horizontal
+// sum), narrower ones keep the transposed tiles in cache: `want` tokens, fewer when the
+// thread's transposed tiles (`features` rows) would pass ~2 MiB (L2 + its share of L3).
+int64_t tile_width(int64_t tokens, int64_t features, int64_t elem, int64_t want) {
+  int64_t w = (2 * 1024 * 1024) / std::max<int64_t>(1, features * elem);
+  w = std::clamp<int64_t>(std::min(w, want) / 16 * 16, 16, want);
   return std::min(w, std::max<int64_t>(16, (tokens + 15) / 16 * 16));
+}
+
+// gx2[t, cols[k]] += src[t, k]: the columns support's input gradient (index_add_ along dim 1
+// is a scatter per element; this is a plain loop over the tokens).
+template <typename T>
+void add_columns(const at::Tensor& src, const at::Tensor& cols, at::Tensor& gx2) {
+  const at::Tensor c = cols.contiguous();
+  const int64_t* cp = c.data_ptr<int64_t>();
+  const int64_t n = c.numel(), in = gx2.size(1);
+  const T* sp = src.data_ptr<T>();
+  T* gp = gx2.data_ptr<T>();
+  at::parallel_for(0, gx2.size(0), 256, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      for (int64_t k = 0; k < n; ++k) gp[t * in + cp[k]] += sp[t * n + k];
+  });
 }
 
 template <typename T>
@@ -159,7 +176,7 @@ void sparse_forward(const at::Tensor& x2, const SparseSupportView& sv, const at:
                     const SparseLowRankShapes& sh, at::Tensor& y2) {
   const int64_t T_ = sh.tokens, in = sh.in_features, out = sh.out_features;
   const std::vector<T> vcsr = permuted<T>(values_acc, sv.csr_perm, sh.nnz);
-  const int64_t w = tile_width(T_, in + out, sizeof(T));
+  const int64_t w = tile_width(T_, in + out, sizeof(T), 64);
   const int64_t ntiles = (T_ + w - 1) / w;
   const T* xp = x2.data_ptr<T>();
   T* yp = y2.data_ptr<T>();
@@ -184,7 +201,7 @@ void sparse_backward(const at::Tensor& dy2, const at::Tensor& x2, const SparseSu
   const int64_t T_ = sh.tokens, in = sh.in_features, out = sh.out_features, nnz = sh.nnz;
   std::vector<T> vcsc;
   if (gx2) vcsc = permuted<T>(values_acc, sv.csc_perm, nnz);
-  const int64_t w = tile_width(T_, 2 * in + out, sizeof(T));
+  const int64_t w = tile_width(T_, 2 * in + out, sizeof(T), 64);
   const int64_t ntiles = (T_ + w - 1) / w;
   const int64_t nthreads = at::get_num_threads();
   std::vector<T> partial(gv ? static_cast<size_t>(nthreads * nnz) : 0, T(0));
@@ -266,7 +283,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_lowrank_linear_cpu(const at::Tensor& x
   else packed = random_support(op, sparse_support, sh);
 
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).to(acc).contiguous();
-  const at::Tensor as = lora_a.to(acc).mul(scale);  // s·A: hidden = s·x Aᵀ carries the scale
+  // s·A (r × in, small next to the token-sized products): hidden = s·x Aᵀ carries the scale
+  const at::Tensor as = lora_a.to(acc).mul(scale);
   const at::Tensor bc = lora_b.to(acc);
   const at::Tensor vals = sparse_values.to(acc).contiguous();
   const at::Tensor hidden = at::mm(x2, as.t());
@@ -318,7 +336,7 @@ sparse_lowrank_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
   std::optional<at::Tensor> gx, ga, gb, gv, gbias;
   // g = s·dy B (tokens, r): the gradient reaching s·x Aᵀ
   at::Tensor g;
-  if (want_x || want_a) g = at::mm(dy2, lora_b.to(acc)).mul_(scale);
+  if (want_x || want_a) g = at::mm(dy2, lora_b.to(acc).mul(scale));  // s·B: out × r, small
   if (want_b) gb = at::mm(dy2.t(), hidden).to(lora_b.scalar_type());
   if (want_a) ga = at::mm(g.t(), x2).to(lora_a.scalar_type());
   if (want_bias) gbias = dy2.sum(0);
@@ -326,7 +344,11 @@ sparse_lowrank_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
   if (want_x) gx2 = at::mm(g, lora_a.to(acc));
   const at::Tensor vals = (want_x && sh.nnz > 0) ? sparse_values.to(acc).contiguous() : at::Tensor();
   if (sh.kind == SupportKind::kColumns) {
-    if (want_x && sh.nnz > 0) gx2.index_add_(1, sparse_support, at::mm(dy2, vals));
+    if (want_x && sh.nnz > 0) {
+      const at::Tensor dys = at::mm(dy2, vals);  // (tokens, n)
+      if (acc == at::kDouble) add_columns<double>(dys, sparse_support, gx2);
+      else add_columns<float>(dys, sparse_support, gx2);
+    }
     if (want_v) gv_acc = at::mm(dy2.t(), x2.index_select(1, sparse_support));
   } else {
     if (want_v) gv_acc = at::zeros({sh.nnz}, dy2.options());

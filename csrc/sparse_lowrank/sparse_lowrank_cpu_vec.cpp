@@ -72,33 +72,62 @@ void sddmm_rows(const int32_t* ptr, const int32_t* idx, const T* aT, const T* bT
   }
 }
 
-// 8×8 blocks keep both sides of the transpose within a few cache lines.
+// An L×L block transposed in registers (L = V::size()): log2 L rounds of pairing vector i with
+// vector i + L/2 by interleave2 (the perfect shuffle) leave column k in vector k.
 template <typename T>
-void load_transposed(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dstT, int64_t w) {
-  constexpr int64_t B = 8;
-  for (int64_t c0 = 0; c0 < cols; c0 += B) {
-    const int64_t c1 = c0 + B < cols ? c0 + B : cols;
-    for (int64_t j0 = 0; j0 < rows; j0 += B) {
-      const int64_t j1 = j0 + B < rows ? j0 + B : rows;
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t j = j0; j < j1; ++j) dstT[c * w + j] = src[j * ld + c];
+inline void transpose_block(Vectorized<T>* v) {
+  using V = Vectorized<T>;
+  constexpr int L = V::size();
+  V t[L];
+  for (int step = 1; step < L; step *= 2) {
+    for (int i = 0; i < L / 2; ++i) {
+      auto pr = at::vec::interleave2(v[i], v[i + L / 2]);
+      t[2 * i] = pr.first;
+      t[2 * i + 1] = pr.second;
     }
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t j = rows; j < w; ++j) dstT[c * w + j] = T(0);
+    for (int i = 0; i < L; ++i) v[i] = t[i];
   }
 }
 
 template <typename T>
-void add_transposed(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst, int64_t ld) {
-  constexpr int64_t B = 8;
-  for (int64_t j0 = 0; j0 < rows; j0 += B) {
-    const int64_t j1 = j0 + B < rows ? j0 + B : rows;
-    for (int64_t c0 = 0; c0 < cols; c0 += B) {
-      const int64_t c1 = c0 + B < cols ? c0 + B : cols;
-      for (int64_t j = j0; j < j1; ++j)
-        for (int64_t c = c0; c < c1; ++c) dst[j * ld + c] += srcT[c * w + j];
+void load_transposed(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dstT, int64_t w) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const int64_t cf = cols / L * L, rf = rows / L * L;
+  V v[L];
+  for (int64_t c0 = 0; c0 < cf; c0 += L) {
+    for (int64_t j0 = 0; j0 < rf; j0 += L) {
+      for (int64_t i = 0; i < L; ++i) v[i] = V::loadu(src + (j0 + i) * ld + c0);
+      transpose_block<T>(v);
+      for (int64_t k = 0; k < L; ++k) v[k].store(dstT + (c0 + k) * w + j0);
     }
+    for (int64_t c = c0; c < c0 + L; ++c)
+      for (int64_t j = rf; j < w; ++j) dstT[c * w + j] = j < rows ? src[j * ld + c] : T(0);
   }
+  for (int64_t c = cf; c < cols; ++c)
+    for (int64_t j = 0; j < w; ++j) dstT[c * w + j] = j < rows ? src[j * ld + c] : T(0);
+}
+
+template <typename T>
+void add_transposed(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const int64_t cf = cols / L * L, rf = rows / L * L;
+  V v[L];
+  for (int64_t j0 = 0; j0 < rf; j0 += L) {
+    for (int64_t c0 = 0; c0 < cf; c0 += L) {
+      for (int64_t i = 0; i < L; ++i) v[i] = V::loadu(srcT + (c0 + i) * w + j0);
+      transpose_block<T>(v);
+      for (int64_t k = 0; k < L; ++k) {
+        T* d = dst + (j0 + k) * ld + c0;
+        (V::loadu(d) + v[k]).store(d);
+      }
+    }
+    for (int64_t j = j0; j < j0 + L; ++j)
+      for (int64_t c = cf; c < cols; ++c) dst[j * ld + c] += srcT[c * w + j];
+  }
+  for (int64_t j = rf; j < rows; ++j)
+    for (int64_t c = 0; c < cols; ++c) dst[j * ld + c] += srcT[c * w + j];
 }
 
 template <typename T>
