@@ -152,6 +152,34 @@ TORCH_LIBRARY(lrkernels, m) {
       "miss_bat_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor miss_block, bool[4] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
 
+  // ---- sparse_lowrank ----------------------------------------------------------------
+  // Sparse plus low-rank linear layer: y = x Wᵀ + b, W = s·B A + S, S with a fixed support whose
+  // values train — SLTrain (arXiv 2406.02214; S on a random support) and LOST ("Low-rank
+  // and Sparse Pre-training for LLMs", 2025; S dense on n input channels: x Sᵀ = x[:, cols] Vᵀ). W is never formed in
+  // backward; forward may form it transiently (never saved) when that costs fewer operations.
+  // lora_a (r, in), lora_b (out, r). The support is told apart by sparse_values' rank:
+  //   values (nnz,): sparse_support is int64 (nnz,) unique flat row-major indices into (out, in)
+  //     (SLTrain's storage, compressed per call) or the int32 compressed support below;
+  //   values (out, n): sparse_support is int64 (n,) distinct input channels (columns).
+  // Compressed random support, built once per layer from flat indices (any order; duplicates
+  // and out-of-range indices are errors), int32 of length out + in + 2 + 4·nnz:
+  //   [row_ptr (out+1) | csr_col (nnz) | csr_perm (nnz) | col_ptr (in+1) | csc_row (nnz) | csc_perm (nnz)],
+  // csr_perm / csc_perm giving each entry's position in sparse_values.
+  m.def("sparse_support_compress(Tensor indices, int out_features, int in_features) -> Tensor");
+  // Returns (y, hidden) with hidden = s·x Aᵀ (tokens, r) in float32 (float64 for float64 x),
+  // saved for the backward op.
+  m.def(
+      "sparse_lowrank_linear(Tensor x, Tensor lora_a, Tensor lora_b, Tensor sparse_values, Tensor sparse_support, "
+      "Tensor? bias, float scale) -> (Tensor, Tensor)");
+  // Gradients for (x, lora_a, lora_b, sparse_values, bias): dB = dyᵀ hidden, dA = s·(dy B)ᵀ x,
+  // dS = dyᵀx sampled on the support only (SDDMM), dx = s·(dy B) A + dy S (SpMM); output_mask
+  // says which. The bias gradient comes back in float32 (float64 for float64 x), the others
+  // in their tensor's dtype.
+  m.def(
+      "sparse_lowrank_linear_backward(Tensor grad_out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor sparse_values, "
+      "Tensor sparse_support, Tensor hidden, float scale, bool[5] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -19,6 +19,7 @@ from .ops.miss import miss_linear
 from .ops.multi_lora import (MultiLoraSegments, lora_expand_, lora_shrink, multi_lora_linear,
                               multi_lora_segments)
 from .ops.galore import galore_adam_moments, galore_apply_update
+from .ops.sparse_lowrank import SparseSupport, sparse_lowrank_linear, sparse_support
 from . import nn, optim, reference  # noqa: E402
 
 __version__ = "0.1.0"
@@ -49,6 +50,9 @@ __all__ = [
     "miss_linear",
     "galore_adam_moments",
     "galore_apply_update",
+    "SparseSupport",
+    "sparse_support",
+    "sparse_lowrank_linear",
     "nn",
     "optim",
     "reference",

@@ -1,0 +1,376 @@
+// CPU kernels of the sparse-plus-low-rank linear layer (SLTrain, arXiv 2406.02214; LOST,
+// "Low-rank and Sparse Pre-training for LLMs"): y = x Wᵀ + b with W = s·B A + S, never building W in backward.
+//
+// Low-rank part: BLAS GEMMs through the factors (hidden = s·x Aᵀ is saved for backward). Sparse
+// part: columns support (LOST) = a gather-GEMM on the n selected input channels; random support
+// (SLTrain) = the SpMM / SDDMM loops of sparse_lowrank_cpu_vec.cpp over compressed rows (CSR)
+// and columns (CSC), on tiles of tokens held feature-major, tiles spread over the threads with
+// at::parallel_for. The parallel regions run no ATen ops (raw loops over buffers owned by the
+// caller), so they need no thread-local-state guard. Forward may instead build W transiently
+// and run one dense GEMM when that costs fewer operations (many tokens, rank near the width).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <climits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "sparse_lowrank/sparse_lowrank_checks.h"
+#include "sparse_lowrank/sparse_lowrank_cpu_vec.h"
+
+namespace lrkernels {
+namespace {
+
+at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Flat row-major indices -> the packed CSR + CSC support (layout in sparse_lowrank_checks.h),
+// by two stable counting sorts: O(nnz + out + in), no comparison sort.
+at::Tensor compress_support_cpu(const char* op, const char* name, const at::Tensor& indices, int64_t out,
+                                int64_t in) {
+  TORCH_CHECK_VALUE(indices.device().is_cpu(), "lrkernels.", op, ": ", name, " must be on the CPU here, got ",
+                    indices.device());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "lrkernels.", op,
+                   ": ", name, " must be int64 flat row-major indices into (out_features, in_features), got ",
+                   indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.dim() == 1, "lrkernels.", op, ": ", name, " must be 1-D (nnz,), got shape ",
+                    shape_str(indices.sizes()));
+  TORCH_CHECK_VALUE(out >= 0 && in >= 0 && out < INT32_MAX && in < INT32_MAX, "lrkernels.", op,
+                    ": out_features and in_features must be in [0, 2^31 - 1), got ", out, " and ", in);
+  const int64_t nnz = indices.numel();
+  TORCH_CHECK_VALUE(nnz <= INT32_MAX, "lrkernels.", op, ": at most 2^31 - 1 support entries, got ", nnz);
+  const at::Tensor idx = indices.contiguous();
+  const int64_t* f = idx.data_ptr<int64_t>();
+  const int64_t numel = out * in;
+  for (int64_t k = 0; k < nnz; ++k)
+    TORCH_CHECK_INDEX(f[k] >= 0 && f[k] < numel, "lrkernels.", op, ": ", name, "[", k, "] = ", f[k],
+                      " is out of range for a (", out, ", ", in, ") weight (flat indices must be in [0, ", numel,
+                      "))");
+  at::Tensor packed = at::empty({compressed_support_len(out, in, nnz)}, indices.options().dtype(at::kInt));
+  int32_t* base = packed.data_ptr<int32_t>();
+  int32_t* row_ptr = base;
+  int32_t* csr_col = row_ptr + out + 1;
+  int32_t* csr_perm = csr_col + nnz;
+  int32_t* col_ptr = csr_perm + nnz;
+  int32_t* csc_row = col_ptr + in + 1;
+  int32_t* csc_perm = csc_row + nnz;
+  // entries ordered by column (stable in k)
+  std::fill(col_ptr, col_ptr + in + 1, 0);
+  std::fill(row_ptr, row_ptr + out + 1, 0);
+  for (int64_t k = 0; k < nnz; ++k) {
+    ++col_ptr[f[k] % in + 1];
+    ++row_ptr[f[k] / in + 1];
+  }
+  for (int64_t c = 0; c < in; ++c) col_ptr[c + 1] += col_ptr[c];
+  for (int64_t r = 0; r < out; ++r) row_ptr[r + 1] += row_ptr[r];
+  std::vector<int32_t> by_col(static_cast<size_t>(nnz)), next(col_ptr, col_ptr + in);
+  for (int64_t k = 0; k < nnz; ++k) by_col[next[f[k] % in]++] = static_cast<int32_t>(k);
+  // then by row, stably: CSR sorted by (row, column)
+  next.assign(row_ptr, row_ptr + out);
+  for (int64_t q = 0; q < nnz; ++q) {
+    const int32_t k = by_col[q];
+    const int32_t pos = next[f[k] / in]++;
+    csr_perm[pos] = k;
+    csr_col[pos] = static_cast<int32_t>(f[k] % in);
+  }
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t p = row_ptr[r] + 1; p < row_ptr[r + 1]; ++p)
+      TORCH_CHECK_VALUE(csr_col[p] != csr_col[p - 1], "lrkernels.", op, ": ", name, " has a duplicate entry: ", name, "[",
+                        csr_perm[p - 1], "] = ", name, "[", csr_perm[p], "] = ", f[csr_perm[p]],
+                        " (each position of S may appear once)");
+  // CSC: CSR order placed by column, stably: rows ascending within each column
+  next.assign(col_ptr, col_ptr + in);
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t p = row_ptr[r]; p < row_ptr[r + 1]; ++p) {
+      const int32_t pos = next[csr_col[p]]++;
+      csc_row[pos] = static_cast<int32_t>(r);
+      csc_perm[pos] = csr_perm[p];
+    }
+  return packed;
+}
+
+// Every pointer and index of a packed support in range, so a corrupted support is an error,
+// not an out-of-bounds read: O(out + in + nnz), small next to the products.
+void validate_compressed_cpu(const char* op, const at::Tensor& packed, int64_t out, int64_t in, int64_t nnz) {
+  const SparseSupportView v = support_view(packed, out, in, nnz);
+  auto check_ptr = [&](const int32_t* ptr, int64_t n, const char* what) {
+    TORCH_CHECK_VALUE(ptr[0] == 0 && ptr[n] == nnz, "lrkernels.", op, ": sparse_support is not a valid compressed ",
+                      "support (", what, " does not span [0, nnz)); build it with lrkernels.sparse_support");
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK_VALUE(ptr[i] <= ptr[i + 1], "lrkernels.", op, ": sparse_support is not a valid compressed support (",
+                        what, " decreases at ", i, "); build it with lrkernels.sparse_support");
+  };
+  auto check_idx = [&](const int32_t* idx, int64_t bound, const char* what) {
+    for (int64_t p = 0; p < nnz; ++p)
+      TORCH_CHECK_INDEX(idx[p] >= 0 && idx[p] < bound, "lrkernels.", op, ": sparse_support is not a valid ",
+                        "compressed support (", what, "[", p, "] = ", idx[p], " is outside [0, ", bound, "))");
+  };
+  check_ptr(v.row_ptr, out, "row_ptr");
+  check_ptr(v.col_ptr, in, "col_ptr");
+  check_idx(v.csr_col, in, "csr_col");
+  check_idx(v.csc_row, out, "csc_row");
+  check_idx(v.csr_perm, nnz, "csr_perm");
+  check_idx(v.csc_perm, nnz, "csc_perm");
+}
+
+void validate_columns_cpu(const char* op, const at::Tensor& cols, int64_t in) {
+  const at::Tensor c = cols.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  std::vector<bool> seen(static_cast<size_t>(in), false);
+  for (int64_t k = 0; k < c.numel(); ++k) {
+    TORCH_CHECK_INDEX(p[k] >= 0 && p[k] < in, "lrkernels.", op, ": sparse_support (columns) [", k, "] = ", p[k],
+                      " is out of range for in_features = ", in);
+    TORCH_CHECK_VALUE(!seen[p[k]], "lrkernels.", op, ": sparse_support (columns) has a duplicate column ", p[k]);
+    seen[p[k]] = true;
+  }
+}
+
+// The compressed random support of a call: built here from flat indices, or checked.
+at::Tensor random_support(const char* op, const at::Tensor& support, const SparseLowRankShapes& sh) {
+  if (sh.kind == SupportKind::kFlatIndices) return compress_support_cpu(op, "sparse_support", support, sh.out_features, sh.in_features);
+  at::Tensor packed = support.contiguous();
+  validate_compressed_cpu(op, packed, sh.out_features, sh.in_features, sh.nnz);
+  return packed;
+}
+
+// Tokens per tile, a multiple of 16 (whole vectors on every ISA). Wider tiles amortise what is
+// paid per support entry and tile (the index and value loads; for the SDDMM, one horizontal
+// sum), narrower ones keep the transposed tiles in cache: `want` tokens, fewer when the
+// thread's transposed tiles (`features` rows) would pass ~2 MiB (L2 + its share of L3).
+int64_t tile_width(int64_t tokens, int64_t features, int64_t elem, int64_t want) {
+  int64_t w = (2 * 1024 * 1024) / std::max<int64_t>(1, features * elem);
+  w = std::clamp<int64_t>(std::min(w, want) / 16 * 16, 16, want);
+  return std::min(w, std::max<int64_t>(16, (tokens + 15) / 16 * 16));
+}
+
+// gx2[t, cols[k]] += src[t, k]: the columns support's input gradient (index_add_ along dim 1
+// is a scatter per element; this is a plain loop over the tokens).
+template <typename T>
+void add_columns(const at::Tensor& src, const at::Tensor& cols, at::Tensor& gx2) {
+  const at::Tensor c = cols.contiguous();
+  const int64_t* cp = c.data_ptr<int64_t>();
+  const int64_t n = c.numel(), in = gx2.size(1);
+  const T* sp = src.data_ptr<T>();
+  T* gp = gx2.data_ptr<T>();
+  at::parallel_for(0, gx2.size(0), 256, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      for (int64_t k = 0; k < n; ++k) gp[t * in + cp[k]] += sp[t * n + k];
+  });
+}
+
+template <typename T>
+std::vector<T> permuted(const at::Tensor& values_acc, const int32_t* perm, int64_t nnz) {
+  const T* v = values_acc.data_ptr<T>();
+  std::vector<T> out(static_cast<size_t>(nnz));
+  for (int64_t p = 0; p < nnz; ++p) out[p] = v[perm[p]];
+  return out;
+}
+
+// y (T, out) += x Sᵀ for the random support.
+template <typename T>
+void sparse_forward(const at::Tensor& x2, const SparseSupportView& sv, const at::Tensor& values_acc,
+                    const SparseLowRankShapes& sh, at::Tensor& y2) {
+  const int64_t T_ = sh.tokens, in = sh.in_features, out = sh.out_features;
+  const std::vector<T> vcsr = permuted<T>(values_acc, sv.csr_perm, sh.nnz);
+  const int64_t w = tile_width(T_, in + out, sizeof(T), 64);
+  const int64_t ntiles = (T_ + w - 1) / w;
+  const T* xp = x2.data_ptr<T>();
+  T* yp = y2.data_ptr<T>();
+  const auto& k = sparse_lowrank_vec_fns<T>();
+  at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> xt(static_cast<size_t>(in * w)), yt(static_cast<size_t>(out * w));
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t t0 = t * w, rows = std::min(w, T_ - t0);
+      k.load_transposed(xp + t0 * in, in, rows, in, xt.data(), w);
+      k.spmm_rows(sv.row_ptr, sv.csr_col, vcsr.data(), xt.data(), yt.data(), 0, out, w);
+      k.add_transposed(yt.data(), w, rows, out, yp + t0 * out, out);
+    }
+  });
+}
+
+// dx (T, in) += dy S (when gx2 is given) and dv = (dyᵀ x) on the support (when gv is given, in
+// sparse_values' order), for the random support. One private dv accumulator per thread (nnz
+// values each), summed in thread order.
+template <typename T>
+void sparse_backward(const at::Tensor& dy2, const at::Tensor& x2, const SparseSupportView& sv,
+                     const at::Tensor& values_acc, const SparseLowRankShapes& sh, T* gx2, T* gv) {
+  const int64_t T_ = sh.tokens, in = sh.in_features, out = sh.out_features, nnz = sh.nnz;
+  std::vector<T> vcsc;
+  if (gx2) vcsc = permuted<T>(values_acc, sv.csc_perm, nnz);
+  const int64_t w = tile_width(T_, 2 * in + out, sizeof(T), 64);
+  const int64_t ntiles = (T_ + w - 1) / w;
+  const int64_t nthreads = at::get_num_threads();
+  std::vector<T> partial(gv ? static_cast<size_t>(nthreads * nnz) : 0, T(0));
+  const T* dyp = dy2.data_ptr<T>();
+  const T* xp = gv ? x2.data_ptr<T>() : nullptr;
+  const auto& k = sparse_lowrank_vec_fns<T>();
+  at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> dyt(static_cast<size_t>(out * w)), xt(gv ? static_cast<size_t>(in * w) : 0),
+        dxt(gx2 ? static_cast<size_t>(in * w) : 0);
+    T* part = gv ? partial.data() + std::min<int64_t>(at::get_thread_num(), nthreads - 1) * nnz : nullptr;
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t t0 = t * w, rows = std::min(w, T_ - t0);
+      k.load_transposed(dyp + t0 * out, out, rows, out, dyt.data(), w);
+      if (gx2) {
+        k.spmm_rows(sv.col_ptr, sv.csc_row, vcsc.data(), dyt.data(), dxt.data(), 0, in, w);
+        k.add_transposed(dxt.data(), w, rows, in, gx2 + t0 * in, in);
+      }
+      if (gv) {
+        k.load_transposed(xp + t0 * in, in, rows, in, xt.data(), w);
+        k.sddmm_rows(sv.row_ptr, sv.csr_col, dyt.data(), xt.data(), part, 0, out, w);
+      }
+    }
+  });
+  if (gv) {
+    at::parallel_for(0, nnz, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        T s = 0;
+        for (int64_t c = 0; c < nthreads; ++c) s += partial[c * nnz + p];
+        gv[sv.csr_perm[p]] = s;
+      }
+    });
+  }
+}
+
+// W += S (dense, out × in) for the densified forward.
+template <typename T>
+void scatter_support(const SparseSupportView& sv, const at::Tensor& values_acc, const SparseLowRankShapes& sh,
+                     at::Tensor& w) {
+  const T* v = values_acc.data_ptr<T>();
+  T* wp = w.data_ptr<T>();
+  const int64_t in = sh.in_features;
+  at::parallel_for(0, sh.out_features, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      for (int64_t p = sv.row_ptr[r]; p < sv.row_ptr[r + 1]; ++p) wp[r * in + sv.csr_col[p]] += v[sv.csr_perm[p]];
+  });
+}
+
+// The densified forward (W built once, one GEMM over the tokens) costs out·in·(r + T)
+// multiply-adds; the factored one T·r·(in + out) plus the sparse part, whose gather-bound
+// multiply-adds (and the tile transposes) are weighted as several GEMM ones.
+bool use_dense_forward(const SparseLowRankShapes& sh) {
+  const double T_ = static_cast<double>(sh.tokens), in = sh.in_features, out = sh.out_features, r = sh.rank;
+  const double sparse = sh.kind == SupportKind::kColumns ? T_ * sh.nnz : 4.0 * T_ * sh.nnz + 2.0 * T_ * (in + out);
+  const double factored = T_ * r * (in + out) + sparse;
+  const double dense = out * in * (r + T_);
+  return sh.tokens > 0 && dense < factored;
+}
+
+}  // namespace
+
+at::Tensor sparse_support_compress_cpu(const at::Tensor& indices, int64_t out_features, int64_t in_features) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return compress_support_cpu("sparse_support_compress", "indices", indices, out_features, in_features);
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& lora_a,
+                                                             const at::Tensor& lora_b, const at::Tensor& sparse_values,
+                                                             const at::Tensor& sparse_support,
+                                                             const std::optional<at::Tensor>& bias, double scale) {
+  const char* op = "sparse_lowrank_linear";
+  // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const SparseLowRankShapes sh =
+      check_sparse_lowrank_args(op, x, lora_a, lora_b, sparse_values, sparse_support, bias, scale);
+  const auto acc = acc_dtype(x);
+  const bool has_bias = bias.has_value() && bias->defined();
+  at::Tensor packed;
+  if (sh.kind == SupportKind::kColumns) validate_columns_cpu(op, sparse_support, sh.in_features);
+  else packed = random_support(op, sparse_support, sh);
+
+  const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).to(acc).contiguous();
+  // s·A (r × in, small next to the token-sized products): hidden = s·x Aᵀ carries the scale
+  const at::Tensor as = lora_a.to(acc).mul(scale);
+  const at::Tensor bc = lora_b.to(acc);
+  const at::Tensor vals = sparse_values.to(acc).contiguous();
+  const at::Tensor hidden = at::mm(x2, as.t());
+  at::Tensor y2;
+  if (use_dense_forward(sh)) {
+    at::Tensor w = at::mm(bc, as);  // transient (out, in), never saved
+    if (sh.kind == SupportKind::kColumns) {
+      w.index_add_(1, sparse_support, vals);
+    } else if (sh.nnz > 0) {
+      const SparseSupportView sv = support_view(packed, sh.out_features, sh.in_features, sh.nnz);
+      if (acc == at::kDouble) scatter_support<double>(sv, vals, sh, w);
+      else scatter_support<float>(sv, vals, sh, w);
+    }
+    y2 = has_bias ? at::addmm(bias->to(acc), x2, w.t()) : at::mm(x2, w.t());
+  } else {
+    y2 = has_bias ? at::addmm(bias->to(acc), hidden, bc.t()) : at::mm(hidden, bc.t());
+    if (sh.kind == SupportKind::kColumns) {
+      if (sh.nnz > 0) y2.addmm_(x2.index_select(1, sparse_support), vals.t());
+    } else if (sh.nnz > 0 && sh.tokens > 0) {
+      const SparseSupportView sv = support_view(packed, sh.out_features, sh.in_features, sh.nnz);
+      if (acc == at::kDouble) sparse_forward<double>(x2, sv, vals, sh, y2);
+      else sparse_forward<float>(x2, sv, vals, sh, y2);
+    }
+  }
+  return {y2.to(x.scalar_type()).view(with_last_dim(x, sh.out_features)), hidden};
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+           std::optional<at::Tensor>>
+sparse_lowrank_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_a,
+                                   const at::Tensor& lora_b, const at::Tensor& sparse_values,
+                                   const at::Tensor& sparse_support, const at::Tensor& hidden, double scale,
+                                   std::array<bool, 5> mask) {
+  const char* op = "sparse_lowrank_linear_backward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const SparseLowRankShapes sh =
+      check_sparse_lowrank_args(op, x, lora_a, lora_b, sparse_values, sparse_support, std::nullopt, scale);
+  check_sparse_lowrank_grad(op, grad_out, x, hidden, sh);
+  const auto [want_x, want_a, want_b, want_v, want_bias] = mask;
+  const auto acc = acc_dtype(x);
+  at::Tensor packed;
+  if (want_x || want_v) {
+    if (sh.kind == SupportKind::kColumns) validate_columns_cpu(op, sparse_support, sh.in_features);
+    else packed = random_support(op, sparse_support, sh);
+  }
+  const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).to(acc).contiguous();
+  const bool need_x2 = want_a || want_v;
+  const at::Tensor x2 = need_x2 ? x.reshape({sh.tokens, sh.in_features}).to(acc).contiguous() : at::Tensor();
+  std::optional<at::Tensor> gx, ga, gb, gv, gbias;
+  // g = s·dy B (tokens, r): the gradient reaching s·x Aᵀ
+  at::Tensor g;
+  if (want_x || want_a) g = at::mm(dy2, lora_b.to(acc).mul(scale));  // s·B: out × r, small
+  if (want_b) gb = at::mm(dy2.t(), hidden).to(lora_b.scalar_type());
+  if (want_a) ga = at::mm(g.t(), x2).to(lora_a.scalar_type());
+  if (want_bias) gbias = dy2.sum(0);
+  at::Tensor gx2, gv_acc;
+  if (want_x) gx2 = at::mm(g, lora_a.to(acc));
+  const at::Tensor vals = (want_x && sh.nnz > 0) ? sparse_values.to(acc).contiguous() : at::Tensor();
+  if (sh.kind == SupportKind::kColumns) {
+    if (want_x && sh.nnz > 0) {
+      const at::Tensor dys = at::mm(dy2, vals);  // (tokens, n)
+      if (acc == at::kDouble) add_columns<double>(dys, sparse_support, gx2);
+      else add_columns<float>(dys, sparse_support, gx2);
+    }
+    if (want_v) gv_acc = at::mm(dy2.t(), x2.index_select(1, sparse_support));
+  } else {
+    if (want_v) gv_acc = at::zeros({sh.nnz}, dy2.options());
+    if ((want_x || want_v) && sh.nnz > 0 && sh.tokens > 0) {
+      const SparseSupportView sv = support_view(packed, sh.out_features, sh.in_features, sh.nnz);
+      if (acc == at::kDouble)
+        sparse_backward<double>(dy2, x2, sv, vals, sh, want_x ? gx2.data_ptr<double>() : nullptr,
+                                want_v ? gv_acc.data_ptr<double>() : nullptr);
+      else
+        sparse_backward<float>(dy2, x2, sv, vals, sh, want_x ? gx2.data_ptr<float>() : nullptr,
+                               want_v ? gv_acc.data_ptr<float>() : nullptr);
+    }
+  }
+  if (want_x) gx = gx2.to(x.scalar_type()).view(x.sizes());
+  if (want_v) gv = gv_acc.to(sparse_values.scalar_type());
+  return {gx, ga, gb, gv, gbias};
+}
+
+TORCH_LIBRARY_IMPL(lrkernels, CPU, m) {
+  m.impl("sparse_support_compress", &sparse_support_compress_cpu);
+  m.impl("sparse_lowrank_linear", &sparse_lowrank_linear_cpu);
+  m.impl("sparse_lowrank_linear_backward", &sparse_lowrank_linear_backward_cpu);
+}
+
+}  // namespace lrkernels

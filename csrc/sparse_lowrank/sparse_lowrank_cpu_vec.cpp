@@ -1,0 +1,145 @@
+// The sparse part's SpMM, SDDMM and tile transposes over at::vec (compiled once per instruction
+// set; see common/cpu_vec.h and sparse_lowrank_cpu_vec.h). Token tiles are feature-major, so
+// each support entry is a broadcast multiply-add (SpMM) or a dot product (SDDMM) over
+// contiguous tokens; four vectors are in flight per entry to hide the FMA latency.
+#include "common/cpu_vec.h"
+
+#include "sparse_lowrank/sparse_lowrank_cpu_vec.h"
+
+namespace lrkernels::LRK_ISA_NS {
+namespace {
+
+template <typename T>
+void spmm_rows(const int32_t* ptr, const int32_t* idx, const T* val, const T* srcT, T* dstT, int64_t r0, int64_t r1,
+               int64_t w) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t p0 = ptr[r], p1 = ptr[r + 1];
+    T* d = dstT + r * w;
+    int64_t j = 0;
+    for (; j + 4 * L <= w; j += 4 * L) {
+      V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+      for (int64_t p = p0; p < p1; ++p) {
+        const V v(val[p]);
+        const T* s = srcT + static_cast<int64_t>(idx[p]) * w + j;
+        a0 = at::vec::fmadd(v, V::loadu(s), a0);
+        a1 = at::vec::fmadd(v, V::loadu(s + L), a1);
+        a2 = at::vec::fmadd(v, V::loadu(s + 2 * L), a2);
+        a3 = at::vec::fmadd(v, V::loadu(s + 3 * L), a3);
+      }
+      a0.store(d + j);
+      a1.store(d + j + L);
+      a2.store(d + j + 2 * L);
+      a3.store(d + j + 3 * L);
+    }
+    for (; j + L <= w; j += L) {
+      V a(T(0));
+      for (int64_t p = p0; p < p1; ++p)
+        a = at::vec::fmadd(V(val[p]), V::loadu(srcT + static_cast<int64_t>(idx[p]) * w + j), a);
+      a.store(d + j);
+    }
+    for (; j < w; ++j) {
+      T a = 0;
+      for (int64_t p = p0; p < p1; ++p) a += val[p] * srcT[static_cast<int64_t>(idx[p]) * w + j];
+      d[j] = a;
+    }
+  }
+}
+
+template <typename T>
+void sddmm_rows(const int32_t* ptr, const int32_t* idx, const T* aT, const T* bT, T* out, int64_t r0, int64_t r1,
+                int64_t w) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* a = aT + r * w;
+    for (int64_t p = ptr[r]; p < ptr[r + 1]; ++p) {
+      const T* b = bT + static_cast<int64_t>(idx[p]) * w;
+      V s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
+      int64_t j = 0;
+      for (; j + 4 * L <= w; j += 4 * L) {
+        s0 = at::vec::fmadd(V::loadu(a + j), V::loadu(b + j), s0);
+        s1 = at::vec::fmadd(V::loadu(a + j + L), V::loadu(b + j + L), s1);
+        s2 = at::vec::fmadd(V::loadu(a + j + 2 * L), V::loadu(b + j + 2 * L), s2);
+        s3 = at::vec::fmadd(V::loadu(a + j + 3 * L), V::loadu(b + j + 3 * L), s3);
+      }
+      for (; j + L <= w; j += L) s0 = at::vec::fmadd(V::loadu(a + j), V::loadu(b + j), s0);
+      T acc = at::vec::vec_reduce_all<T>([](V& u, V& v) { return u + v; }, (s0 + s1) + (s2 + s3));
+      for (; j < w; ++j) acc += a[j] * b[j];
+      out[p] += acc;
+    }
+  }
+}
+
+// An L×L block transposed in registers (L = V::size()): log2 L rounds of pairing vector i with
+// vector i + L/2 by interleave2 (the perfect shuffle) leave column k in vector k.
+template <typename T>
+inline void transpose_block(Vectorized<T>* v) {
+  using V = Vectorized<T>;
+  constexpr int L = V::size();
+  V t[L];
+  for (int step = 1; step < L; step *= 2) {
+    for (int i = 0; i < L / 2; ++i) {
+      auto pr = at::vec::interleave2(v[i], v[i + L / 2]);
+      t[2 * i] = pr.first;
+      t[2 * i + 1] = pr.second;
+    }
+    for (int i = 0; i < L; ++i) v[i] = t[i];
+  }
+}
+
+template <typename T>
+void load_transposed(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dstT, int64_t w) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const int64_t cf = cols / L * L, rf = rows / L * L;
+  V v[L];
+  for (int64_t c0 = 0; c0 < cf; c0 += L) {
+    for (int64_t j0 = 0; j0 < rf; j0 += L) {
+      for (int64_t i = 0; i < L; ++i) v[i] = V::loadu(src + (j0 + i) * ld + c0);
+      transpose_block<T>(v);
+      for (int64_t k = 0; k < L; ++k) v[k].store(dstT + (c0 + k) * w + j0);
+    }
+    for (int64_t c = c0; c < c0 + L; ++c)
+      for (int64_t j = rf; j < w; ++j) dstT[c * w + j] = j < rows ? src[j * ld + c] : T(0);
+  }
+  for (int64_t c = cf; c < cols; ++c)
+    for (int64_t j = 0; j < w; ++j) dstT[c * w + j] = j < rows ? src[j * ld + c] : T(0);
+}
+
+template <typename T>
+void add_transposed(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const int64_t cf = cols / L * L, rf = rows / L * L;
+  V v[L];
+  for (int64_t j0 = 0; j0 < rf; j0 += L) {
+    for (int64_t c0 = 0; c0 < cf; c0 += L) {
+      for (int64_t i = 0; i < L; ++i) v[i] = V::loadu(srcT + (c0 + i) * w + j0);
+      transpose_block<T>(v);
+      for (int64_t k = 0; k < L; ++k) {
+        T* d = dst + (j0 + k) * ld + c0;
+        (V::loadu(d) + v[k]).store(d);
+      }
+    }
+    for (int64_t j = j0; j < j0 + L; ++j)
+      for (int64_t c = cf; c < cols; ++c) dst[j * ld + c] += srcT[c * w + j];
+  }
+  for (int64_t j = rf; j < rows; ++j)
+    for (int64_t c = 0; c < cols; ++c) dst[j * ld + c] += srcT[c * w + j];
+}
+
+template <typename T>
+SparseLowRankVecFns<T> fns() {
+  return {&spmm_rows<T>, &sddmm_rows<T>, &load_transposed<T>, &add_transposed<T>};
+}
+
+}  // namespace
+
+const SparseLowRankVecKernels& sparse_lowrank_vec_kernels() {
+  static const SparseLowRankVecKernels k{fns<float>(), fns<double>()};
+  return k;
+}
+
+}  // namespace lrkernels::LRK_ISA_NS
