@@ -35,8 +35,15 @@ def test_every_op_has_cuda_kernel_in_cuda_build():
     if os.environ.get("LRKERNELS_EXPECT_CUDA_BUILD") == "1":
         assert info["cuda"], "nvcc is present but lrkernels was built without CUDA kernels"
     if info["cuda"]:
-        missing = [op for op in lrkernels.registered_ops() if not lrkernels.has_kernel(op, "cuda")]
-        assert not missing, f"ops without a CUDA kernel: {missing}"
+        missing = {op for op in lrkernels.registered_ops() if not lrkernels.has_kernel(op, "cuda")}
+        assert missing == CPU_ONLY_OPS, (f"ops without a CUDA kernel: {sorted(missing)}; known CPU-only: "
+                                         f"{sorted(CPU_ONLY_OPS)} (shrink this list when a CUDA kernel lands)")
+
+
+# Families whose CUDA kernels have not landed yet (README: "no CUDA binding yet" / "not yet"). On
+# a CUDA tensor they raise the dispatcher's clear "no kernel for CUDA" error.
+CPU_ONLY_OPS = {"miss_linear", "miss_linear_backward", "miss_bat_linear", "miss_bat_linear_backward",
+                "sparse_support_compress", "sparse_lowrank_linear", "sparse_lowrank_linear_backward"}
 
 
 def test_cpu_capability_reporting_and_cap():

@@ -3,7 +3,7 @@
 import torch
 
 from ._autocast import register_autocast
-from ._util import bind, needs_grad, new_seed, nvtx_range
+from ._util import bind, needs_grad, new_seed, nvtx_range, register_fake
 
 _fwd = torch.ops.lrkernels.miss_linear.default
 _bwd = torch.ops.lrkernels.miss_linear_backward.default
@@ -63,7 +63,7 @@ def _grads_like(output_mask, x, weight, block):
     return tuple(out)
 
 
-@torch.library.register_fake("lrkernels::miss_linear")
+@register_fake("miss_linear")
 def _miss_linear_fake(x, weight, bias, miss_block, dropout_p, seed):
     _check_block("miss_linear", x, weight, miss_block)
     lead = x.shape[:-1]
@@ -72,19 +72,19 @@ def _miss_linear_fake(x, weight, bias, miss_block, dropout_p, seed):
     return y, chunk_sum
 
 
-@torch.library.register_fake("lrkernels::miss_linear_backward")
+@register_fake("miss_linear_backward")
 def _miss_linear_backward_fake(grad_out, x, weight, miss_block, chunk_sum, dropout_p, seed, output_mask):
     _check_block("miss_linear_backward", x, weight, miss_block)
     return _grads_like(output_mask, x, weight, miss_block)
 
 
-@torch.library.register_fake("lrkernels::miss_bat_linear")
+@register_fake("miss_bat_linear")
 def _miss_bat_linear_fake(x, weight, bias, miss_block):
     _check_bat_block("miss_bat_linear", x, weight, miss_block)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.register_fake("lrkernels::miss_bat_linear_backward")
+@register_fake("miss_bat_linear_backward")
 def _miss_bat_linear_backward_fake(grad_out, x, weight, miss_block, output_mask):
     _check_bat_block("miss_bat_linear_backward", x, weight, miss_block)
     return _grads_like(output_mask, x, weight, miss_block)
