@@ -76,6 +76,22 @@ def register_fake(op_name: str):
     return wrap
 
 
+def fake_grads(output_mask, like, out_features: int, x):
+    """The gradients a backward op's fake returns: for each input in ``like`` (schema order), None
+    where ``output_mask`` says it is not wanted, else an empty contiguous tensor shaped and typed
+    like that input; a None entry of ``like`` stands for the bias, one value per output feature
+    in x's dtype."""
+    out = []
+    for want, ref in zip(output_mask, like):
+        if not want:
+            out.append(None)
+        elif ref is None:
+            out.append(x.new_empty((out_features,)))
+        else:
+            out.append(torch.empty_like(ref, memory_format=torch.contiguous_format))
+    return tuple(out)
+
+
 def new_seed(device, generator=None) -> torch.Tensor:
     """A fresh 64-bit dropout seed as a one-element int64 tensor on `device`: drawn on the
     device itself, so no host synchronisation, and graph-safe under CUDA graph capture."""

@@ -3,7 +3,7 @@
 import torch
 
 from ._autocast import register_autocast
-from ._util import bind, needs_grad, nvtx_range, register_fake
+from ._util import bind, fake_grads, needs_grad, nvtx_range, register_fake
 
 _fwd = torch.ops.lrkernels.c3a.default
 _bwd = torch.ops.lrkernels.c3a_backward.default
@@ -63,15 +63,7 @@ def _c3a_linear_fake(x, weight, bias, kernel, scale):
 def _c3a_linear_backward_fake(grad_out, x, weight, kernel, kernel_fft, scale, output_mask):
     _check_kernel_shape("c3a_linear_backward", x, kernel, weight.shape[0])
     like = (x, weight, None, kernel)
-    out = []
-    for want, ref in zip(output_mask, like):
-        if not want:
-            out.append(None)
-        elif ref is None:  # bias: one value per output feature
-            out.append(x.new_empty((weight.shape[0],)))
-        else:
-            out.append(torch.empty_like(ref, memory_format=torch.contiguous_format))
-    return tuple(out)
+    return fake_grads(output_mask, like, weight.shape[0], x)
 
 
 # ---------------------------------------------------------------------------- autograd

@@ -3,7 +3,7 @@
 import torch
 
 from ._autocast import register_autocast
-from ._util import bind, needs_grad, new_seed, nvtx_range, register_fake
+from ._util import bind, fake_grads, needs_grad, new_seed, nvtx_range, register_fake
 
 _fwd = torch.ops.lrkernels.lora_linear.default
 _bwd = torch.ops.lrkernels.lora_linear_backward.default
@@ -35,15 +35,7 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, rank_scale, out_sc
 def _lora_linear_backward_fake(grad_out, x, weight, lora_a, lora_b, hidden, scale, rank_scale, out_scale,
                                dropout_p, seed, output_mask):
     like = (x, weight, None, lora_a, lora_b, rank_scale, out_scale)
-    out = []
-    for want, ref in zip(output_mask, like):
-        if not want:
-            out.append(None)
-        elif ref is None:  # bias: shaped like the output features
-            out.append(x.new_empty((weight.shape[0],)))
-        else:
-            out.append(torch.empty_like(ref, memory_format=torch.contiguous_format))
-    return tuple(out)
+    return fake_grads(output_mask, like, weight.shape[0], x)
 
 
 def _setup_context(ctx, inputs, output):

@@ -3,7 +3,7 @@
 import torch
 
 from ._autocast import register_autocast
-from ._util import bind, needs_grad, new_seed, nvtx_range, register_fake
+from ._util import bind, fake_grads, needs_grad, new_seed, nvtx_range, register_fake
 
 _fwd = torch.ops.lrkernels.miss_linear.default
 _bwd = torch.ops.lrkernels.miss_linear_backward.default
@@ -52,15 +52,7 @@ def _check_bat_block(op, x, weight, block):
 
 def _grads_like(output_mask, x, weight, block):
     like = (x, weight, None, block)
-    out = []
-    for want, ref in zip(output_mask, like):
-        if not want:
-            out.append(None)
-        elif ref is None:  # bias: one value per output feature
-            out.append(x.new_empty((weight.shape[0],)))
-        else:
-            out.append(torch.empty_like(ref, memory_format=torch.contiguous_format))
-    return tuple(out)
+    return fake_grads(output_mask, like, weight.shape[0], x)
 
 
 @register_fake("miss_linear")

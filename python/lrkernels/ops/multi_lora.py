@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from ._autocast import register_autocast
-from ._util import bind, needs_grad, new_seed, nvtx_range, register_fake, register_not_differentiable
+from ._util import bind, fake_grads, needs_grad, new_seed, nvtx_range, register_fake, register_not_differentiable
 
 _segments = torch.ops.lrkernels.multi_lora_segments.default
 _shrink = torch.ops.lrkernels.lora_shrink.default
@@ -70,15 +70,7 @@ def _fwd_fake(x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks, token
 def _bwd_fake(grad_out, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, hidden, token_order,
               adapter_offsets, output_mask, rank_scale=None, out_scale=None, dropout_p=0.0, seed=None):
     like = (x, weight, None, lora_a, lora_b, scales, rank_scale, out_scale)
-    out = []
-    for want, ref in zip(output_mask, like):
-        if not want:
-            out.append(None)
-        elif ref is None:  # bias: one per output feature
-            out.append(x.new_empty((weight.shape[0],)))
-        else:
-            out.append(torch.empty_like(ref, memory_format=torch.contiguous_format))
-    return tuple(out)
+    return fake_grads(output_mask, like, weight.shape[0], x)
 
 
 # ---------------------------------------------------------------------------- autograd
