@@ -18,8 +18,9 @@ def _make(T, din, dout, r, dtype, device, seed=0):
                 lora_a=t(r, din, sc=1 / math.sqrt(din)), lora_b=t(dout, r, sc=1 / math.sqrt(r)), gy=t(T, dout))
 
 
-def portable(fn):
-    """fn run with lrkernels' portable CPU kernels (no AVX-512 paths)."""
+def aten_path(fn):
+    """fn run on lrkernels' ATen-composition CPU path (the blocked at::vec kernels off): shows
+    what the blocked kernels add, whatever instruction set they run with."""
     def run():
         import lrkernels
 
@@ -34,8 +35,10 @@ def _candidates(T, din, dout, r, p, dtype, device, backward):
 
         d = _make(T, din, dout, r, dtype, device)
         x = d["x"].requires_grad_(backward)
-        la = d["lora_a"].clone().requires_grad_(backward)
-        lb = d["lora_b"].clone().requires_grad_(backward)
+        # On a 16-bit base the adapters are float32, as PEFT keeps them (autocast_adapter_dtype)
+        adt = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        la = d["lora_a"].to(adt).requires_grad_(backward)
+        lb = d["lora_b"].to(adt).requires_grad_(backward)
         w, b, gy = d["weight"], d["bias"], d["gy"]
         scale = 2.0
 
@@ -59,14 +62,14 @@ def _candidates(T, din, dout, r, p, dtype, device, backward):
 
         c = {
             "base_linear": wrap(step(lambda: F.linear(x, w, b), [x])),
-            "eager_formula": wrap(step(lambda: F.linear(x, w, b) + scale * F.linear(
-                F.linear(F.dropout(x, p, training=p > 0), la), lb), [x, la, lb])),
+            "eager_formula": wrap(step(lambda: F.linear(x, w, b) + (scale * F.linear(
+                F.linear(F.dropout(x, p, training=p > 0).to(adt), la), lb)).to(dtype), [x, la, lb])),
             "lrkernels": wrap(step(lambda: lrkernels.lora_linear(x, w, b, la, lb, scale=scale, dropout_p=p),
                                    [x, la, lb])),
         }
         if device == "cpu":
-            # the same op with the hand-vectorised AVX-512 kernels turned off, for the record
-            c["lrkernels_portable"] = portable(c["lrkernels"])
+            # the same op without its blocked kernels, for the record
+            c["lrkernels_aten"] = aten_path(c["lrkernels"])
         try:
             import peft
 
@@ -110,6 +113,7 @@ def cases(device, quick):
         shapes = [("issue target", 4096, 1024, 1024, 16, 0.1, torch.float32)]
         if not quick:
             shapes.append(("rank 64", 4096, 1024, 1024, 64, 0.1, torch.float32))
+            # bf16 activations and base weight, float32 adapters (PEFT's default)
             shapes.append(("bf16", 4096, 1024, 1024, 16, 0.1, torch.bfloat16))
         for label, T, din, dout, r, p, dtype in shapes:
             for backward in (True, False):
@@ -117,9 +121,10 @@ def cases(device, quick):
                 dname = "fp32" if dtype == torch.float32 else "bf16"
                 name = (f"{label}: {T} tok {din}->{dout} r{r} p{pp} {dname} "
                         f"{'fwd+bwd' if backward else 'fwd (inference)'}")
-                targets = {"base_linear": 1.10, "peft_lora": 0.85} if (label == "issue target" and backward) else {}
+                targets = ({"base_linear": 1.10, "peft_lora": 0.85}
+                           if (label in ("issue target", "bf16") and backward) else {})
                 out.append(Case(name, _candidates(T, din, dout, r, pp, dtype, device, backward), "lrkernels",
-                                ["base_linear", "eager_formula", "peft_lora", "lrkernels_portable"],
+                                ["base_linear", "eager_formula", "peft_lora", "lrkernels_aten"],
                                 flops=_flops(T, din, dout, r, backward),
                                 bytes=_bytes(T, din, dout, r, dtype, backward), targets=targets))
                 _curve_point(out[-1], label, T, r, dname, backward)
@@ -163,7 +168,7 @@ def _cpu_sweep_cases(quick):
     for sweep, T, r in points:
         c = Case(f"{sweep} curve: {T} tok {din}->{dout} r{r} p0.1 fp32 fwd+bwd",
                  _candidates(T, din, dout, r, 0.1, torch.float32, "cpu", True), "lrkernels",
-                 ["base_linear", "eager_formula", "peft_lora", "lrkernels_portable"],
+                 ["base_linear", "eager_formula", "peft_lora", "lrkernels_aten"],
                  flops=_flops(T, din, dout, r, True), bytes=_bytes(T, din, dout, r, torch.float32, True),
                  headline=False)
         _curve_point(c, "", T, r, "fp32", True)

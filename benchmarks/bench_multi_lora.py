@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench_lora import portable
+from .bench_lora import aten_path
 from .harness import Case
 
 
@@ -79,7 +79,7 @@ def _forward_case(name, T, din, dout, L, r, device, dtype, targets, note="", pef
 
         c = {"lrkernels": ml, "lora_linear_single_adapter": single, "base_linear": base}
         if device == "cpu":
-            c["lrkernels_portable"] = portable(ml)  # AVX-512 kernels off, for the record
+            c["lrkernels_aten"] = aten_path(ml)  # the blocked kernels off, for the record
         if peft_baseline:
             try:
                 layer = _peft_layer(d, L, r, device, dtype)
@@ -99,7 +99,7 @@ def _forward_case(name, T, din, dout, L, r, device, dtype, targets, note="", pef
     baselines = ["peft_mixed_batch", "lora_linear_single_adapter", "base_linear"] if peft_baseline else \
         ["lora_linear_single_adapter", "base_linear"]
     if device == "cpu":
-        baselines.append("lrkernels_portable")
+        baselines.append("lrkernels_aten")
     return Case(name=name, setup=build, subject="lrkernels", baselines=baselines, flops=flops, bytes=by,
                 targets=targets, note=note)
 

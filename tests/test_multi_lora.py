@@ -229,6 +229,173 @@ def test_matches_lora_linear_per_adapter(dtype, cpu_kernels):
     torch.testing.assert_close(y[base], (a["x"][base] @ a["weight"].T + a["bias"]).detach())
 
 
+# ---------------------------------------------------------------------------- gates, output scales, dropout
+
+OPT_GRAD_NAMES = GRAD_NAMES + ("rank_scale", "out_scale")
+
+
+def seed_of(value, device="cpu"):
+    return torch.tensor([value], dtype=torch.int64, device=device)
+
+
+def with_options(a, options, dtype, *, p=0.3, seed=1234, requires_grad=False):
+    """a plus rank_scale (L, r_max), out_scale (L, out) and dropout, as `options` ("gates+out",
+    ...) names them."""
+    options = set(options.split("+")) if options else set()
+    L, r_max, dout = a["lora_a"].shape[0], a["lora_a"].shape[1], a["weight"].shape[0]
+    b = dict(a, rank_scale=None, out_scale=None, dropout_p=0.0, seed=None)
+    pdt = torch.float32 if dtype == torch.bfloat16 else dtype  # fp32 gates on a bf16 base (mixed rule)
+    if "gates" in options:
+        b["rank_scale"] = (torch.rand(L, r_max, dtype=torch.float64) * 1.5 + 0.25).to(pdt)
+    if "out" in options:
+        b["out_scale"] = (torch.rand(L, dout, dtype=torch.float64) * 1.5 + 0.25).to(pdt)
+    if "dropout" in options:
+        b["dropout_p"], b["seed"] = p, seed_of(seed)
+    if requires_grad:
+        for k in ("rank_scale", "out_scale"):
+            if b[k] is not None:
+                b[k].requires_grad_(True)
+    return b
+
+
+def run_opt(b):
+    return OP(b["x"], b["weight"], b["bias"], b["lora_a"], b["lora_b"], b["adapter_ids"], b["scales"], b["ranks"],
+              None, None, b["rank_scale"], b["out_scale"], b["dropout_p"], b["seed"])
+
+
+def oracle_opt(b, dtype=torch.float64):
+    return ref.multi_lora_linear(b["x"], b["weight"], b["bias"], b["lora_a"], b["lora_b"], b["adapter_ids"],
+                                 scales=b["scales"], ranks=b["ranks"], rank_scale=b["rank_scale"],
+                                 out_scale=b["out_scale"], dropout_p=b["dropout_p"],
+                                 seed=0 if b["seed"] is None else int(b["seed"]), dtype=dtype)
+
+
+OPTIONS = ["gates", "out", "dropout", "gates+out+dropout"]
+
+
+@pytest.mark.parametrize("dtype", cpu_dtypes())
+@pytest.mark.parametrize("T,din,dout,L,r", [(7, 13, 17, 3, 5), (50, 64, 65, 4, 16), (300, 40, 24, 3, 8)])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_options_forward_matches_oracle(dtype, T, din, dout, L, r, options, cpu_kernels):
+    if cpu_kernels == "blocked" and dtype != torch.float32:
+        pytest.skip("the blocked kernels are float32 only; other dtypes run the ATen path")
+    b = with_options(make_inputs(T, din, dout, L, r, dtype, ranks=mixed_ranks(L, r)), options, dtype)
+    y, hidden = run_opt(b)
+    assert y.dtype == dtype and y.shape == (T, dout)
+    assert_close_to_oracle(y, oracle_opt(b), oracle_opt(b, dtype).to(dtype))
+    # hidden is drop(x) Aᵀ before any gain (what the backward reads)
+    xd = b["x"].double()
+    if b["dropout_p"] > 0:
+        from lrkernels.reference.philox import dropout_mask
+        xd = xd * dropout_mask(int(b["seed"]), T, din, b["dropout_p"], dtype=torch.float64)
+    want_h = ref.lora_shrink(xd, b["lora_a"], b["adapter_ids"], b["ranks"])
+    low_h = ref.lora_shrink(xd.to(dtype), b["lora_a"], b["adapter_ids"], b["ranks"], dtype=dtype).to(dtype)
+    assert_close_to_oracle(hidden, want_h, low_h, name="hidden")
+
+
+def _opt_grads(b, dtype, gy, names):
+    leaf = {k: (v.detach().to(dtype).requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                else v) for k, v in b.items()}
+    y = oracle_opt(leaf, dtype=dtype)
+    return torch.autograd.grad(y, [leaf[k] for k in names], gy.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", cpu_dtypes())
+@pytest.mark.parametrize("T,din,dout,L,r", [(7, 13, 17, 3, 5), (50, 64, 65, 4, 16)])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_options_backward_matches_oracle(dtype, T, din, dout, L, r, options):
+    b = with_options(make_inputs(T, din, dout, L, r, dtype, ranks=mixed_ranks(L, r), requires_grad=True), options,
+                     dtype, requires_grad=True)
+    y, _ = run_opt(b)
+    gy = torch.randn_like(y)
+    names = [k for k in OPT_GRAD_NAMES if b[k] is not None]
+    got = torch.autograd.grad(y, [b[k] for k in names], gy)
+    want = _opt_grads(b, torch.float64, gy, names)
+    low = _opt_grads(b, dtype, gy, names)
+    for k, g, w, lo in zip(names, got, want, low):
+        assert g.dtype == b[k].dtype and g.shape == b[k].shape, k
+        assert_close_to_oracle(g, w, lo.to(g.dtype), name=f"grad {k}")
+
+
+def test_options_gradcheck_float64():
+    a = make_inputs(9, 7, 6, 3, 4, torch.float64, ranks=[2, 4, 3], requires_grad=True)
+    a["scales"] = a["scales"].detach().double().requires_grad_(True)
+    b = with_options(a, "gates+out+dropout", torch.float64, requires_grad=True)
+    ids, ranks, seed = b["adapter_ids"], b["ranks"], b["seed"]
+
+    def f(x, w, bias, la, lb, s, g, o):
+        return OP(x, w, bias, la, lb, ids, s, ranks, None, None, g, o, 0.3, seed)[0]
+
+    assert torch.autograd.gradcheck(f, tuple(b[k] for k in OPT_GRAD_NAMES))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_is_lora_linears_per_token(p, cpu_kernels):
+    """Token t's adapter input is row t of lora_linear's mask: a batch where every token uses
+    adapter 0 equals lora_linear with the same seed, forward and backward."""
+    a = make_inputs(70, 24, 20, 2, 6, torch.float32, base_frac=0.0, ids=torch.zeros(70, dtype=torch.int64),
+                    requires_grad=True)
+    b = with_options(a, "dropout", torch.float32, p=p, seed=77)
+    y, _ = run_opt(b)
+    gy = torch.randn_like(y)
+    gx, ga = torch.autograd.grad(y, [a["x"], a["lora_a"]], gy)
+    x2 = a["x"].detach().clone().requires_grad_(True)
+    la = a["lora_a"][0].detach().clone().requires_grad_(True)
+    y_l, _ = torch.ops.lrkernels.lora_linear(x2, a["weight"].detach(), a["bias"].detach(), la,
+                                             a["lora_b"][0].detach(), float(a["scales"][0]), None, None, p,
+                                             seed_of(77))
+    gx_l, ga_l = torch.autograd.grad(y_l, [x2, la], gy)
+    torch.testing.assert_close(y, y_l, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_l, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga[0], ga_l, rtol=1e-5, atol=1e-5)
+    assert torch.all(ga[1] == 0)
+    # a different seed gives a different result; p = 0 is no dropout
+    assert not torch.allclose(run_opt(dict(b, seed=seed_of(78)))[0], y)
+    torch.testing.assert_close(run_opt(dict(b, dropout_p=0.0, seed=None))[0], run_op(a)[0])
+
+
+def test_options_opcheck():
+    a = make_inputs(11, 12, 9, 3, 4, torch.float32, ranks=[4, 2, 3])
+    b = with_options(a, "gates+out+dropout", torch.float32)
+    args = (b["x"], b["weight"], b["bias"], b["lora_a"], b["lora_b"], b["adapter_ids"], b["scales"], b["ranks"],
+            None, None, b["rank_scale"], b["out_scale"], b["dropout_p"], b["seed"])
+    torch.library.opcheck(OP, args)
+    y, hidden = OP(*args)
+    seg = SEG(b["adapter_ids"], 3)
+    bargs = (torch.randn_like(y), b["x"], b["weight"], b["lora_a"], b["lora_b"], b["adapter_ids"], b["scales"],
+             b["ranks"], hidden, seg[0], seg[1])
+    for mask in ([True] * 8, [False] * 6 + [True, True], [True, False, False, True, False, False, True, False]):
+        torch.library.opcheck(BWD, bargs + (mask, b["rank_scale"], b["out_scale"], b["dropout_p"], b["seed"]))
+
+
+def test_module_gates_out_scales_and_dropout():
+    torch.manual_seed(0)
+    m = lrkernels.nn.MultiLoRALinear(16, 12, 3, 4, ranks=[4, 2, 3], dropout=0.25, rank_scale="parameter",
+                                     out_scale="buffer")
+    assert isinstance(m.rank_scale, nn.Parameter) and m.rank_scale.shape == (3, 4)
+    assert not isinstance(m.out_scale, nn.Parameter) and m.out_scale.shape == (3, 12)
+    with torch.no_grad():
+        m.lora_b.normal_()
+        m.rank_scale.uniform_(0.5, 1.5)
+        m.out_scale.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 16)
+    ids = torch.tensor([0, 2])
+    m.eval()
+    y_eval = m(x, ids)
+    want = ref.multi_lora_linear(x, m.weight, m.bias, m.lora_a, m.lora_b, ids[:, None].expand(2, 5),
+                                 scales=m.scales, ranks=m.ranks, rank_scale=m.rank_scale, out_scale=m.out_scale,
+                                 dtype=torch.float64)
+    torch.testing.assert_close(y_eval.double(), want, rtol=1e-5, atol=1e-5)
+    m.train()
+    y1, y2 = m(x, ids), m(x, ids)
+    assert not torch.allclose(y1, y_eval) and not torch.allclose(y1, y2)  # fresh masks each call
+    y1.sum().backward()
+    assert m.rank_scale.grad is not None and m.rank_scale.grad[1, 2:].abs().sum() == 0  # past adapter 1's rank
+    assert m.lora_a.grad is not None and m.lora_a.grad[1].abs().sum() == 0  # adapter 1 unused
+    with pytest.raises(ValueError, match="dropout"):
+        lrkernels.nn.MultiLoRALinear(16, 12, 3, 4, dropout=1.0)
+
+
 @pytest.mark.parametrize("T,din,dout,L,r_max,ranks,base_frac,zero_scale", [
     (300, 64, 80, 3, 16, None, 0.2, False),
     (300, 70, 33, 5, 40, [40, 1, 17, 33, 8], 0.3, True),

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/dropout_cpu.h"
 #include "common/fused_cpu.h"
 #include "common/parallel_cpu.h"
 #include "lora/lora_cpu_vec.h"
@@ -53,6 +54,36 @@ HostGroups host_groups(const at::Tensor& order, const at::Tensor& offsets, const
 std::vector<double> host_scales(const at::Tensor& scales) {
   const at::Tensor s = scales.to(at::kDouble).contiguous();
   return std::vector<double>(s.data_ptr<double>(), s.data_ptr<double>() + s.numel());
+}
+
+// The per-adapter options of multi_lora_linear in the accumulation dtype: rank gates g (L, r_max)
+// and output scales o (L, out), undefined when absent, and the dropout parameters.
+struct AdapterOptions {
+  at::Tensor g, o;
+  DropoutParams dropout;
+
+  AdapterOptions(const std::optional<at::Tensor>& rank_scale, const std::optional<at::Tensor>& out_scale,
+                 const MultiLoraOptions& opts, at::ScalarType acc)
+      : dropout(opts.dropout) {
+    if (opts.has_rank_scale) g = rank_scale->to(acc);
+    if (opts.has_out_scale) o = out_scale->to(acc);
+  }
+  // s · g[l, :r] ((r,)), or undefined without gates (the scale alone applies).
+  at::Tensor gain(int64_t l, int64_t r, double s) const { return g.defined() ? g[l].narrow(0, 0, r) * s : at::Tensor(); }
+  // o[l] ⊙ B rows: ((h Bᵀ) ⊙ o) = h (o ⊙ B)ᵀ, so the output scale folds into B's rows.
+  at::Tensor b_eff(const at::Tensor& b_l, int64_t l) const { return o.defined() ? b_l * o[l].unsqueeze(1) : b_l; }
+};
+
+// The gathered rows drop(x)[idx] in the accumulation dtype (a fresh tensor; each row with the
+// mask of its token, as lora_linear draws it for that row).
+at::Tensor gather_dropped(const at::Tensor& x2, const at::Tensor& idx, const DropoutParams& d, at::ScalarType acc) {
+  at::Tensor xg = x2.index_select(0, idx).to(acc).contiguous();
+  if (d.threshold == 0) return xg;
+  const at::Tensor ix = idx.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "multi_lora_drop_rows", [&] {
+    drop_gathered_rows(xg.data_ptr<scalar_t>(), xg.size(0), xg.size(1), ix.data_ptr<int64_t>(), d);
+  });
+  return xg;
 }
 
 // Runs fn(l, first sorted position, token count, rank) for every adapter with tokens, in
@@ -106,22 +137,27 @@ void scatter_add_rows(at::Tensor& y2, const at::Tensor& idx, const at::Tensor& d
 std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor* bias,
                                                  const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                  const at::Tensor& order, const HostGroups& g,
-                                                 const std::vector<double>& sc, int64_t r_max) {
+                                                 const std::vector<double>& sc, const AdapterOptions& ao,
+                                                 int64_t r_max) {
   const int64_t rows = x2.size(0), in = x2.size(1), out = weight.size(0);
   const int64_t L = static_cast<int64_t>(g.ranks.size());
   const auto opts = x2.options();
   at::Tensor y = at::empty({rows, out}, opts);
   at::Tensor hidden = at::zeros({rows, r_max}, opts);
   if (rows == 0) return {y, hidden};
-  // Per adapter with tokens: Aᵀ and s·B[:, :r]ᵀ, rows zero-padded (lora_vec_pad).
+  // Per adapter with tokens: Aᵀ and s·B[:, :r]ᵀ (gates and output scales folded in), rows
+  // zero-padded (lora_vec_pad).
   std::vector<at::Tensor> at_l(L), bt_l(L);
   for (int64_t l = 0; l < L; ++l) {
     const int64_t r = g.ranks[l];
     if (g.offsets[l + 1] == g.offsets[l] || r == 0) continue;
     at_l[l] = at::zeros({in, lora_vec_pad(r)}, opts);
     at_l[l].narrow(1, 0, r).copy_(lora_a[l].narrow(0, 0, r).t());
+    // bt = (o ⊙ B) · diag(s · g), transposed: the expand reads the saved (ungated) hidden as is.
+    const at::Tensor b_l = ao.b_eff(lora_b[l].narrow(1, 0, r).to(at::kFloat), l);
+    const at::Tensor gain = ao.gain(l, r, sc[l]);
     bt_l[l] = at::zeros({r, lora_vec_pad(out)}, opts);
-    bt_l[l].narrow(1, 0, out).copy_((lora_b[l].narrow(1, 0, r) * sc[l]).t());
+    bt_l[l].narrow(1, 0, out).copy_((gain.defined() ? b_l * gain.unsqueeze(0) : b_l * sc[l]).t());
   }
   const at::Tensor ord = order.to(at::kLong).contiguous();
   const int64_t* op = ord.data_ptr<int64_t>();
@@ -247,8 +283,6 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
   const char* op = "multi_lora_linear";
   const MultiLoraShapes sh = check_multi_lora_args(op, x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks);
   const MultiLoraOptions opts = check_multi_lora_options(op, x, sh, rank_scale, out_scale, dropout_p, seed);
-  TORCH_CHECK_NOT_IMPLEMENTED(!opts.any(), "lrkernels.", op,
-                              ": rank_scale, out_scale and dropout_p > 0 are not implemented on CPU yet");
   TORCH_CHECK_VALUE(token_order.has_value() == adapter_offsets.has_value(), "lrkernels.", op,
                     ": pass both token_order and adapter_offsets (from multi_lora_segments) or neither");
   at::Tensor order, offsets;
@@ -262,9 +296,12 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
   const auto acc = multi_lora_acc_dtype(x);
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   const HostGroups g = host_groups(order, offsets, ranks, sh.num_adapters, sh.r_max);
-  if (use_fused_cpu(x, sh.tokens)) {
+  const AdapterOptions ao(rank_scale, out_scale, opts, acc);
+  // The blocked path draws dropout masks for runs of consecutive rows; the grouped order is
+  // not one, so with dropout the per-adapter path below runs (it drops each gathered row).
+  if (opts.dropout.threshold == 0 && use_fused_cpu(x, sh.tokens)) {
     auto [y, hidden] = forward_fused(x2, weight, opt_ptr_defined(bias) ? &*bias : nullptr, lora_a, lora_b, order, g,
-                                     host_scales(scales), sh.r_max);
+                                     host_scales(scales), ao, sh.r_max);
     return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.r_max))};
   }
   at::Tensor y = opt_ptr_defined(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
@@ -277,10 +314,12 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(
     for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
       if (r == 0) return;
       const at::Tensor idx_l = g.idx.narrow(0, p0, n);
-      const at::Tensor h = at::mm(x2.index_select(0, idx_l).to(acc), lora_a[l].narrow(0, 0, r).to(acc).t());
+      const at::Tensor h = at::mm(gather_dropped(x2, idx_l, ao.dropout, acc), lora_a[l].narrow(0, 0, r).to(acc).t());
       hidden.narrow(1, 0, r).index_copy_(0, idx_l, h);
       if (sc[l] == 0.0) return;
-      scatter_add_rows(y, idx_l, at::mm(h * sc[l], lora_b[l].narrow(1, 0, r).to(acc).t()));
+      const at::Tensor gain = ao.gain(l, r, sc[l]);
+      const at::Tensor hg = gain.defined() ? h * gain : h * sc[l];
+      scatter_add_rows(y, idx_l, at::mm(hg, ao.b_eff(lora_b[l].narrow(1, 0, r).to(acc), l).t()));
     });
   }
   return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.r_max))};
@@ -300,50 +339,73 @@ multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
       check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks);
   check_backward_extras(op, grad_out, hidden, x, sh);
   const MultiLoraOptions opts = check_multi_lora_options(op, x, sh, rank_scale, out_scale, dropout_p, seed);
-  TORCH_CHECK_NOT_IMPLEMENTED(!opts.any() && !mask[6] && !mask[7], "lrkernels.", op,
-                              ": rank_scale, out_scale and dropout_p > 0 are not implemented on CPU yet");
   check_segments(token_order, adapter_offsets, x, sh.tokens, sh.num_adapters, op);
   // Plain bools, not structured bindings: the per-adapter lambda captures them.
   const bool want_x = mask[0], want_w = mask[1], want_bias = mask[2], want_a = mask[3], want_b = mask[4],
-             want_s = mask[5];
+             want_s = mask[5], want_g = mask[6] && opts.has_rank_scale, want_o = mask[7] && opts.has_out_scale;
   const auto acc = multi_lora_acc_dtype(x);
   const auto acc_opts = x.options().dtype(acc);
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
   const at::Tensor hid = hidden.reshape({sh.tokens, sh.r_max});
-  std::optional<at::Tensor> gx, gw, gbias, ga, gb, gs;
+  std::optional<at::Tensor> gx, gw, gbias, ga, gb, gs, gg, go;
   if (want_w) gw = at::mm(dy2.t(), x2);
   if (want_bias) gbias = dy2.sum(0);
   at::Tensor dx;
   if (want_x) dx = at::mm(dy2, weight);
-  if (want_a || want_b || want_s || want_x) {
+  if (want_a || want_b || want_s || want_x || want_g || want_o) {
     const HostGroups g = host_groups(token_order, adapter_offsets, ranks, sh.num_adapters, sh.r_max);
     const std::vector<double> sc = host_scales(scales);
-    at::Tensor ga_acc, gb_acc, gs_acc;
+    const AdapterOptions ao(rank_scale, out_scale, opts, acc);
+    at::Tensor ga_acc, gb_acc, gs_acc, gg_acc, go_acc;
     if (want_a) ga_acc = at::zeros({sh.num_adapters, sh.r_max, sh.in_features}, acc_opts);
     if (want_b) gb_acc = at::zeros({sh.num_adapters, sh.out_features, sh.r_max}, acc_opts);
     if (want_s) gs_acc = at::zeros({sh.num_adapters}, acc_opts);
+    if (want_g) gg_acc = at::zeros({sh.num_adapters, sh.r_max}, acc_opts);
+    if (want_o) go_acc = at::zeros({sh.num_adapters, sh.out_features}, acc_opts);
+    const bool need_dz = want_a || want_s || want_x || want_g;
     // One task per adapter, as in the forward: its tokens' rows of dy, hidden (and x) are
     // gathered, its gradients are whole per-adapter blocks, its grad_x rows are added in place.
+    // With u = s·(g ⊙ h) and z = (u Bᵀ) ⊙ o: P = dyᵀ u gives ∂B = o ⊙ P and ∂o = Σ_j B ⊙ P;
+    // dz = dy (o ⊙ B) = ∂L/∂u gives ∂s = Σ dz ⊙ g ⊙ h, ∂g = s Σ_t dz ⊙ h, ∂h = dz ⊙ s·g.
     for_each_adapter(g, [&](int64_t l, int64_t p0, int64_t n, int64_t r) {
       if (r == 0) return;
       const at::Tensor idx_l = g.idx.narrow(0, p0, n);
       const at::Tensor dy_l = dy2.index_select(0, idx_l).to(acc);                 // (n, out)
       const at::Tensor h_l = hid.index_select(0, idx_l).narrow(1, 0, r);          // (n, r)
-      if (want_b) gb_acc[l].narrow(1, 0, r).copy_(at::mm(dy_l.t(), h_l) * sc[l]);
-      if (!(want_a || want_s || want_x)) return;
-      const at::Tensor dz = at::mm(dy_l, lora_b[l].narrow(1, 0, r).to(acc));  // ∂L/∂(s·h): (n, r)
-      if (want_s) gs_acc[l] = (dz * h_l).sum();
-      const at::Tensor du = dz * sc[l];                                          // ∂L/∂h
-      if (want_a) ga_acc[l].narrow(0, 0, r).copy_(at::mm(du.t(), x2.index_select(0, idx_l).to(acc)));
-      if (want_x) scatter_add_rows(dx, idx_l, at::mm(du, lora_a[l].narrow(0, 0, r).to(acc)));
+      const at::Tensor b_l = lora_b[l].narrow(1, 0, r).to(acc);                   // (out, r)
+      const at::Tensor gain = ao.gain(l, r, sc[l]);                               // s·g or undefined
+      if (want_b || want_o) {
+        const at::Tensor p = at::mm(dy_l.t(), gain.defined() ? h_l * gain : h_l * sc[l]);  // (out, r)
+        if (want_b) gb_acc[l].narrow(1, 0, r).copy_(ao.o.defined() ? p * ao.o[l].unsqueeze(1) : p);
+        if (want_o) go_acc[l].copy_((p * b_l).sum(1));
+      }
+      if (!need_dz) return;
+      const at::Tensor dz = at::mm(dy_l, ao.b_eff(b_l, l));  // ∂L/∂u: (n, r)
+      if (want_s) gs_acc[l] = ao.g.defined() ? (dz * h_l * ao.g[l].narrow(0, 0, r)).sum() : (dz * h_l).sum();
+      if (want_g) gg_acc[l].narrow(0, 0, r).copy_((dz * h_l).sum(0) * sc[l]);
+      if (!(want_a || want_x)) return;
+      const at::Tensor du = gain.defined() ? dz * gain : dz * sc[l];  // ∂L/∂h
+      if (want_a) ga_acc[l].narrow(0, 0, r).copy_(at::mm(du.t(), gather_dropped(x2, idx_l, ao.dropout, acc)));
+      if (want_x) {
+        at::Tensor dxl = at::mm(du, lora_a[l].narrow(0, 0, r).to(acc)).contiguous();  // ∂L/∂drop(x)
+        if (ao.dropout.threshold != 0) {
+          const at::Tensor ix = idx_l.contiguous();
+          AT_DISPATCH_FLOATING_TYPES(acc, "multi_lora_drop_grad_rows", [&] {
+            drop_gathered_rows(dxl.data_ptr<scalar_t>(), n, dxl.size(1), ix.data_ptr<int64_t>(), ao.dropout);
+          });
+        }
+        scatter_add_rows(dx, idx_l, dxl);
+      }
     });
     if (want_x) gx = dx.view(x.sizes());
     if (want_a) ga = ga_acc.to(lora_a.scalar_type());
     if (want_b) gb = gb_acc.to(lora_b.scalar_type());
     if (want_s) gs = gs_acc.to(scales.scalar_type());
+    if (want_g) gg = gg_acc.to(rank_scale->scalar_type());
+    if (want_o) go = go_acc.to(out_scale->scalar_type());
   }
-  return {gx, gw, gbias, ga, gb, gs, std::nullopt, std::nullopt};
+  return {gx, gw, gbias, ga, gb, gs, gg, go};
 }
 
 TORCH_LIBRARY_IMPL(lrkernels, CPU, m) {

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ._mergeable import MergeableAdapter
+from ._scales import check_adapter_options, register_scale
 from ..ops.lora import lora_linear
 
 
@@ -32,11 +33,7 @@ class LoRALinear(MergeableAdapter, nn.Module):
         super().__init__()
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
-        for name, kind in (("rank_scale", rank_scale), ("out_scale", out_scale)):
-            if kind not in (None, "parameter", "buffer"):
-                raise ValueError(f"LoRALinear: {name} must be None, 'parameter' or 'buffer', got {kind!r}")
+        check_adapter_options("LoRALinear", dropout, rank_scale=rank_scale, out_scale=out_scale)
         fk = {"device": device, "dtype": dtype}
         ak = {"device": device, "dtype": dtype if adapter_dtype is None else adapter_dtype}
         self.in_features, self.out_features, self.r = in_features, out_features, r
@@ -48,22 +45,14 @@ class LoRALinear(MergeableAdapter, nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **fk), requires_grad=False) if bias else None
         self.lora_a = nn.Parameter(torch.empty(r, in_features, **ak))
         self.lora_b = nn.Parameter(torch.zeros(out_features, r, **ak))
-        self._register_scale("rank_scale", rank_scale, torch.ones(r, **ak))
-        self._register_scale("out_scale", out_scale, torch.ones(out_features, **ak))
+        register_scale(self, "rank_scale", rank_scale, torch.ones(r, **ak))
+        register_scale(self, "out_scale", out_scale, torch.ones(out_features, **ak))
         self.merged = False
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-
-    def _register_scale(self, name, kind, init):
-        if kind == "parameter":
-            self.register_parameter(name, nn.Parameter(init))
-        elif kind == "buffer":
-            self.register_buffer(name, init)
-        else:
-            setattr(self, name, None)
 
     @torch.no_grad()
     def set_active_rank(self, k: int):

@@ -7,11 +7,13 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ._scales import check_adapter_options, register_scale
 from ..ops.multi_lora import MultiLoraSegments, _flat_ids, multi_lora_linear, multi_lora_segments
 
 
 class MultiLoRALinear(nn.Module):
-    """``y_t = x_t Wᵀ + b + scales[a_t] · (x_t A[a_t, :r]ᵀ) B[a_t, :, :r]ᵀ``, a_t = -1: base only.
+    """``y_t = x_t Wᵀ + b + s[a] · ((g[a] ⊙ (drop(x_t) A[a, :r]ᵀ)) B[a, :, :r]ᵀ) ⊙ o[a]``, a = a_t;
+    a_t = -1: base only.
 
     Holds L adapters padded to ``r_max`` (``lora_a`` (L, r_max, in), ``lora_b`` (L, out, r_max))
     with their own ranks (``ranks`` buffer) and scales (``scales`` buffer, ``alpha_l / r_l`` or
@@ -20,13 +22,20 @@ class MultiLoRALinear(nn.Module):
     :func:`set_multi_lora_batch`, which also groups the tokens once for every layer.
     Initialised like PEFT's LoRA (A Kaiming-uniform, B zero): every adapter starts at the base.
     ``adapter_dtype``: dtype of A and B (default: the base's); ``torch.float32`` on a bfloat16
-    base is PEFT's default (float32 adapter path, y in the base's dtype; on CPU, and on CUDA once
-    its kernels take float32 adapters).
+    base is PEFT's default (float32 adapter path, y in the base's dtype).
+
+    ``dropout``: inverted dropout on the adapters' input in training mode (token t's mask is
+    row t of lora_linear's mask for the call's seed). ``rank_scale`` (g, ``(L, r_max)``) and
+    ``out_scale`` (o, ``(L, out_features)``): None, ``"parameter"`` (trained: per-adapter
+    gates, VeRA's λ_d / λ_b) or ``"buffer"`` (saved, not trained: DyLoRA truncation masks),
+    initialised to ones, as in :class:`LoRALinear`.
     """
 
     def __init__(self, in_features, out_features, num_adapters, r_max, *, ranks=None, alphas=None, bias=True,
-                 use_rslora=False, adapter_dtype=None, device=None, dtype=None):
+                 use_rslora=False, dropout=0.0, rank_scale=None, out_scale=None, adapter_dtype=None, device=None,
+                 dtype=None):
         super().__init__()
+        check_adapter_options("MultiLoRALinear", dropout, rank_scale=rank_scale, out_scale=out_scale)
         if not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"MultiLoRALinear: num_adapters must be a positive int, got {num_adapters!r}")
         if not isinstance(r_max, int) or r_max < 1:
@@ -45,6 +54,9 @@ class MultiLoRALinear(nn.Module):
         ak = {"device": device, "dtype": dtype if adapter_dtype is None else adapter_dtype}
         self.lora_a = nn.Parameter(torch.zeros(num_adapters, r_max, in_features, **ak))
         self.lora_b = nn.Parameter(torch.zeros(num_adapters, out_features, r_max, **ak))
+        register_scale(self, "rank_scale", rank_scale, torch.ones(num_adapters, r_max, **ak))
+        register_scale(self, "out_scale", out_scale, torch.ones(num_adapters, out_features, **ak))
+        self.dropout = float(dropout)
         scales = [a / (math.sqrt(r) if use_rslora else r) for a, r in zip(alphas, ranks)]
         self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32, device=device))
         self.register_buffer("ranks", torch.tensor(ranks, dtype=torch.int32, device=device))
@@ -81,11 +93,14 @@ class MultiLoRALinear(nn.Module):
         # from device data, so no host sync).
         ranks = None if self._ranks_full else self.ranks
         return multi_lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, adapter_ids,
-                                 scales=self.scales, ranks=ranks, segments=segments)
+                                 scales=self.scales, ranks=ranks, segments=segments, rank_scale=self.rank_scale,
+                                 out_scale=self.out_scale, dropout_p=self.dropout if self.training else 0.0)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_adapters={self.num_adapters}, r_max={self.r_max}, bias={self.bias is not None}")
+                f"num_adapters={self.num_adapters}, r_max={self.r_max}, bias={self.bias is not None}, "
+                f"dropout={self.dropout}"
+                + "".join(f", {n}" for n in ("rank_scale", "out_scale") if getattr(self, n) is not None))
 
 
 def set_multi_lora_batch(model: nn.Module, adapter_ids, num_adapters: Optional[int] = None):

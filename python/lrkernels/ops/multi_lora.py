@@ -151,9 +151,10 @@ def _flat_ids(adapter_ids, x):
 def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, ranks=None,
                       segments: Optional[MultiLoraSegments] = None, rank_scale=None, out_scale=None,
                       dropout_p=0.0, generator=None):
-    """Multi-LoRA linear layer: token t uses its own adapter a_t (and rank r_a):
+    """Multi-LoRA linear layer: token t uses its own adapter a = a_t (and rank r_a):
 
-    ``y_t = x_t Wᵀ + b + scales[a_t] · (x_t A[a_t, :r_a]ᵀ) B[a_t, :, :r_a]ᵀ``, a_t = -1: base only.
+    ``y_t = x_t Wᵀ + b + scales[a] · ((g[a] ⊙ (drop(x_t) A[a, :r_a]ᵀ)) B[a, :, :r_a]ᵀ) ⊙ o[a]``,
+    a_t = -1: base only (g = rank_scale, o = out_scale, both optional).
 
     Args:
         x: ``(T, in)`` or ``(..., in)``.
@@ -174,14 +175,17 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, *, scales, r
             :func:`lora_linear` (token t's mask is row t of lora_linear's mask for the same
             seed); modules pass 0 in eval mode.
 
-    x, weight and bias share one dtype; lora_a and lora_b have x's dtype or, on a float16/bfloat16
-    x, float32 (float32 adapters on a low-precision base, PEFT's default; on CPU for now). The
+    x, weight and bias share one dtype; lora_a, lora_b, rank_scale and out_scale have x's dtype
+    or, on a float16/bfloat16 x, float32 (float32 adapters on a low-precision base, PEFT's
+    default). The
     low-rank path accumulates in float32, y has x's dtype, each gradient its own tensor's dtype.
 
     On CPU an adapter id outside ``[-1, L)`` or a rank outside ``[0, r_max]`` raises
     ValueError. On CUDA (no host synchronisation) such ids are treated as -1 and ranks are
     clamped to ``[0, r_max]``: nothing is read out of bounds. Differentiable in x, weight,
-    bias, lora_a, lora_b and scales; several adapters train in one batch.
+    bias, lora_a, lora_b, scales, rank_scale and out_scale; several adapters train in one
+    batch. On CPU, dropout takes the per-adapter path (gathered rows dropped with their
+    tokens' masks) rather than the blocked one.
     """
     ids = _flat_ids(adapter_ids, x)
     order, offsets = (None, None) if segments is None else (segments.token_order, segments.adapter_offsets)
