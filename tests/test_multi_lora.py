@@ -124,7 +124,9 @@ def _grads(a, dtype, gy):
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,L,r", SHAPES[1:])
 @pytest.mark.parametrize("ranks", ["full", "mixed"])
-def test_backward_matches_oracle(dtype, T, din, dout, L, r, ranks):
+def test_backward_matches_oracle(dtype, T, din, dout, L, r, ranks, cpu_kernels):
+    if cpu_kernels == "blocked" and dtype != torch.float32:
+        pytest.skip("the blocked kernels are float32 only; other dtypes run the ATen path")
     a = make_inputs(T, din, dout, L, r, dtype, ranks=mixed_ranks(L, r) if ranks == "mixed" else None,
                     requires_grad=True)
     y, _ = run_op(a)
@@ -303,7 +305,9 @@ def _opt_grads(b, dtype, gy, names):
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("T,din,dout,L,r", [(7, 13, 17, 3, 5), (50, 64, 65, 4, 16)])
 @pytest.mark.parametrize("options", OPTIONS)
-def test_options_backward_matches_oracle(dtype, T, din, dout, L, r, options):
+def test_options_backward_matches_oracle(dtype, T, din, dout, L, r, options, cpu_kernels):
+    if cpu_kernels == "blocked" and dtype != torch.float32:
+        pytest.skip("the blocked kernels are float32 only; other dtypes run the ATen path")
     b = with_options(make_inputs(T, din, dout, L, r, dtype, ranks=mixed_ranks(L, r), requires_grad=True), options,
                      dtype, requires_grad=True)
     y, _ = run_opt(b)
@@ -417,6 +421,41 @@ def test_fused_cpu_forward_matches_portable(T, din, dout, L, r_max, ranks, base_
             outs[mode] = run_op(a)
     for name, u, v in zip(("y", "hidden"), outs["blocked"], outs["aten"]):
         torch.testing.assert_close(u, v, rtol=2e-5, atol=2e-5 * max(1.0, v.abs().max().item()), msg=name)
+
+
+@pytest.mark.parametrize("T,din,dout,L,r_max,ranks,base_frac,zero_scale,options", [
+    (300, 64, 80, 3, 16, None, 0.2, False, ""),
+    (300, 70, 33, 5, 40, [40, 1, 17, 33, 8], 0.3, True, "gates+out"),
+    (29, 17, 300, 2, 256, [256, 100], 0.0, False, "gates"),
+    (530, 32, 24, 9, 8, [8, 2, 5, 8, 1, 3, 8, 7, 6], 0.5, False, "out"),
+    (64, 48, 40, 4, 8, None, 1.0, False, ""),
+])
+@pytest.mark.parametrize("mask", ["all", "adapters only", "x only"])
+def test_fused_cpu_backward_matches_portable(T, din, dout, L, r_max, ranks, base_frac, zero_scale, options, mask,
+                                             cpu_capability):
+    """The blocked backward (each instruction set) against the ATen one, every gradient, for
+    several output masks: runs crossing block boundaries, mixed ranks, base-only tokens."""
+    torch.manual_seed(8)
+    a = make_inputs(T, din, dout, L, r_max, torch.float32, ranks=ranks, base_frac=base_frac)
+    if zero_scale:
+        a["scales"][1] = 0.0
+    b = with_options(a, options, torch.float32)
+    y, hidden = run_opt(b)
+    gy = torch.randn_like(y)
+    order, offsets = SEG(b["adapter_ids"], L)
+    want = {"all": [True, False, False, True, True, True, True, True],
+            "adapters only": [False, False, False, True, True, True, True, True],
+            "x only": [True] + [False] * 7}[mask]
+    outs = {}
+    for mode in ("blocked", "aten"):
+        with lrkernels.use_cpu_kernels(mode):
+            outs[mode] = BWD(gy, b["x"], b["weight"], b["lora_a"], b["lora_b"], b["adapter_ids"], b["scales"],
+                             b["ranks"], hidden, order, offsets, want, b["rank_scale"], b["out_scale"], 0.0, None)
+    for name, u, v in zip(OPT_GRAD_NAMES, outs["blocked"], outs["aten"]):
+        assert (u is None) == (v is None), name
+        if u is not None:
+            assert u.dtype == v.dtype and u.shape == v.shape, name
+            torch.testing.assert_close(u, v, rtol=2e-5, atol=2e-5 * max(1.0, v.abs().max().item()), msg=name)
 
 
 # ---------------------------------------------------------------------------- mixed precision

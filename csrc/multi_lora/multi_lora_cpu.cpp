@@ -204,6 +204,145 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x2, const at:
   return {y, hidden};
 }
 
+struct BlockedGrads {
+  at::Tensor dx, ga, gb, gs, gg, go;  // each defined only when asked for; accumulation dtype
+};
+
+// multi_lora_linear_backward's blocked path (float32, no dropout), the backward of forward_fused:
+// the grouped positions are cut into blocks; per block the rows of dy, x and hidden are gathered
+// once, the block's dx = dy W GEMM runs on them, and every adapter run inside the block does its
+// pass over dy (∂L/∂u = dy (o ⊙ B) and P += dyᵀ u, u = s·(g ⊙ h)) and its pass over x (dA and the
+// rank-r part of dx) on the rows while they are in cache, with lora_linear's kernels at the
+// adapter's own rank; the finished dx rows are copied out. P and dA are summed per thread and per
+// adapter (allocated when a thread first meets the adapter: runs are contiguous, so each thread
+// meets few) and reduced at the end.
+BlockedGrads backward_fused(const at::Tensor& dy2, const at::Tensor& x2, const at::Tensor& weight,
+                            const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& hid,
+                            const at::Tensor& order, const HostGroups& g, const std::vector<double>& sc,
+                            const AdapterOptions& ao, int64_t r_max, bool want_x, bool want_a, bool want_b,
+                            bool want_s, bool want_g, bool want_o) {
+  const int64_t rows = x2.size(0), in = x2.size(1), out = dy2.size(1);
+  const int64_t L = static_cast<int64_t>(g.ranks.size());
+  const auto opts = x2.options();
+  const bool want_p = want_b || want_o, need_dz = want_x || want_a || want_s || want_g, want_du = want_x || want_a;
+  const int64_t inp = lora_vec_pad(in), rp_max = lora_vec_pad(std::max<int64_t>(r_max, 1));
+  // Per adapter with tokens: o ⊙ B[:, :r] (out, rp), A[:r] (r, inp), the gain s·g (r,).
+  std::vector<at::Tensor> beff_l(L), a_l(L), gain_l(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t r = g.ranks[l];
+    if (g.offsets[l + 1] == g.offsets[l] || r == 0) continue;
+    const int64_t rp = lora_vec_pad(r);
+    beff_l[l] = at::zeros({out, rp}, opts);
+    beff_l[l].narrow(1, 0, r).copy_(ao.b_eff(lora_b[l].narrow(1, 0, r), l));
+    a_l[l] = at::zeros({r, inp}, opts);
+    a_l[l].narrow(1, 0, in).copy_(lora_a[l].narrow(0, 0, r));
+    const at::Tensor gain = ao.gain(l, r, sc[l]);
+    gain_l[l] = (gain.defined() ? gain : at::full({r}, sc[l], opts)).contiguous();
+  }
+  const int nthreads = at::get_num_threads();
+  std::vector<std::vector<at::Tensor>> p_t(nthreads, std::vector<at::Tensor>(L)), da_t(nthreads, std::vector<at::Tensor>(L));
+  at::Tensor gs_t = want_s ? at::zeros({nthreads, L}, opts.dtype(at::kDouble)) : at::Tensor();
+  at::Tensor gg_t = want_g ? at::zeros({nthreads, L, r_max}, opts) : at::Tensor();
+  BlockedGrads out_g;
+  if (want_x) out_g.dx = at::empty({rows, in}, opts);
+  const at::Tensor ord = order.to(at::kLong).contiguous();
+  const int64_t* op = ord.data_ptr<int64_t>();
+  const float* xp = x2.data_ptr<float>();
+  const float* dyp = dy2.data_ptr<float>();
+  const float* hp = hid.data_ptr<float>();
+  const int64_t rb = fused_row_block(rows), nblocks = (rows + rb - 1) / rb;
+  const LoraVecDropout no_dropout;
+  const LoraVecOps<float>& k = lora_vec_ops<float>();
+  parallel_for_caller_state(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    const int tid = at::get_thread_num();
+    at::Tensor xb = at::empty({rb, in}, opts), dyb = at::empty({rb, out}, opts), dxb = at::empty({rb, in}, opts);
+    std::vector<float> hb(static_cast<size_t>(rb * r_max)), hg(static_cast<size_t>(rb * rp_max)),
+        dh(static_cast<size_t>(rb * rp_max)), du(static_cast<size_t>(rb * std::max<int64_t>(r_max, 1)));
+    std::vector<float> scratch(static_cast<size_t>(lora_vec_scratch_floats(std::max(in, out))));
+    std::vector<uint32_t> bits(static_cast<size_t>(lora_vec_scratch_bits(in)));
+    double* gsp = want_s ? gs_t[tid].data_ptr<double>() : nullptr;
+    float* ggp = want_g ? gg_t[tid].data_ptr<float>() : nullptr;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t p0 = blk * rb, nb = std::min(rb, rows - p0);
+      float* xbp = xb.data_ptr<float>();
+      float* dybp = dyb.data_ptr<float>();
+      float* dxbp = dxb.data_ptr<float>();
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t t = op[p0 + i];
+        if (want_du) std::memcpy(xbp + i * in, xp + t * in, sizeof(float) * in);
+        std::memcpy(dybp + i * out, dyp + t * out, sizeof(float) * out);
+        std::memcpy(hb.data() + i * r_max, hp + t * r_max, sizeof(float) * r_max);
+      }
+      if (want_x) {
+        at::Tensor dxv = dxb.narrow(0, 0, nb);
+        at::mm_out(dxv, dyb.narrow(0, 0, nb), weight);
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t q0 = std::max(p0, g.offsets[l]), q1 = std::min(p0 + nb, g.offsets[l + 1]);
+        if (q1 <= q0 || !beff_l[l].defined()) continue;
+        const int64_t i0 = q0 - p0, n = q1 - q0, r = g.ranks[l], rp = lora_vec_pad(r);
+        const float* gain = gain_l[l].data_ptr<float>();
+        const float* gate = ao.g.defined() ? ao.g[l].data_ptr<float>() : nullptr;
+        const float* hrow = hb.data() + i0 * r_max;
+        if (want_p) {  // u = s·(g ⊙ h), rows padded to rp
+          for (int64_t t = 0; t < n; ++t) {
+            float* u = hg.data() + t * rp;
+            for (int64_t j = 0; j < r; ++j) u[j] = hrow[t * r_max + j] * gain[j];
+            for (int64_t j = r; j < rp; ++j) u[j] = 0.f;
+          }
+          if (!p_t[tid][l].defined()) p_t[tid][l] = at::zeros({out, rp}, opts);
+        }
+        k.grad_out(dybp + i0 * out, out, n, out, rp, need_dz ? beff_l[l].data_ptr<float>() : nullptr,
+                   want_p ? hg.data() : nullptr, need_dz ? dh.data() : nullptr,
+                   want_p ? p_t[tid][l].data_ptr<float>() : nullptr, scratch.data());
+        if (!need_dz) continue;
+        for (int64_t t = 0; t < n; ++t) {
+          const float* d = dh.data() + t * rp;
+          const float* h = hrow + t * r_max;
+          if (gsp) {
+            double acc = 0.0;
+            for (int64_t j = 0; j < r; ++j) acc += static_cast<double>(d[j]) * h[j] * (gate ? gate[j] : 1.f);
+            gsp[l] += acc;
+          }
+          if (ggp)
+            for (int64_t j = 0; j < r; ++j) ggp[l * r_max + j] += static_cast<float>(sc[l]) * d[j] * h[j];
+          if (want_du)
+            for (int64_t j = 0; j < r; ++j) du[t * r + j] = d[j] * gain[j];
+        }
+        if (!want_du) continue;
+        if (want_a && !da_t[tid][l].defined()) da_t[tid][l] = at::zeros({r, inp}, opts);
+        k.grad_in(xbp + i0 * in, in, 0, n, in, du.data(), r, r, a_l[l].data_ptr<float>(), inp,
+                  want_a ? da_t[tid][l].data_ptr<float>() : nullptr, want_x ? dxbp + i0 * in : nullptr, in,
+                  no_dropout, scratch.data(), bits.data());
+      }
+      if (want_x) {
+        float* dxp = out_g.dx.data_ptr<float>();
+        for (int64_t i = 0; i < nb; ++i) std::memcpy(dxp + op[p0 + i] * in, dxbp + i * in, sizeof(float) * in);
+      }
+    }
+  });
+  if (want_a) out_g.ga = at::zeros({L, r_max, in}, opts);
+  if (want_b) out_g.gb = at::zeros({L, out, r_max}, opts);
+  if (want_o) out_g.go = at::zeros({L, out}, opts);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t r = g.ranks[l];
+    at::Tensor p_sum, da_sum;
+    for (int t = 0; t < nthreads; ++t) {
+      if (p_t[t][l].defined()) p_sum = p_sum.defined() ? p_sum + p_t[t][l] : p_t[t][l];
+      if (da_t[t][l].defined()) da_sum = da_sum.defined() ? da_sum + da_t[t][l] : da_t[t][l];
+    }
+    if (p_sum.defined()) {
+      const at::Tensor p = p_sum.narrow(1, 0, r);
+      if (want_b) out_g.gb[l].narrow(1, 0, r).copy_(ao.o.defined() ? p * ao.o[l].unsqueeze(1) : p);
+      if (want_o) out_g.go[l].copy_((p * lora_b[l].narrow(1, 0, r)).sum(1));
+    }
+    if (da_sum.defined()) out_g.ga[l].narrow(0, 0, r).copy_(da_sum.narrow(1, 0, in));
+  }
+  if (want_s) out_g.gs = gs_t.sum(0).to(at::kFloat);
+  if (want_g) out_g.gg = gg_t.sum(0);
+  return out_g;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> multi_lora_segments_cpu(const at::Tensor& adapter_ids, int64_t num_adapters) {
@@ -351,12 +490,25 @@ multi_lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, 
   std::optional<at::Tensor> gx, gw, gbias, ga, gb, gs, gg, go;
   if (want_w) gw = at::mm(dy2.t(), x2);
   if (want_bias) gbias = dy2.sum(0);
-  at::Tensor dx;
-  if (want_x) dx = at::mm(dy2, weight);
   if (want_a || want_b || want_s || want_x || want_g || want_o) {
     const HostGroups g = host_groups(token_order, adapter_offsets, ranks, sh.num_adapters, sh.r_max);
     const std::vector<double> sc = host_scales(scales);
     const AdapterOptions ao(rank_scale, out_scale, opts, acc);
+    // The blocked kernels regenerate dropout masks for runs of consecutive rows only (as in the
+    // forward): with dropout, and for other dtypes, the per-adapter path below runs.
+    if (opts.dropout.threshold == 0 && use_fused_cpu(x, sh.tokens, /*min_rows_per_thread=*/32)) {
+      BlockedGrads bg = backward_fused(dy2, x2, weight, lora_a, lora_b, hid.contiguous(), token_order, g, sc, ao,
+                                       sh.r_max, want_x, want_a, want_b, want_s, want_g, want_o);
+      if (want_x) gx = bg.dx.view(x.sizes());
+      if (want_a) ga = bg.ga.to(lora_a.scalar_type());
+      if (want_b) gb = bg.gb.to(lora_b.scalar_type());
+      if (want_s) gs = bg.gs.to(scales.scalar_type());
+      if (want_g) gg = bg.gg.to(rank_scale->scalar_type());
+      if (want_o) go = bg.go.to(out_scale->scalar_type());
+      return {gx, gw, gbias, ga, gb, gs, gg, go};
+    }
+    at::Tensor dx;
+    if (want_x) dx = at::mm(dy2, weight);
     at::Tensor ga_acc, gb_acc, gs_acc, gg_acc, go_acc;
     if (want_a) ga_acc = at::zeros({sh.num_adapters, sh.r_max, sh.in_features}, acc_opts);
     if (want_b) gb_acc = at::zeros({sh.num_adapters, sh.out_features, sh.r_max}, acc_opts);
