@@ -115,12 +115,26 @@ def cases(device: str, quick: bool):
                             _bytes(T, din, dout, dtype, True), {} if quick else targets[variant],
                             note="whole layer, base weight frozen: grads for x and the block"
                                  + (f" (mini_r = {MINI_R})" if variant == "mini" else ""),
-                            family="miss", params={"tokens": T, "in": din, "out": dout, "r": r}))
+                            family="miss", params={"tokens": T, "in": din, "out": dout, "r": r,
+                                                   "variant": variant, "pass": "fwd+bwd"}))
+            out[-1].sweep = "tokens"
+        # the tokens curves' other points (balance and bat, fwd+bwd)
+        for Tc in (() if quick else (512, 1024, 2048)):
+            for variant in ("balance", "bat"):
+                c = Case(f"tokens curve {Tc}x{din}->{dout} r{r} {variant} fp32 fwd+bwd",
+                         _candidates(Tc, din, dout, r, variant, dtype, device, True), "lrkernels",
+                         ["base_linear", "peft_miss"], _flops(Tc, din, dout, r, variant, True),
+                         _bytes(Tc, din, dout, dtype, True), family="miss", headline=False,
+                         params={"tokens": Tc, "in": din, "out": dout, "r": r, "variant": variant,
+                                 "pass": "fwd+bwd"})
+                c.sweep = "tokens"
+                out.append(c)
         for variant in ("balance", "bat"):
             out.append(Case(f"{label} {variant} fp32 fwd", _candidates(T, din, dout, r, variant, dtype, device, False),
                             "lrkernels", ["base_linear", "peft_miss"], _flops(T, din, dout, r, variant, False),
                             _bytes(T, din, dout, dtype, False), family="miss",
-                            params={"tokens": T, "in": din, "out": dout, "r": r}))
+                            params={"tokens": T, "in": din, "out": dout, "r": r, "variant": variant,
+                                    "pass": "fwd"}))
     else:
         dtype = torch.bfloat16
         T = 1024 if quick else 8192

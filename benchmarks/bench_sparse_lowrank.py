@@ -87,6 +87,8 @@ def cases(device: str, quick: bool):
         shapes = [(512 if quick else 4096, 1024, 1024, 256, 0.03, "issue target (CPU)")]
         if not quick:
             shapes.append((256, 1024, 1024, 256, 0.03, "small batch"))
+            # the tokens curve's middle points (256 and 4096 are the cases above)
+            shapes += [(T, 1024, 1024, 256, 0.03, "tokens curve") for T in (1024, 2048)]
     else:
         dtype = torch.bfloat16
         shapes = [(1024 if quick else 8192, 4096, 4096, 1024, 0.05, "issue target (H200)")]
@@ -100,7 +102,7 @@ def cases(device: str, quick: bool):
                 target = {"dense_linear": 0.9}
             baselines = ["dense_linear"] + (["sltrain_eager"] if kind == "random" else [])
             for backward in (True, False):
-                if not backward and kind == "columns":
+                if not backward and (kind == "columns" or label == "tokens curve"):
                     continue
                 out.append(Case(
                     f"{label} {T}x{din}->{dout} r{r} {kind} {density:g} {str(dtype)[6:]} "
@@ -110,5 +112,9 @@ def cases(device: str, quick: bool):
                     target if backward else {},
                     note="everything trainable: grads for x, A, B, values, bias (dense: x, W, b)",
                     family="sparse_lowrank", params={"tokens": T, "in": din, "out": dout, "rank": r,
-                                                     "density": density}))
+                                                     "density": density, "support": kind,
+                                                     "pass": "fwd+bwd" if backward else "fwd"},
+                    headline=label != "tokens curve"))
+                if device == "cpu" and backward:
+                    out[-1].sweep = "tokens"
     return out
