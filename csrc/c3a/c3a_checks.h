@@ -37,8 +37,7 @@ inline std::vector<int64_t> c3a_out_shape(const at::Tensor& x, int64_t last) {
 // the weight) the kernel must also match it.
 inline C3AShapes check_c3a_args(const char* op, const at::Tensor& x, const at::Tensor& kernel, double scale,
                                 int64_t out_features = -1) {
-  check_float_input(x, op, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "lrkernels.", op, ": x must have shape (..., in_features), got a 0-D tensor");
+  check_x(op, x);
   TORCH_CHECK_TYPE(!kernel.is_complex() && kernel.is_floating_point(), "lrkernels.", op,
                    ": kernel must be a real floating tensor (the circulant blocks' first rows), got ",
                    kernel.scalar_type());
@@ -61,23 +60,9 @@ inline C3AShapes check_c3a_args(const char* op, const at::Tensor& x, const at::T
     check_shape(kernel, {kernel.size(0), in / b, b}, op, "kernel", "(out_features / b, in_features / b, b)");
   }
   TORCH_CHECK_VALUE(std::isfinite(scale), "lrkernels.", op, ": scale must be finite, got ", scale);
-  int64_t tokens = 1;
-  for (int64_t i = 0; i + 1 < x.dim(); ++i) tokens *= x.size(i);
+  const int64_t tokens = leading_tokens(x);
   const int64_t n_out = kernel.size(0);
   return C3AShapes{tokens, in, n_out * b, b, in / b, n_out, b / 2 + 1};
-}
-
-inline void check_c3a_linear_base(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias) {
-  check_float_input(x, op, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "lrkernels.", op, ": x must have shape (..., in_features), got a 0-D tensor");
-  check_dim(weight, 2, op, "weight", "(out_features, in_features)");
-  check_like(weight, x, op, "weight", "x");
-  check_shape(weight, {weight.size(0), x.size(-1)}, op, "weight", "(out_features, in_features)");
-  if (bias.has_value() && bias->defined()) {
-    check_like(*bias, x, op, "bias", "x");
-    check_shape(*bias, {weight.size(0)}, op, "bias", "(out_features,)");
-  }
 }
 
 // The forward's kernel_fft output, passed back to the backward ops.

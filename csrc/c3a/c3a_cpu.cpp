@@ -315,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> c3a_linear_cpu(const at::Tensor& x, const at:
   const char* op = "c3a_linear";
   // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_c3a_linear_base(op, x, weight, bias);
+  check_linear_base(op, x, weight, bias);
   const C3AShapes sh = check_c3a_args(op, x, kernel, scale, weight.size(0));
   const at::Tensor* bp = (bias.has_value() && bias->defined()) ? &*bias : nullptr;
   return c3a_forward_cpu(x, &weight, bp, kernel, scale, sh);
@@ -327,7 +327,7 @@ c3a_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const a
   const char* op = "c3a_linear_backward";
   // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_c3a_linear_base(op, x, weight, std::nullopt);
+  check_linear_base(op, x, weight, std::nullopt);
   const C3AShapes sh = check_c3a_args(op, x, kernel, scale, weight.size(0));
   check_grad_out(op, grad_out, x, sh);
   check_kernel_fft(op, kernel_fft, x, sh);

@@ -203,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> c3a_linear_cuda(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& bias, const at::Tensor& kernel,
                                                    double scale) {
   const char* op = "c3a_linear";
-  check_c3a_linear_base(op, x, weight, bias);
+  check_linear_base(op, x, weight, bias);
   const C3AShapes sh = check_c3a_args(op, x, kernel, scale, weight.size(0));
   const at::Tensor* bp = (bias.has_value() && bias->defined()) ? &*bias : nullptr;
   return c3a_forward_cuda(op, x, &weight, bp, kernel, scale, sh);
@@ -214,7 +214,7 @@ c3a_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const 
                          const at::Tensor& kernel, const at::Tensor& kernel_fft, double scale,
                          std::array<bool, 4> mask) {
   const char* op = "c3a_linear_backward";
-  check_c3a_linear_base(op, x, weight, std::nullopt);
+  check_linear_base(op, x, weight, std::nullopt);
   const C3AShapes sh = check_c3a_args(op, x, kernel, scale, weight.size(0));
   check_grad_out(op, grad_out, x, sh);
   check_kernel_fft(op, kernel_fft, x, sh);

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -84,6 +85,41 @@ inline std::vector<int64_t> with_last_dim(const at::Tensor& x, int64_t last) {
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* what) {
   TORCH_CHECK_VALUE(t.dim() == dim, "lrkernels.", op, ": ", name, " must be ", dim, "-D ", what, ", got shape ",
                     shape_str(t.sizes()));
+}
+
+// The activations every op takes: x (..., in_features) of a supported floating dtype.
+inline void check_x(const char* op, const at::Tensor& x) {
+  check_float_input(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "lrkernels.", op, ": x must have shape (..., in_features), got a 0-D tensor");
+}
+
+// T = the product of x's leading dims.
+inline int64_t leading_tokens(const at::Tensor& x) {
+  int64_t t = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) t *= x.size(i);
+  return t;
+}
+
+struct LinearBaseShapes {
+  int64_t tokens, in_features, out_features;
+};
+
+// The base layer an adapter op fuses with: x (..., in_features), weight (out_features,
+// in_features) and bias (out_features,) or None, all of x's dtype and on x's device. The one
+// validator of (x, weight, bias) for LoRA, multi-LoRA, C³A and MiSS.
+inline LinearBaseShapes check_linear_base(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias) {
+  check_x(op, x);
+  TORCH_CHECK_TYPE(weight.defined(), "lrkernels.", op, ": weight is undefined");
+  check_dim(weight, 2, op, "weight", "(out_features, in_features)");
+  check_like(weight, x, op, "weight", "x");
+  const int64_t in = x.size(-1), out = weight.size(0);
+  check_shape(weight, {out, in}, op, "weight", "(out_features, in_features)");
+  if (bias.has_value() && bias->defined()) {
+    check_like(*bias, x, op, "bias", "x");
+    check_shape(*bias, {out}, op, "bias", "(out_features,)");
+  }
+  return LinearBaseShapes{leading_tokens(x), in, out};
 }
 
 }  // namespace lrkernels

@@ -23,16 +23,8 @@ inline LoraShapes check_lora_args(const char* op, const at::Tensor& x, const at:
                                   const at::Tensor& lora_b, double scale,
                                   const std::optional<at::Tensor>& rank_scale,
                                   const std::optional<at::Tensor>& out_scale) {
-  check_float_input(x, op, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "lrkernels.", op, ": x must have shape (..., in_features), got a 0-D tensor");
-  check_dim(weight, 2, op, "weight", "(out_features, in_features)");
-  check_like(weight, x, op, "weight", "x");
-  const int64_t in = x.size(-1), out = weight.size(0);
-  check_shape(weight, {out, in}, op, "weight", "(out_features, in_features)");
-  if (bias.has_value() && bias->defined()) {
-    check_like(*bias, x, op, "bias", "x");
-    check_shape(*bias, {out}, op, "bias", "(out_features,)");
-  }
+  const LinearBaseShapes base = check_linear_base(op, x, weight, bias);
+  const int64_t in = base.in_features, out = base.out_features;
   check_dim(lora_a, 2, op, "lora_a", "(r, in_features)");
   check_adapter_param(lora_a, x, op, "lora_a");
   const int64_t r = lora_a.size(0);
@@ -51,9 +43,7 @@ inline LoraShapes check_lora_args(const char* op, const at::Tensor& x, const at:
     check_shape(*out_scale, {out}, op, "out_scale", "(out_features,)");
   }
   TORCH_CHECK_VALUE(std::isfinite(scale), "lrkernels.", op, ": scale must be finite, got ", scale);
-  int64_t tokens = 1;
-  for (int64_t i = 0; i + 1 < x.dim(); ++i) tokens *= x.size(i);
-  return LoraShapes{tokens, in, out, r};
+  return LoraShapes{base.tokens, in, out, r};
 }
 
 // Dtype of the saved hidden activations and of the low-rank arithmetic.

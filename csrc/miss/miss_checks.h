@@ -22,26 +22,6 @@ inline at::ScalarType miss_acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline int64_t miss_tokens(const at::Tensor& x) {
-  int64_t t = 1;
-  for (int64_t i = 0; i + 1 < x.dim(); ++i) t *= x.size(i);
-  return t;
-}
-
-// x (..., in), weight (out, in), bias (out,) or None: one dtype, one device.
-inline void check_miss_base(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias) {
-  check_float_input(x, op, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "lrkernels.", op, ": x must have shape (..., in_features), got a 0-D tensor");
-  TORCH_CHECK_TYPE(weight.defined(), "lrkernels.", op, ": weight is undefined");
-  check_dim(weight, 2, op, "weight", "(out_features, in_features)");
-  check_like(weight, x, op, "weight", "x");
-  check_shape(weight, {weight.size(0), x.size(-1)}, op, "weight", "(out_features, in_features)");
-  if (bias.has_value() && bias->defined()) {
-    check_like(*bias, x, op, "bias", "x");
-    check_shape(*bias, {weight.size(0)}, op, "bias", "(out_features,)");
-  }
-}
 
 inline void check_miss_block_tensor(const char* op, const at::Tensor& block, const at::Tensor& x) {
   TORCH_CHECK_TYPE(block.defined(), "lrkernels.", op, ": miss_block is undefined");
@@ -66,7 +46,7 @@ inline MissShapes check_miss_args(const char* op, const at::Tensor& x, const at:
                     ": miss_block must have shape (r, out_features) = (", r, ", ", out,
                     ") (balance) or (r, mini_r) with mini_r dividing out_features = weight.size(0) = ", out,
                     " (mini), got ", shape_str(block.sizes()));
-  return MissShapes{miss_tokens(x), in, out, r, cols, 0, 0};
+  return MissShapes{leading_tokens(x), in, out, r, cols, 0, 0};
 }
 
 // bat: miss_block M (out_features / r, r, r), r dividing both feature counts;
@@ -85,7 +65,7 @@ inline MissShapes check_miss_bat_args(const char* op, const at::Tensor& x, const
   TORCH_CHECK_VALUE(out % r == 0, "lrkernels.", op, ": the block size r = miss_block.size(2) = ", r,
                     " must divide out_features = weight.size(0) = ", out, " (bat splits W into r x r blocks)");
   check_shape(block, {out / r, r, r}, op, "miss_block", "(out_features / r, r, r)");
-  return MissShapes{miss_tokens(x), in, out, r, r, out / r, in / r};
+  return MissShapes{leading_tokens(x), in, out, r, r, out / r, in / r};
 }
 
 inline void check_miss_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x,

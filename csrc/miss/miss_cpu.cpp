@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> miss_linear_cpu(const at::Tensor& x, const at
   const char* op = "miss_linear";
   // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_miss_base(op, x, weight, bias);
+  check_linear_base(op, x, weight, bias);
   const MissShapes sh = check_miss_args(op, x, weight, miss_block);
   const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
   return miss_ops::linear<CpuMiss>(x, weight, bias, miss_block, d, sh);
@@ -226,7 +226,7 @@ miss_ops::Grads4 miss_linear_backward_cpu(const at::Tensor& grad_out, const at::
                                           const std::optional<at::Tensor>& seed, std::array<bool, 4> mask) {
   const char* op = "miss_linear_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_miss_base(op, x, weight, std::nullopt);
+  check_linear_base(op, x, weight, std::nullopt);
   const MissShapes sh = check_miss_args(op, x, weight, miss_block);
   check_miss_grad_out(op, grad_out, x, sh);
   check_miss_chunk_sum(op, chunk_sum, x, sh);
@@ -238,7 +238,7 @@ at::Tensor miss_bat_linear_cpu(const at::Tensor& x, const at::Tensor& weight, co
                                const at::Tensor& miss_block) {
   const char* op = "miss_bat_linear";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_miss_base(op, x, weight, bias);
+  check_linear_base(op, x, weight, bias);
   const MissShapes sh = check_miss_bat_args(op, x, weight, miss_block);
   return miss_ops::bat_linear<CpuMiss>(x, weight, bias, miss_block, sh);
 }
@@ -248,7 +248,7 @@ miss_ops::Grads4 miss_bat_linear_backward_cpu(const at::Tensor& grad_out, const 
                                               std::array<bool, 4> mask) {
   const char* op = "miss_bat_linear_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_miss_base(op, x, weight, std::nullopt);
+  check_linear_base(op, x, weight, std::nullopt);
   const MissShapes sh = check_miss_bat_args(op, x, weight, miss_block);
   check_miss_grad_out(op, grad_out, x, sh);
   return miss_ops::bat_linear_backward<CpuMiss>(grad_out, x, weight, miss_block, sh, mask);

@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> miss_linear_cuda(const at::Tensor& x, const a
                                                     const std::optional<at::Tensor>& seed) {
   const char* op = "miss_linear";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_miss_base(op, x, weight, bias);
+  check_linear_base(op, x, weight, bias);
   const MissShapes sh = check_miss_args(op, x, weight, miss_block);
   check_cuda_dtype(op, x);
   const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
@@ -121,7 +121,7 @@ miss_ops::Grads4 miss_linear_backward_cuda(const at::Tensor& grad_out, const at:
                                            std::array<bool, 4> mask) {
   const char* op = "miss_linear_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_miss_base(op, x, weight, std::nullopt);
+  check_linear_base(op, x, weight, std::nullopt);
   const MissShapes sh = check_miss_args(op, x, weight, miss_block);
   check_miss_grad_out(op, grad_out, x, sh);
   check_miss_chunk_sum(op, chunk_sum, x, sh);
@@ -135,7 +135,7 @@ at::Tensor miss_bat_linear_cuda(const at::Tensor& x, const at::Tensor& weight, c
                                 const at::Tensor& miss_block) {
   const char* op = "miss_bat_linear";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_miss_base(op, x, weight, bias);
+  check_linear_base(op, x, weight, bias);
   const MissShapes sh = check_miss_bat_args(op, x, weight, miss_block);
   check_cuda_dtype(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -147,7 +147,7 @@ miss_ops::Grads4 miss_bat_linear_backward_cuda(const at::Tensor& grad_out, const
                                                std::array<bool, 4> mask) {
   const char* op = "miss_bat_linear_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_miss_base(op, x, weight, std::nullopt);
+  check_linear_base(op, x, weight, std::nullopt);
   const MissShapes sh = check_miss_bat_args(op, x, weight, miss_block);
   check_miss_grad_out(op, grad_out, x, sh);
   check_cuda_dtype(op, x);

@@ -102,12 +102,6 @@ struct MultiLoraShapes {
   int64_t tokens, in_features, out_features, num_adapters, r_max;
 };
 
-inline int64_t leading_numel(const at::Tensor& x) {
-  int64_t n = 1;
-  for (int64_t i = 0; i + 1 < x.dim(); ++i) n *= x.size(i);
-  return n;
-}
-
 // lora_a and lora_b follow the shared mixed-precision rule (check_adapter_param: x's dtype, or
 // float32 on a float16/bfloat16 x), on CPU and CUDA. scales may be any floating dtype (it is
 // read as float32 or float64).
@@ -115,16 +109,8 @@ inline MultiLoraShapes check_multi_lora_args(const char* op, const at::Tensor& x
                                              const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                              const at::Tensor& lora_b, const at::Tensor& adapter_ids,
                                              const at::Tensor& scales, const std::optional<at::Tensor>& ranks) {
-  check_float_input(x, op, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "lrkernels.", op, ": x must have shape (..., in_features), got a 0-D tensor");
-  check_dim(weight, 2, op, "weight", "(out_features, in_features)");
-  check_like(weight, x, op, "weight", "x");
-  const int64_t in = x.size(-1), out = weight.size(0);
-  check_shape(weight, {out, in}, op, "weight", "(out_features, in_features)");
-  if (bias.has_value() && bias->defined()) {
-    check_like(*bias, x, op, "bias", "x");
-    check_shape(*bias, {out}, op, "bias", "(out_features,)");
-  }
+  const LinearBaseShapes base = check_linear_base(op, x, weight, bias);
+  const int64_t in = base.in_features, out = base.out_features;
   check_dim(lora_a, 3, op, "lora_a", "(L, r_max, in_features)");
   check_adapter_param(lora_a, x, op, "lora_a");
   const int64_t L = lora_a.size(0), r = lora_a.size(1);
@@ -138,7 +124,7 @@ inline MultiLoraShapes check_multi_lora_args(const char* op, const at::Tensor& x
   check_scales(scales, x, L, op);
   check_ranks(ranks, x, L, r, op);
   check_adapter_ids(adapter_ids, x, L, op);
-  return MultiLoraShapes{leading_numel(x), in, out, L, r};
+  return MultiLoraShapes{leading_tokens(x), in, out, L, r};
 }
 
 // lora_linear's options on the multi-LoRA layer: per-adapter rank gates (L, r_max), output
@@ -194,8 +180,7 @@ struct ShrinkShapes {
 inline ShrinkShapes check_shrink_args(const char* op, const at::Tensor& x, const at::Tensor& lora_a,
                                       const at::Tensor& adapter_ids, const at::Tensor& token_order,
                                       const at::Tensor& adapter_offsets, const std::optional<at::Tensor>& ranks) {
-  check_float_input(x, op, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "lrkernels.", op, ": x must have shape (..., in_features), got a 0-D tensor");
+  check_x(op, x);
   TORCH_CHECK_VALUE(lora_a.dim() == 3 || lora_a.dim() == 4, "lrkernels.", op,
                     ": lora_a must be (L, r_max, in_features) or (S, L, r_max, in_features), got shape ",
                     shape_str(lora_a.sizes()));
@@ -209,7 +194,7 @@ inline ShrinkShapes check_shrink_args(const char* op, const at::Tensor& x, const
                     shape_str(lora_a.sizes()));
   check_adapter_ids(adapter_ids, x, L, op);
   check_ranks(ranks, x, L, r_max, op);
-  const int64_t T = leading_numel(x);
+  const int64_t T = leading_tokens(x);
   check_segments(token_order, adapter_offsets, x, T, L, op);
   return ShrinkShapes{T, in, S, L, r_max};
 }

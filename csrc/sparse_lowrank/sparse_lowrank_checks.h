@@ -66,8 +66,7 @@ inline SparseLowRankShapes check_sparse_lowrank_args(const char* op, const at::T
                                                      const at::Tensor& lora_b, const at::Tensor& values,
                                                      const at::Tensor& support, const std::optional<at::Tensor>& bias,
                                                      double scale) {
-  check_float_input(x, op, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "lrkernels.", op, ": x must have shape (..., in_features), got a 0-D tensor");
+  check_x(op, x);
   const int64_t in = x.size(-1);
   check_dim(lora_a, 2, op, "lora_a", "(r, in_features)");
   check_adapter_param(lora_a, x, op, "lora_a");
@@ -83,8 +82,7 @@ inline SparseLowRankShapes check_sparse_lowrank_args(const char* op, const at::T
     check_shape(*bias, {out}, op, "bias", "(out_features,)");
   }
   TORCH_CHECK_VALUE(std::isfinite(scale), "lrkernels.", op, ": scale must be finite, got ", scale);
-  int64_t tokens = 1;
-  for (int64_t i = 0; i + 1 < x.dim(); ++i) tokens *= x.size(i);
+  const int64_t tokens = leading_tokens(x);
 
   SparseLowRankShapes sh{tokens, in, out, r, 0, SupportKind::kFlatIndices};
   TORCH_CHECK_VALUE(values.dim() == 1 || values.dim() == 2, "lrkernels.", op,
