@@ -485,3 +485,17 @@ def test_fake_rejects_bad_shapes_under_compile():
     q, k, v = make_qkv(1, 3, 2, 3, 5, 8)
     with pytest.raises(Exception, match=r"head count \(3\) must be a multiple of k"):
         torch.compile(lambda q, k, v: lrkernels.gqa_attention(q, k, v), fullgraph=True, backend="aot_eager")(q, k, v)
+
+
+@pytest.mark.parametrize("Sk", [10, 2000])
+def test_nan_propagates_into_its_row(Sk):
+    # a NaN score must not be dropped by the running max (std::max would keep the other operand)
+    q, k, v = make_qkv(1, 4, 2, 3, Sk, 16)
+    q[0, 1, 2, 5] = float("nan")
+    o = OP(q, k, v, False, 0.25, None, None)[0]
+    assert torch.isnan(o[0, 1, 2]).all()
+    assert torch.isfinite(o[0, 1, :2]).all() and torch.isfinite(o[0, 0]).all()
+    k2 = k.clone()
+    k2[0, 0, Sk - 1, 0] = float("nan")
+    o = OP(q.nan_to_num(), k2, v, False, 0.25, None, None)[0]
+    assert torch.isnan(o[0, :2]).all() and torch.isfinite(o[0, 2:]).all()

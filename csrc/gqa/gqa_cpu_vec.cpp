@@ -158,10 +158,17 @@ inline void scale_row(T* x, int64_t n, T a) {
   for (int64_t d = 0; d < n; d += L) st(x + d, ld(x + d, n - d) * av, n - d);
 }
 
+// max that lets a NaN through (std::max keeps its first argument when the other is NaN, which
+// would drop a NaN score and return garbage instead of NaN)
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (b > a || std::isnan(b)) ? b : a;
+}
+
 template <typename T>
 inline T row_max(const T* x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  for (int64_t j = 0; j < n; ++j) m = nan_max(m, x[j]);
   return m;
 }
 
@@ -271,7 +278,7 @@ void forward(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, i
     masked_scores(p, b, g, q0, nq, len, Q, K, ldk, j0, kt, S);
     for (int64_t r = 0; r < R; ++r) {
       T* s = S + r * KT;
-      const T m_new = std::max(m[r], row_max(s, kt));
+      const T m_new = nan_max(m[r], row_max(s, kt));
       if (m_new == ninf) {  // nothing seen yet: no weight
         std::fill(s, s + kt, T(0));
         continue;
@@ -292,12 +299,12 @@ void forward(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, i
   for (int64_t r = 0; r < R; ++r) {
     T* orow = O + r * D;
     T lse_r;
-    if (l[r] > T(0)) {
-      scale_row(orow, D, T(1) / l[r]);
-      lse_r = m[r] + std::log(l[r]);
-    } else {  // a row that sees no key (or only −inf mask entries): o = 0, lse = −inf
+    if (l[r] == T(0)) {  // a row that sees no key (or only −inf mask entries): o = 0, lse = −inf
       std::fill(orow, orow + D, T(0));
       lse_r = ninf;
+    } else {  // (a NaN sum propagates)
+      scale_row(orow, D, T(1) / l[r]);
+      lse_r = m[r] + std::log(l[r]);
     }
     if (o_part) {
       std::memcpy(o_part + r * D, orow, sizeof(T) * static_cast<size_t>(D));
@@ -323,7 +330,7 @@ void combine(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, i
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < R; ++r) {
     T mx = ninf;
-    for (int64_t s = 0; s < n; ++s) mx = std::max(mx, lse_parts[s * lse_stride + r]);
+    for (int64_t s = 0; s < n; ++s) mx = nan_max(mx, lse_parts[s * lse_stride + r]);
     std::fill(acc, acc + D, T(0));
     T lse_r = ninf;
     if (mx != ninf) {
