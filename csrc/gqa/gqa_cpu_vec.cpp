@@ -150,6 +150,40 @@ void axpy(const T* P, int64_t nI, int64_t nJ, int64_t ldp, const T* B, int64_t l
   for (; i < nI; ++i) axpy_rows<1>(P + i * ldp, ldp, nJ, B, ldb, D, O + i * ldo, ldo);
 }
 
+// Tile of kt rows (leading dim ld, dtype E) transposed into dst (D × kGqaKeyTile) as T.
+template <typename E, typename T>
+inline void transpose_tile(const E* src, int64_t ld, int64_t kt, int64_t D, T* dst) {
+  constexpr int64_t KT = kGqaKeyTile;
+  for (int64_t j = 0; j < kt; ++j) {
+    const E* s = src + j * ld;
+    for (int64_t d = 0; d < D; ++d) dst[d * KT + j] = static_cast<T>(s[d]);
+  }
+}
+
+// Query blocks of at least this many rows take the products against a transposed K/V tile:
+// the transposition is paid once per tile (or once per task in the dK/dV pass) and the product
+// is then broadcast FMAs with no horizontal sums; decode's few rows take dots instead.
+constexpr int64_t kGqaTransposeRows = 16;
+
+template <typename T>
+inline void scale_row(T* x, int64_t n, T a);
+
+// C[i·KT + j] = alpha·⟨A_i, B_j⟩ for i < R, j < kt: through the transposed tile Bt (D × KT) when
+// given, else through the tile's rows B (leading dim ldb).
+template <typename T>
+void tile_products(const T* A, int64_t R, const T* B, int64_t ldb, const T* Bt, int64_t kt, int64_t D, T alpha,
+                   T* C) {
+  constexpr int64_t KT = kGqaKeyTile;
+  if (!Bt) {
+    dots(A, R, D, B, kt, ldb, D, alpha, C, KT);
+    return;
+  }
+  for (int64_t i = 0; i < R; ++i) std::fill(C + i * KT, C + i * KT + kt, T(0));
+  axpy(A, R, D, D, Bt, KT, kt, C, KT);
+  if (alpha != T(1))
+    for (int64_t i = 0; i < R; ++i) scale_row(C + i * KT, kt, alpha);
+}
+
 template <typename T>
 inline void scale_row(T* x, int64_t n, T a) {
   using V = Vectorized<T>;
@@ -224,14 +258,14 @@ inline const T* tile_rows(const E* src, int64_t ld_src, int64_t kt, int64_t D, T
   }
 }
 
-// Scores of R query rows (head g·G + r / nq, position q0 + r % nq) against keys [j0, j0 + kt),
-// scaled, masked: keys a row may not see (past its causal end or kv_lens) get −inf, then the
+// Scores of R query rows (head g·G + r / nq, position q0 + r % nq) against keys [j0, j0 + kt)
+// (rows K, or transposed Kt when not null), scaled, masked: keys a row may not see (past its causal end or kv_lens) get −inf, then the
 // additive mask. S row-major with leading dim kGqaKeyTile.
 template <typename T>
 inline void masked_scores(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t nq, int64_t len, const T* Q,
-                          const T* K, int64_t ldk, int64_t j0, int64_t kt, T* S) {
+                          const T* K, int64_t ldk, const T* Kt, int64_t j0, int64_t kt, T* S) {
   const int64_t R = p.G * nq, D = p.D, KT = kGqaKeyTile;
-  dots(Q, R, D, K, kt, ldk, D, static_cast<T>(p.scale), S, KT);
+  tile_products(Q, R, K, ldk, Kt, kt, D, static_cast<T>(p.scale), S);
   const T ninf = -std::numeric_limits<T>::infinity();
   const T* mask = static_cast<const T*>(p.mask);
   for (int64_t r = 0; r < R; ++r) {
@@ -273,9 +307,16 @@ void forward(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, i
   const E* vb = static_cast<const E*>(p.v) + b * p.v_s[0] + g * p.v_s[1];
   for (int64_t j0 = k0; j0 < kend; j0 += KT) {
     const int64_t kt = std::min(KT, kend - j0);
-    int64_t ldk, ldv;
-    const T* K = tile_rows(kb + j0 * p.k_s[2], p.k_s[2], kt, D, kbuf, ldk);
-    masked_scores(p, b, g, q0, nq, len, Q, K, ldk, j0, kt, S);
+    int64_t ldk = 0, ldv;
+    const T* K = nullptr;
+    const T* Kt = nullptr;
+    if (R >= kGqaTransposeRows) {
+      transpose_tile(kb + j0 * p.k_s[2], p.k_s[2], kt, D, kbuf);
+      Kt = kbuf;
+    } else {
+      K = tile_rows(kb + j0 * p.k_s[2], p.k_s[2], kt, D, kbuf, ldk);
+    }
+    masked_scores(p, b, g, q0, nq, len, Q, K, ldk, Kt, j0, kt, S);
     for (int64_t r = 0; r < R; ++r) {
       T* s = S + r * KT;
       const T m_new = nan_max(m[r], row_max(s, kt));
@@ -373,15 +414,16 @@ void load_grad_rows(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_
   }
 }
 
-// P = exp(S − lse) and dS = scale·P ⊙ (dO Vᵀ − Di) of a block of rows against one K/V tile
-// (rows with lse = −inf see no key: P = 0). S and dS row-major, leading dim kGqaKeyTile.
+// P = exp(S − lse) and dS = scale·P ⊙ (dO Vᵀ − Di) of a block of rows against one K/V tile,
+// given as rows (K, Vt) or transposed (Kt, Vtt; either form may be null when the other is
+// given) (rows with lse = −inf see no key: P = 0). S and dS row-major, leading dim kGqaKeyTile.
 template <typename T>
 void probs_and_grad(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t nq, int64_t len, const T* Q,
-                    const T* dO, const T* Di, const T* lse, const T* K, int64_t ldk, const T* Vt, int64_t ldv,
-                    int64_t j0, int64_t kt, T* S, T* dS) {
+                    const T* dO, const T* Di, const T* lse, const T* K, int64_t ldk, const T* Kt, const T* Vt,
+                    int64_t ldv, const T* Vtt, int64_t j0, int64_t kt, T* S, T* dS) {
   const int64_t R = p.G * nq, D = p.D, KT = kGqaKeyTile;
-  masked_scores(p, b, g, q0, nq, len, Q, K, ldk, j0, kt, S);
-  dots(dO, R, D, Vt, kt, ldv, D, T(1), dS, KT);
+  masked_scores(p, b, g, q0, nq, len, Q, K, ldk, Kt, j0, kt, S);
+  tile_products(dO, R, Vt, ldv, Vtt, kt, D, T(1), dS);
   const T ninf = -std::numeric_limits<T>::infinity();
   const T scale = static_cast<T>(p.scale);
   for (int64_t r = 0; r < R; ++r) {
@@ -423,11 +465,20 @@ void grad_kv(const GqaParams& p, int64_t b, int64_t g, int64_t j0, int64_t j1, E
   T* Di = sc.take(Rmax, off);
   T* lse = sc.take(Rmax, off);
   T* tmp = sc.take(D, off);
-  int64_t ldk, ldv;
-  const T* K = tile_rows(static_cast<const E*>(p.k) + b * p.k_s[0] + g * p.k_s[1] + j0 * p.k_s[2], p.k_s[2], kt, D,
-                         kbuf, ldk);
-  const T* Vt = tile_rows(static_cast<const E*>(p.v) + b * p.v_s[0] + g * p.v_s[1] + j0 * p.v_s[2], p.v_s[2], kt, D,
-                          vbuf, ldv);
+  int64_t ldk = 0, ldv = 0;
+  const E* ksrc = static_cast<const E*>(p.k) + b * p.k_s[0] + g * p.k_s[1] + j0 * p.k_s[2];
+  const E* vsrc = static_cast<const E*>(p.v) + b * p.v_s[0] + g * p.v_s[1] + j0 * p.v_s[2];
+  // the tile is the same for every query block of the task: transposed once when blocks are large
+  const T *K = nullptr, *Kt = nullptr, *Vt = nullptr, *Vtt = nullptr;
+  if (Rmax >= kGqaTransposeRows) {
+    transpose_tile(ksrc, p.k_s[2], kt, D, kbuf);
+    transpose_tile(vsrc, p.v_s[2], kt, D, vbuf);
+    Kt = kbuf;
+    Vtt = vbuf;
+  } else {
+    K = tile_rows(ksrc, p.k_s[2], kt, D, kbuf, ldk);
+    Vt = tile_rows(vsrc, p.v_s[2], kt, D, vbuf, ldv);
+  }
   std::fill(dK, dK + kt * D, T(0));
   std::fill(dV, dV + kt * D, T(0));
   // query i sees key j iff j < key_end(i): with causal, the first query to see j0 is j0 + Sq − len
@@ -435,7 +486,7 @@ void grad_kv(const GqaParams& p, int64_t b, int64_t g, int64_t j0, int64_t j1, E
   for (int64_t q0 = i0; q0 < p.Sq; q0 += bq) {
     const int64_t nq = std::min(bq, p.Sq - q0), R = G * nq;
     load_grad_rows<E>(p, b, g, q0, nq, Q, dO, Di, lse, tmp);
-    probs_and_grad(p, b, g, q0, nq, len, Q, dO, Di, lse, K, ldk, Vt, ldv, j0, kt, S, dS);
+    probs_and_grad(p, b, g, q0, nq, len, Q, dO, Di, lse, K, ldk, Kt, Vt, ldv, Vtt, j0, kt, S, dS);
     for (int64_t r = 0; r < R; ++r)
       for (int64_t j = 0; j < kt; ++j) {
         St[j * R + r] = S[r * KT + j];
@@ -456,7 +507,7 @@ void grad_q(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, E*
   using T = acc_t<E>;
   const int64_t G = p.G, D = p.D, KT = kGqaKeyTile, nq = q1 - q0, R = G * nq;
   const int64_t len = gqa_kv_len(p, b);
-  Scratch<T>& sc = scratch<T>(static_cast<size_t>(3 * R * D + 2 * R * KT + 2 * KT * D + 2 * R + D + 128));
+  Scratch<T>& sc = scratch<T>(static_cast<size_t>(3 * R * D + 2 * R * KT + 3 * KT * D + 2 * R + D + 128));
   size_t off = 0;
   T* Q = sc.take(R * D, off);
   T* dO = sc.take(R * D, off);
@@ -465,6 +516,7 @@ void grad_q(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, E*
   T* dS = sc.take(R * KT, off);
   T* kbuf = sc.take(KT * D, off);
   T* vbuf = sc.take(KT * D, off);
+  T* ktbuf = sc.take(KT * D, off);
   T* Di = sc.take(R, off);
   T* lse = sc.take(R, off);
   T* tmp = sc.take(D, off);
@@ -475,10 +527,18 @@ void grad_q(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, E*
   const E* vb = static_cast<const E*>(p.v) + b * p.v_s[0] + g * p.v_s[1];
   for (int64_t j0 = 0; j0 < kend; j0 += KT) {
     const int64_t kt = std::min(KT, kend - j0);
-    int64_t ldk, ldv;
-    const T* K = tile_rows(kb + j0 * p.k_s[2], p.k_s[2], kt, D, kbuf, ldk);
-    const T* Vt = tile_rows(vb + j0 * p.v_s[2], p.v_s[2], kt, D, vbuf, ldv);
-    probs_and_grad(p, b, g, q0, nq, len, Q, dO, Di, lse, K, ldk, Vt, ldv, j0, kt, S, dS);
+    int64_t ldk, ldv = 0;
+    const T* K = tile_rows(kb + j0 * p.k_s[2], p.k_s[2], kt, D, kbuf, ldk);  // rows: dQ += dS K needs them
+    const T *Kt = nullptr, *Vt = nullptr, *Vtt = nullptr;
+    if (R >= kGqaTransposeRows) {
+      transpose_tile(kb + j0 * p.k_s[2], p.k_s[2], kt, D, ktbuf);
+      transpose_tile(vb + j0 * p.v_s[2], p.v_s[2], kt, D, vbuf);
+      Kt = ktbuf;
+      Vtt = vbuf;
+    } else {
+      Vt = tile_rows(vb + j0 * p.v_s[2], p.v_s[2], kt, D, vbuf, ldv);
+    }
+    probs_and_grad(p, b, g, q0, nq, len, Q, dO, Di, lse, K, ldk, Kt, Vt, ldv, Vtt, j0, kt, S, dS);
     axpy(dS, R, kt, KT, K, ldk, D, dQ, D);  // dQ += dS K
   }
   for (int64_t r = 0; r < R; ++r) {
