@@ -41,6 +41,11 @@ at::ScalarType acc_dtype(const at::Tensor& q) { return q.scalar_type() == at::kD
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Block index of the i-th of n blocks in task order: 0, n−1, 1, n−2, ... With causal masking
+// block costs grow along the sequence, and at::parallel_for hands each thread a contiguous range
+// of tasks: interleaving cheap and dear blocks keeps those ranges equally loaded.
+int64_t zigzag(int64_t i, int64_t n) { return i % 2 == 0 ? i / 2 : n - 1 - i / 2; }
+
 // A unit stride over the head dim is what the kernels read; anything else is copied once.
 at::Tensor unit_last_stride(const at::Tensor& t) {
   return t.size(-1) > 1 && t.stride(-1) != 1 ? t.contiguous() : t;
@@ -106,7 +111,7 @@ void run_forward(const GqaParams& p, E* o, void* lse, const at::TensorOptions& a
   if (n_base < 4 * threads && p.Sk > kGqaMinSplitKeys)
     n_split = std::min(ceil_div(4 * threads, n_base), ceil_div(p.Sk, kGqaMinSplitKeys));
   auto task = [&](int64_t t, int64_t& b, int64_t& g, int64_t& q0, int64_t& q1) {
-    const int64_t qb = t % nqb;
+    const int64_t qb = zigzag(t % nqb, nqb);
     g = (t / nqb) % p.Hkv;
     b = t / (nqb * p.Hkv);
     q0 = qb * bq;
@@ -175,7 +180,7 @@ void run_backward(const GqaParams& p, E* dq, E* dk, E* dv) {
     const int64_t nkb = ceil_div(p.Sk, kGqaKeyTile), n = p.B * p.Hkv * nkb;
     at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t kb = t % nkb, g = (t / nkb) % p.Hkv, b = t / (nkb * p.Hkv);
+        const int64_t kb = zigzag(t % nkb, nkb), g = (t / nkb) % p.Hkv, b = t / (nkb * p.Hkv);
         const int64_t j0 = kb * kGqaKeyTile;
         f.grad_kv(p, b, g, j0, std::min(p.Sk, j0 + kGqaKeyTile), dk, dv);
       }
@@ -185,7 +190,7 @@ void run_backward(const GqaParams& p, E* dq, E* dk, E* dv) {
     const int64_t bq = gqa_block_queries(p.G), nqb = ceil_div(p.Sq, bq), n = p.B * p.Hkv * nqb;
     at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t qb = t % nqb, g = (t / nqb) % p.Hkv, b = t / (nqb * p.Hkv);
+        const int64_t qb = zigzag(t % nqb, nqb), g = (t / nqb) % p.Hkv, b = t / (nqb * p.Hkv);
         f.grad_q(p, b, g, qb * bq, std::min(p.Sq, qb * bq + bq), dq);
       }
     });
