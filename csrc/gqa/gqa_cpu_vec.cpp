@@ -150,13 +150,35 @@ void axpy(const T* P, int64_t nI, int64_t nJ, int64_t ldp, const T* B, int64_t l
   for (; i < nI; ++i) axpy_rows<1>(P + i * ldp, ldp, nJ, B, ldb, D, O + i * ldo, ldo);
 }
 
-// Tile of kt rows (leading dim ld, dtype E) transposed into dst (D × kGqaKeyTile) as T.
+// One full vector of E as T.
+template <typename E, typename T>
+inline Vectorized<T> load_acc(const E* p) {
+  if constexpr (std::is_same_v<E, T>) {
+    return Vectorized<T>::loadu(p);
+  } else {
+    Vectorized<float> v;
+    at::vec::load_fp32_from_bf16(p, v);
+    return v;
+  }
+}
+
+// Tile of kt rows (leading dim ld, dtype E) transposed into dst (D × kGqaKeyTile) as T: L×L
+// blocks in registers, the ragged edges element by element.
 template <typename E, typename T>
 inline void transpose_tile(const E* src, int64_t ld, int64_t kt, int64_t D, T* dst) {
-  constexpr int64_t KT = kGqaKeyTile;
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size(), KT = kGqaKeyTile;
+  const int64_t jf = kt / L * L, df = D / L * L;
+  V v[L];
+  for (int64_t j0 = 0; j0 < jf; j0 += L)
+    for (int64_t d0 = 0; d0 < df; d0 += L) {
+      for (int64_t i = 0; i < L; ++i) v[i] = load_acc<E, T>(src + (j0 + i) * ld + d0);
+      transpose_block<T>(v);
+      for (int64_t k = 0; k < L; ++k) v[k].store(dst + (d0 + k) * KT + j0);
+    }
   for (int64_t j = 0; j < kt; ++j) {
     const E* s = src + j * ld;
-    for (int64_t d = 0; d < D; ++d) dst[d * KT + j] = static_cast<T>(s[d]);
+    for (int64_t d = j < jf ? df : 0; d < D; ++d) dst[d * KT + j] = static_cast<T>(s[d]);
   }
 }
 
