@@ -180,6 +180,27 @@ TORCH_LIBRARY(lrkernels, m) {
       "Tensor sparse_support, Tensor hidden, float scale, bool[5] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 
+  // ---- gqa ---------------------------------------------------------------------------
+  // Grouped-query attention — GQA (arXiv 2305.13245), the form KV-head-compressed models run
+  // in; computed flash-style (FlashAttention-2, arXiv 2307.08691; split-KV decode with an LSE
+  // merge, flash-decoding). q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), Hq a multiple of Hkv,
+  // query head h reading KV head h / (Hq / Hkv); any strides with a unit stride over D ≤ 256:
+  //   o[b, h, i] = Σ_j softmax_j(scale·⟨q_bhi, k_bgj⟩ + mask[b, h, i, j]) v_bgj,  g = h / (Hq / Hkv),
+  // over the keys j < kv_lens[b] (all Sk when None) and, with causal, j ≤ i + kv_lens[b] − Sq
+  // (bottom-right aligned, FlashAttention's convention; SDPA's is_causal is top-left).
+  // attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Sq, Sk), read
+  // through stride-0 broadcasts, never expanded. Returns (o, lse): o (B, Hq, Sq, D) contiguous in
+  // q's dtype, lse (B, Hq, Sq) = log Σ_j exp(score) in float32 (float64 for float64). A row with
+  // no visible key gets o = 0 and lse = −inf (as SDPA on CPU returns 0 for a fully masked row).
+  m.def(
+      "gqa_attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? kv_lens, Tensor? attn_mask) "
+      "-> (Tensor, Tensor)");
+  // Gradients of gqa_attention for (q, k, v), P recomputed from lse tile by tile (no (Sq, Sk)
+  // tensor) with Di = rowsum(dO ⊙ O): dS = P ⊙ (dO Vᵀ − Di); each KV head's gradient sums over
+  // its group's query heads. output_mask says which to compute; attn_mask gets no gradient.
+  m.def(
+      "gqa_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, "
+      "float scale, Tensor? kv_lens, Tensor? attn_mask, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -212,6 +212,46 @@ def galore_cases():
     }
 
 
+def gqa_cases():
+    op = torch.ops.lrkernels.gqa_attention
+    bwd = torch.ops.lrkernels.gqa_attention_backward
+    q, k, v = f(2, 4, 3, 8), f(2, 2, 5, 8), f(2, 2, 5, 8)
+
+    def call(q=q, k=k, v=v, kv_lens=None, attn_mask=None, causal=False, scale=0.5):
+        return op(q, k, v, causal, scale, kv_lens, attn_mask)[0]
+
+    o, lse = op(q, k, v, False, 0.5, None, None)
+    nan_q = q.clone()
+    nan_q[0, 1, 2, 3] = NAN
+    return {
+        "q heads not a multiple": (lambda: call(q=f(2, 3, 3, 8)), "ValueError", "head count"),
+        "k head_dim mismatch": (lambda: call(k=f(2, 2, 5, 9)), "ValueError", "k"),
+        "v length mismatch": (lambda: call(v=f(2, 2, 6, 8)), "ValueError", "v"),
+        "q 3-D": (lambda: call(q=f(2, 4, 8)), "ValueError", "q"),
+        "head_dim 512": (lambda: call(q=f(1, 2, 3, 512), k=f(1, 1, 5, 512), v=f(1, 1, 5, 512)), "ValueError",
+                         "head_dim"),
+        "kv_lens longer than kv_len": (lambda: call(kv_lens=torch.tensor([5, 6])), "ValueError", "kv_lens"),
+        "kv_lens negative": (lambda: call(kv_lens=torch.tensor([-1, 3])), "ValueError", "kv_lens"),
+        "kv_lens float": (lambda: call(kv_lens=torch.tensor([1.0, 2.0])), "TypeError", "kv_lens"),
+        "kv_lens wrong length": (lambda: call(kv_lens=torch.tensor([1])), "ValueError", "kv_lens"),
+        "mask not broadcastable": (lambda: call(attn_mask=torch.ones(3, 4, dtype=torch.bool)), "ValueError",
+                                   "attn_mask"),
+        "mask 5-D": (lambda: call(attn_mask=torch.ones(1, 2, 4, 3, 5)), "ValueError", "attn_mask"),
+        "mask integer": (lambda: call(attn_mask=torch.ones(3, 5, dtype=torch.int64)), "TypeError", "attn_mask"),
+        "integer q": (lambda: call(q=torch.ones(2, 4, 3, 8, dtype=torch.int32)), "TypeError", "q"),
+        "k float64 with float32 q": (lambda: call(k=f(2, 2, 5, 8, dtype=torch.float64)), "TypeError", "k"),
+        "k on meta": (lambda: call(k=f(2, 2, 5, 8, device="meta")), "Exception", ""),
+        "scale infinite": (lambda: call(scale=math.inf), "ValueError", "scale"),
+        "backward: lse wrong shape": (lambda: bwd(o, q, k, v, o, lse[:, :1], False, 0.5, None, None,
+                                                  [True, True, True])[0], "ValueError", "lse"),
+        "backward: grad_o wrong shape": (lambda: bwd(o[:, :1], q, k, v, o, lse, False, 0.5, None, None,
+                                                     [True, True, True])[0], "ValueError", "grad_o"),
+        "NaN in q (propagates)": (lambda: call(q=nan_q), "returned-nan", ""),
+        "zero kv_len": (lambda: call(k=f(2, 2, 0, 8), v=f(2, 2, 0, 8)), "returned", ""),
+        "empty batch": (lambda: call(q=f(0, 4, 3, 8), k=f(0, 2, 5, 8), v=f(0, 2, 5, 8)), "returned", ""),
+    }
+
+
 def common_cases():
     dm = torch.ops.lrkernels.dropout_mask
     s = seed_tensor(3, "cpu")
@@ -224,7 +264,7 @@ def common_cases():
 
 
 FAMILIES = {"lora": lora_cases, "multi_lora": multi_lora_cases, "c3a": c3a_cases, "miss": miss_cases,
-            "galore": galore_cases, "common": common_cases}
+            "galore": galore_cases, "gqa": gqa_cases, "common": common_cases}
 
 
 def main(family):

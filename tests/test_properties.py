@@ -19,6 +19,7 @@ import lrkernels
 from lrkernels.ops._util import seed_tensor
 from lrkernels.reference import c3a as ref_c3a
 from lrkernels.reference import galore as ref_galore
+from lrkernels.reference import gqa as ref_gqa
 from lrkernels.reference import lora as ref_lora
 from lrkernels.reference import miss as ref_miss
 from lrkernels.reference import multi_lora as ref_multi
@@ -267,3 +268,61 @@ def test_galore_apply_update(m, n, r, left, dt, residual):
                                          None if res_g is None else res_g.abs(),
                                          None if res_s is None else res_s.abs(), 0.1)
     assert_close_to_oracle(w1, want, low, name="weight", mag=mag)
+
+
+# ---------------------------------------------------------------------------- GQA attention
+
+@SETTINGS
+@given(B=st.integers(0, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4, 8]), Sq=st.integers(0, 9),
+       Sk=st.integers(0, 150), D=st.integers(1, 40), dt=st.sampled_from([F32, F64, BF16]), causal=st.booleans(),
+       lens=st.booleans(), mask=st.sampled_from([None, "bool", "additive"]), bshd=st.booleans(),
+       seed=st.integers(0, 2**31), data=st.data())
+def test_gqa_attention(B, Hkv, G, Sq, Sk, D, dt, causal, lens, mask, bshd, seed, data):
+    Hq = Hkv * G
+    gen = torch.Generator().manual_seed(seed)
+
+    def t(H, S):
+        x = _rand((B, S, H, D), dt, gen=gen).transpose(1, 2) if bshd else _rand((B, H, S, D), dt, gen=gen)
+        return x
+
+    q, k, v = t(Hq, Sq), t(Hkv, Sk), t(Hkv, Sk)
+    kv_lens = torch.tensor(data.draw(st.lists(st.integers(0, Sk), min_size=B, max_size=B)),
+                           dtype=torch.int64) if lens else None
+    # a mask broadcast over some dims: each of (B, Hq, Sq, Sk) kept or made 1
+    keep = data.draw(st.lists(st.booleans(), min_size=4, max_size=4))
+    shape = [n if kp else 1 for n, kp in zip((B, Hq, Sq, Sk), keep)]
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = torch.rand(shape, generator=gen) > 0.3
+    elif mask == "additive":
+        attn_mask = _rand(shape, dt, gen=gen).masked_fill(torch.rand(shape, generator=gen) < 0.2, float("-inf"))
+    kw = dict(causal=causal, scale=0.4, kv_lens=kv_lens, attn_mask=attn_mask)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    o = lrkernels.gqa_attention(*leaves, **kw)
+    assert o.dtype == dt and o.shape == (B, Hq, Sq, D)
+    want = ref_gqa.gqa_attention(q, k, v, **kw)
+    low = ref_gqa.gqa_attention(q, k, v, dtype=dt, **kw)
+    # the output's rounding errors scale with P|V|
+    assert_close_to_oracle(o, want, low, name="gqa_attention output", mag=ref_gqa.gqa_attention(q, k, v.abs(), **kw))
+    if o.numel() == 0:
+        return
+    go = _rand(o.shape, dt, gen=gen)
+    got = torch.autograd.grad(o, leaves, go)
+
+    def oracle_grads(d):
+        lv = [x.detach().to(d).requires_grad_(True) for x in (q, k, v)]
+        return torch.autograd.grad(ref_gqa.gqa_attention(*lv, dtype=d, **kw), lv, go.to(d))
+
+    # dS = P ⊙ (dO·v − Di) cancels (exactly, with one visible key): the kernel's rounding there is
+    # eps·D·|dO|·(|v| + |o|) per score, which the plain softmax reference does not make (it can be
+    # exact), so dq and dk also get that absolute floor: ·scale·|k| (dq, Σ_j P = 1) and
+    # ·scale·|q|·(rows sharing a key) (dk).
+    eps = torch.finfo(torch.float64 if dt == F64 else torch.float32).eps
+    amax = lambda x: x.detach().double().abs().max().item() if x.numel() else 0.0  # noqa: E731
+    cancel = 4 * eps * D * amax(go) * (amax(v) + amax(o))
+    abs_floor = {"q": cancel * 0.4 * amax(k), "k": cancel * 0.4 * amax(q) * G * Sq, "v": 0.0}
+    default = {F64: 1e-12, F32: 1e-6, BF16: 1e-3}[dt]
+    for n, g, w, lo in zip("qkv", got, oracle_grads(torch.float64), oracle_grads(dt)):
+        assert g.dtype == dt and g.shape == w.shape
+        floor = max(default, abs_floor[n] / max(amax(w), 1.0))
+        assert_close_to_oracle(g, w, lo, name=f"gqa_attention grad {n}", floor=floor)

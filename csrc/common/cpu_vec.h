@@ -42,4 +42,22 @@ constexpr CpuCapability kThisCapability = CpuCapability::kAvx2;
 constexpr CpuCapability kThisCapability = CpuCapability::kDefault;
 #endif
 
+// An L×L block transposed in registers (L = Vectorized<T>::size()): log2 L rounds of pairing
+// vector i with vector i + L/2 by interleave2 (the perfect shuffle) leave column k in vector k.
+// (Tile transposes of sparse_lowrank and gqa.)
+template <typename T>
+inline void transpose_block(Vectorized<T>* v) {
+  using V = Vectorized<T>;
+  constexpr int L = V::size();
+  V t[L];
+  for (int step = 1; step < L; step *= 2) {
+    for (int i = 0; i < L / 2; ++i) {
+      auto pr = at::vec::interleave2(v[i], v[i + L / 2]);
+      t[2 * i] = pr.first;
+      t[2 * i + 1] = pr.second;
+    }
+    for (int i = 0; i < L; ++i) v[i] = t[i];
+  }
+}
+
 }  // namespace lrkernels::LRK_ISA_NS

@@ -72,23 +72,6 @@ void sddmm_rows(const int32_t* ptr, const int32_t* idx, const T* aT, const T* bT
   }
 }
 
-// An L×L block transposed in registers (L = V::size()): log2 L rounds of pairing vector i with
-// vector i + L/2 by interleave2 (the perfect shuffle) leave column k in vector k.
-template <typename T>
-inline void transpose_block(Vectorized<T>* v) {
-  using V = Vectorized<T>;
-  constexpr int L = V::size();
-  V t[L];
-  for (int step = 1; step < L; step *= 2) {
-    for (int i = 0; i < L / 2; ++i) {
-      auto pr = at::vec::interleave2(v[i], v[i + L / 2]);
-      t[2 * i] = pr.first;
-      t[2 * i + 1] = pr.second;
-    }
-    for (int i = 0; i < L; ++i) v[i] = t[i];
-  }
-}
-
 template <typename T>
 void load_transposed(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dstT, int64_t w) {
   using V = Vectorized<T>;

@@ -20,6 +20,7 @@ from .ops.multi_lora import (MultiLoraSegments, lora_expand_, lora_shrink, multi
                               multi_lora_segments)
 from .ops.galore import galore_adam_moments, galore_apply_update
 from .ops.sparse_lowrank import SparseSupport, sparse_lowrank_linear, sparse_support
+from .ops.gqa import gqa_attention
 from . import nn, optim, reference  # noqa: E402
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "SparseSupport",
     "sparse_support",
     "sparse_lowrank_linear",
+    "gqa_attention",
     "nn",
     "optim",
     "reference",

@@ -1,0 +1,132 @@
+"""GQA attention (Hq query heads over Hkv < Hq KV heads) against PyTorch's SDPA.
+
+Baselines: SDPA with ``enable_gqa=True`` (PyTorch's CPU flash path takes Hq ≠ Hkv, but decode
+gets B·Hq tasks with no split over the sequence); and what HF transformers does whenever there
+is an attention mask: ``repeat_kv`` (Hq / Hkv copies of the cache) then SDPA with the mask.
+
+Issue #12 targets, CPU float32, B = 1, Hq = 32, Hkv = 8, D = 128 (LLaMA-3-8B's attention):
+  decode, Sq = 1 over 4096 cached tokens: ≤ 0.25× SDPA enable_gqa, and the KV cache read at
+    ≥ 50% of the measured memory bandwidth (the report's "of bandwidth" column: bytes = K + V);
+  the same decode with a padding mask: ≤ 0.125× repeat_kv + SDPA;
+  prefill Sq = Sk = 2048, causal, forward + backward: ≤ 1× SDPA (its CPU flash path).
+CPU only for now (no CUDA kernel yet)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .harness import Case
+
+
+def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    return t(B, Hq, Sq, D), t(B, Hkv, Sk, D), t(B, Hkv, Sk, D)
+
+
+def _padding_mask(B, Sq, Sk, pad):
+    """(B, 1, Sq, Sk) bool, the first `pad` keys of every sequence padding (left padding, as
+    batched generation sends it)."""
+    m = torch.ones(B, 1, Sq, Sk, dtype=torch.bool)
+    m[..., :pad] = False
+    return m
+
+
+def _decode(B, Hq, Hkv, Sk, D, dtype, masked):
+    def build():
+        import lrkernels
+
+        q, k, v = _qkv(B, Hq, Hkv, 1, Sk, D, dtype)
+        g = Hq // Hkv
+        if not masked:
+            return {"lrkernels": lambda: lrkernels.gqa_attention(q, k, v),
+                    "sdpa_enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)}
+        mask = _padding_mask(B, 1, Sk, pad=Sk // 16)
+
+        def transformers_today():  # repeat_kv, then SDPA with the mask (no enable_gqa with a mask)
+            kr = k[:, :, None].expand(B, Hkv, g, Sk, D).reshape(B, Hq, Sk, D)
+            vr = v[:, :, None].expand(B, Hkv, g, Sk, D).reshape(B, Hq, Sk, D)
+            return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+
+        return {"lrkernels": lambda: lrkernels.gqa_attention(q, k, v, attn_mask=mask),
+                "repeat_kv_sdpa": transformers_today,
+                "sdpa_enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)}
+
+    return build
+
+
+def _prefill(B, Hq, Hkv, S, D, dtype, backward):
+    def build():
+        import lrkernels
+
+        q0, k0, v0 = _qkv(B, Hq, Hkv, S, S, D, dtype)
+        q, k, v = (t.clone().requires_grad_(backward) for t in (q0, k0, v0))
+        go = torch.randn(B, Hq, S, D).to(dtype)
+
+        def step(fn):
+            def run():
+                for t in (q, k, v):
+                    t.grad = None
+                with torch.enable_grad() if backward else torch.no_grad():
+                    o = fn()
+                    if backward:
+                        o.backward(go)
+                return o
+            return run
+
+        return {"lrkernels": step(lambda: lrkernels.gqa_attention(q, k, v, causal=True)),
+                "sdpa_enable_gqa": step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                               enable_gqa=True))}
+
+    return build
+
+
+def cases(device: str, quick: bool):
+    if device != "cpu":
+        return []  # no CUDA kernel yet
+    dtype = torch.float32
+    e = 4
+    B, Hq, Hkv, D = 1, 32, 8, 128
+    out = []
+    Sk = 1024 if quick else 4096
+    issue = not quick
+    kv_bytes = 2 * B * Hkv * Sk * D * e + 2 * B * Hq * D * e
+    flops = 4.0 * B * Hq * Sk * D
+    params = {"batch": B, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "q_len": 1, "kv_len": Sk}
+    out.append(Case(f"decode B{B} Hq{Hq} Hkv{Hkv} D{D} Sk{Sk} fp32", _decode(B, Hq, Hkv, Sk, D, dtype, False),
+                    "lrkernels", ["sdpa_enable_gqa"], flops, kv_bytes,
+                    {"sdpa_enable_gqa": 0.25} if issue else {},
+                    note="GB/s = K + V read; target also: ≥ 50% of the measured copy bandwidth",
+                    family="gqa", params=params))
+    out.append(Case(f"decode B{B} Hq{Hq} Hkv{Hkv} D{D} Sk{Sk} fp32 padding mask",
+                    _decode(B, Hq, Hkv, Sk, D, dtype, True), "lrkernels", ["repeat_kv_sdpa", "sdpa_enable_gqa"],
+                    flops, kv_bytes, {"repeat_kv_sdpa": 0.125} if issue else {},
+                    note="mask (B, 1, 1, Sk) bool, 1/16 of the keys left padding (as transformers sends it)",
+                    family="gqa", params=dict(params, masked=1)))
+    S = 512 if quick else 2048
+    for backward in (True, False):
+        fwd_flops = 4.0 * B * Hq * S * S * D / 2  # causal: half the score matrix
+        out.append(Case(f"prefill B{B} Hq{Hq} Hkv{Hkv} D{D} S{S} causal fp32 {'fwd+bwd' if backward else 'fwd'}",
+                        _prefill(B, Hq, Hkv, S, D, dtype, backward), "lrkernels", ["sdpa_enable_gqa"],
+                        fwd_flops * (3.5 if backward else 1.0),
+                        e * (2 * B * Hq * S * D + 2 * B * Hkv * S * D) * (2.5 if backward else 1.0),
+                        {"sdpa_enable_gqa": 1.0} if issue and backward else {},
+                        family="gqa", params={"batch": B, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D,
+                                              "q_len": S, "kv_len": S}))
+    return out
+
+
+def _check_shapes():  # pragma: no cover - a quick manual sanity check: python -m benchmarks.bench_gqa
+    for c in cases("cpu", True):
+        fns = c.setup()
+        outs = {k: f() for k, f in fns.items()}
+        ref = outs["sdpa_enable_gqa"]
+        for k, o in outs.items():
+            err = (o.float() - ref.float()).abs().max().item()
+            print(f"{c.name}: {k} max |diff| vs SDPA {err:.2e}")
+            assert math.isfinite(err) and err < 1e-3
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _check_shapes()
