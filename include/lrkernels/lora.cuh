@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "lrkernels/common/cuda_check.cuh"
+#include "lrkernels/common/dropout.cuh"
 #include "lrkernels/common/macros.h"
 #include "lrkernels/common/math.cuh"
 #include "lrkernels/common/philox.h"
@@ -26,10 +27,6 @@ namespace lrkernels {
 namespace lora {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ uint64_t load_seed(const DropoutParams& d) {
-  return (d.threshold != 0 && d.seed != nullptr) ? static_cast<uint64_t>(*d.seed) : 0ull;
-}
 
 // Loads the 8 elements [col0, col0 + 8) of row `row` of x (in fp32, zeros past the end),
 // applies dropout, and returns the keep bits (all ones without dropout).
@@ -65,7 +62,7 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(LoraShrinkParams p) {
   const AT* __restrict__ a = static_cast<const AT*>(p.a);
   const int tid = threadIdx.x;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * TM;
-  const uint64_t seed = load_seed(p.dropout);
+  const uint64_t seed = load_dropout_seed(p.dropout);
   for (int64_t r0 = 0; r0 < p.rank; r0 += RC) {
     float acc[NPT];
 #pragma unroll
@@ -252,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) grad_in_kernel(LoraGradInParams p) {
   const int tid = threadIdx.x;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * TK;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * TM;
-  const uint64_t seed = load_seed(p.dropout);
+  const uint64_t seed = load_dropout_seed(p.dropout);
   uint32_t keep[GROUPS];
   float dacc[GROUPS][8];
 #pragma unroll

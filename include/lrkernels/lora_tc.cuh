@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kTcThreads) shrink_tc_kernel(LoraShrinkParams 
   const bool vec_a = (in % 8 == 0) && (reinterpret_cast<uintptr_t>(a) % 16 == 0);
   const uint32_t threshold = p.dropout.threshold;
   const float keep_scale = p.dropout.keep_scale;
-  const uint64_t seed = load_seed(p.dropout);
+  const uint64_t seed = load_dropout_seed(p.dropout);
   const T zero = from_float<T>(0.f);
   for (int64_t r0 = 0; r0 < rank; r0 += RC) {
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
