@@ -100,9 +100,10 @@ struct Gains {
 
 void run_shrink(const char* op, const at::Tensor& x2, const at::Tensor& a4, at::Tensor& hidden,
                 const MultiLoraSegmentsView& seg, const DropoutParams& dropout, cudaStream_t stream) {
-  // split-K partial sums meet in hidden through float atomics
-  at::globalContext().alertNotDeterministic("lrkernels.lora_shrink / multi_lora_linear (CUDA)");
   MultiLoraShrinkParams p;
+  // Split-K partial sums meet in hidden through float atomics, in an order that varies from
+  // run to run; unsplit, each element gets one add onto zeros: deterministic mode does that.
+  p.allow_k_split = !at::globalContext().deterministicAlgorithms();
   p.x = x2.data_ptr();
   p.a = a4.data_ptr();
   p.hidden = hidden.data_ptr<float>();

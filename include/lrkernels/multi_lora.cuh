@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(MultiLoraExpandParams 
   const AT* __restrict__ b = static_cast<const AT*>(p.b) + l * p.out_total * r_max;
   const AT* __restrict__ g = Has_gate ? static_cast<const AT*>(p.rank_scale) + l * r_max : nullptr;
   const float* __restrict__ hidden = p.hidden + s * p.seg.tokens * r_max;
-  const float scale = p.scales[l];
+  const float scale = p.scales != nullptr ? p.scales[l] : p.scale;
   float acc[RPT];
 #pragma unroll
   for (int i = 0; i < RPT; ++i) acc[i] = 0.f;
@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) grad_out_kernel(MultiLoraGradOutPara
   const AT* __restrict__ b = static_cast<const AT*>(p.b) + l * out * r_max;
   const AT* __restrict__ g = Has_gate ? static_cast<const AT*>(p.rank_scale) + l * r_max : nullptr;
   const AT* __restrict__ o = Has_out_scale ? static_cast<const AT*>(p.out_scale) + l * out : nullptr;
-  const float scale = p.scales[l];
+  const float scale = p.scales != nullptr ? p.scales[l] : p.scale;
 #pragma unroll
   for (int i = 0; i < TM * TN / kThreads; ++i) {
     const int idx = tid + i * kThreads;
@@ -397,7 +397,8 @@ cudaError_t launch_shrink(MultiLoraShrinkParams p, cudaStream_t stream, bool* ra
   constexpr int64_t kTM = 32, kKC = 64;
   const int64_t tiles = worst_case_tiles(T_, p.seg.num_adapters, kTM);
   // Split K until the grid has a few waves' worth of blocks (decode: few tiles).
-  p.k_split = shrink_k_split(p.in_features, tiles, p.slices, kKC, 1024);
+  p.k_split = p.allow_k_split ? shrink_k_split(p.in_features, tiles, p.slices, kKC, 1024)
+                              : ((p.in_features + kKC - 1) / kKC) * kKC;
   const int64_t splits = (p.in_features + p.k_split - 1) / p.k_split;
   if (tiles > 0x7fffffffLL || splits > 65535 || p.slices > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(p.slices));

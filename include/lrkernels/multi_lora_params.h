@@ -26,9 +26,12 @@ constexpr int kMultiLoraSlicesMax = 8;
 // The batch's grouping by adapter, from multi_lora_segments. Every index read from it is
 // bounds-checked by the kernels (offsets clamped to [0, T], token ids outside [0, T) skipped),
 // so malformed metadata cannot make a kernel read or write out of bounds.
+// Null token_order and adapter_offsets is the identity grouping: adapter 0 owns every token,
+// in order (lora_linear, the one-adapter case: one_adapter_segments in multi_lora_tiles.h).
+// It needs no device memory, so lora_linear builds nothing and reads nothing for it.
 struct MultiLoraSegmentsView {
-  const int32_t* token_order = nullptr;      // (T,)
-  const int32_t* adapter_offsets = nullptr;  // (L + 1,)
+  const int32_t* token_order = nullptr;      // (T,), or null: the identity grouping
+  const int32_t* adapter_offsets = nullptr;  // (L + 1,), or null: the identity grouping
   const int32_t* ranks = nullptr;            // (L,) or null: every adapter has rank r_max
   int64_t tokens = 0, num_adapters = 0, r_max = 0;
 };
@@ -40,7 +43,10 @@ struct MultiLoraShrinkParams {
   const void* x = nullptr;   // (T, in)
   const void* a = nullptr;   // (S, L, r_max, in)
   float* hidden = nullptr;   // (S, T, r_max)
-  int64_t in_features = 0, slices = 1, k_split = 0;  // k_split: K columns per grid.y block
+  int64_t in_features = 0, slices = 1, k_split = 0;  // k_split: K columns per grid.y block, set by the launcher
+  // false: K is not split, so each hidden element gets exactly one (atomic) add onto the
+  // caller's zeros and the result is bitwise reproducible (torch's deterministic mode)
+  bool allow_k_split = true;
   bool use_tensor_cores = false;  // fp16/bf16 on sm_80+: the WMMA kernel of multi_lora_tc.cuh
   DropoutParams dropout;          // threshold 0: none
   MultiLoraSegmentsView seg;
@@ -51,7 +57,8 @@ struct MultiLoraShrinkParams {
 struct MultiLoraExpandParams {
   const float* hidden = nullptr;  // (S, T, r_max)
   const void* b = nullptr;        // (L, out_total, r_max)
-  const float* scales = nullptr;  // (L,)
+  const float* scales = nullptr;  // (L,), or null: every adapter has scale `scale`
+  float scale = 1.0f;
   const void* rank_scale = nullptr;  // (L, r_max) in the adapters' type, or null
   const void* out_scale = nullptr;   // (L, out_total) in the adapters' type, or null
   void* y = nullptr;              // (T, out_total), row stride ldy
@@ -70,7 +77,8 @@ struct MultiLoraGradOutParams {
   const void* grad_out = nullptr;  // (T, out)
   const float* hidden = nullptr;   // (T, r_max)
   const void* b = nullptr;         // (L, out, r_max)
-  const float* scales = nullptr;   // (L,)
+  const float* scales = nullptr;   // (L,), or null: every adapter has scale `scale`
+  float scale = 1.0f;
   const void* rank_scale = nullptr;  // (L, r_max) in the adapters' type, or null
   const void* out_scale = nullptr;   // (L, out) in the adapters' type, or null
   float* grad_z = nullptr;         // (T, r_max) or null

@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kTcThreads) expand_tc_kernel(MultiLoraExpandPa
   const T* __restrict__ g = Has_gate ? static_cast<const T*>(p.rank_scale) + l * r_max : nullptr;
   const T* __restrict__ o = Has_out_scale ? static_cast<const T*>(p.out_scale) + l * p.out_total : nullptr;
   const float* __restrict__ hidden = p.hidden + s * p.seg.tokens * r_max;
-  const float scale = p.scales[l];
+  const float scale = p.scales != nullptr ? p.scales[l] : p.scale;
   const T zero = from_float<T>(0.f);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
 #pragma unroll
@@ -221,7 +221,8 @@ cudaError_t launch_shrink_tc(MultiLoraShrinkParams p, cudaStream_t stream) {
   const int64_t T_ = p.seg.tokens;
   if (T_ == 0 || p.seg.num_adapters == 0 || p.in_features == 0) return cudaSuccess;
   const int64_t tiles = worst_case_tiles(T_, p.seg.num_adapters, kTcTM);
-  p.k_split = shrink_k_split(p.in_features, tiles, p.slices, kTcKC, 1024);
+  p.k_split = p.allow_k_split ? shrink_k_split(p.in_features, tiles, p.slices, kTcKC, 1024)
+                              : ((p.in_features + kTcKC - 1) / kTcKC) * kTcKC;
   const int64_t splits = (p.in_features + p.k_split - 1) / p.k_split;
   if (tiles > 0x7fffffffLL || splits > 65535 || p.slices > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(p.slices));
