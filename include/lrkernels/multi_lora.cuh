@@ -14,7 +14,9 @@
 // Options, compile-time (template bools, chosen by the launchers): Is_dropout (shrink,
 // grad_in: x enters as drop(x), the mask regenerated from the seed, common/dropout.cuh),
 // Has_gate and Has_out_scale (expand, grad_out: the per-adapter gains rank_scale (L, r_max)
-// and out_scale (L, out)). lora_linear is the one-adapter case of these kernels.
+// and out_scale (L, out)). lora_linear is the one-adapter case of these kernels
+// (csrc/lora/lora_cuda.cu): the identity grouping of one_adapter_segments (multi_lora_tiles.h),
+// a scalar scale, its rank_scale (r,) and out_scale (out,) as adapter 0's gains.
 //
 // Element types: T is x's (y's, dy's, dx's), AT the adapter tensors' (A, B, gains): T, or float for
 // fp32 adapters on an fp16/bf16 x (check_adapter_param's rule; SIMT kernels only, as the WMMA
