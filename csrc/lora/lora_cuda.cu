@@ -16,32 +16,16 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-#include <initializer_list>
-
 #include "common/cuda_dispatch.h"
 #include "common/dropout.h"
 #include "lora/lora_checks.h"
 #include "lrkernels/multi_lora.cuh"
+#include "multi_lora/lora_kernels_cuda.h"
 
 namespace lrkernels {
 namespace {
 
-// The adapter tensors (A, B, rank_scale, out_scale) in one storage type for the kernels:
-// float when any of them is float32 on a 16-bit x (check_adapter_param's rule; the others are
-// converted, they are small), else x's dtype. Gradients go back in each tensor's own dtype.
-at::ScalarType adapter_compute_dtype(const at::Tensor& x, std::initializer_list<const at::Tensor*> adapters) {
-  for (const at::Tensor* t : adapters)
-    if (t != nullptr && t->scalar_type() == at::kFloat) return at::kFloat;
-  return x.scalar_type();
-}
-
 at::Tensor as_adapter(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
-
-const void* opt_data(const std::optional<at::Tensor>& t, at::ScalarType dtype, std::optional<at::Tensor>& keep) {
-  if (!(t.has_value() && t->defined())) return nullptr;
-  keep = as_adapter(*t, dtype);
-  return keep->data_ptr();
-}
 
 // The tensor-core shrink and expand pay off once their 64-token tiles are mostly full: at
 // least 64 tokens (kernel_select.h has the rest of the rule: fp16/bf16 operands throughout and
@@ -52,17 +36,6 @@ bool lora_on_tensor_cores(const at::Tensor& x, at::ScalarType adapter_dtype, int
   const bool tc_dtypes = is_low_precision(x.scalar_type()) && adapter_dtype == x.scalar_type();
   return use_tensor_cores(CudaFamily::kLoraLinear, image, tc_dtypes, tokens >= multi_lora::kTcTM, op);
 }
-
-// Runs the lambda with cuda_t = x's storage type and adapter_t = the adapters' (cuda_t or float).
-#define LRK_DISPATCH_LORA_TYPES(X_DTYPE, ADAPTER_DTYPE, OP, ...)                 \
-  LRK_DISPATCH_CUDA_FLOAT(X_DTYPE, OP, [&] {                                    \
-    if ((ADAPTER_DTYPE) == at::kFloat) {                                        \
-      using adapter_t = float;                                                  \
-      return __VA_ARGS__();                                                     \
-    }                                                                           \
-    using adapter_t = cuda_t;                                                   \
-    return __VA_ARGS__();                                                       \
-  })
 
 }  // namespace
 
@@ -82,14 +55,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
 
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   at::Tensor y = opt_ptr(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  const at::ScalarType adt = adapter_compute_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
+  const at::ScalarType adt = lora_adapter_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
   const bool tensor_cores = lora_on_tensor_cores(x, adt, sh.tokens, op);
   // The shrink accumulates into hidden with atomics (zeros first); few tokens and wide layers
   // split K over blocks, whose partial sums meet there in a varying order, so deterministic
   // mode does not split (then each element gets exactly one add).
   at::Tensor hidden = at::zeros({sh.tokens, sh.rank}, x.options().dtype(at::kFloat));
   const at::Tensor a = as_adapter(lora_a, adt), b = as_adapter(lora_b, adt);
-  std::optional<at::Tensor> g_keep, o_keep;
+  at::Tensor g_keep, o_keep;
   const MultiLoraSegmentsView seg = multi_lora::one_adapter_segments(sh.tokens, sh.rank);
 
   MultiLoraShrinkParams sp;
@@ -106,8 +79,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
   ep.hidden = hidden.data_ptr<float>();
   ep.b = b.data_ptr();
   ep.scale = static_cast<float>(scale);
-  ep.rank_scale = opt_data(rank_scale, adt, g_keep);
-  ep.out_scale = opt_data(out_scale, adt, o_keep);
+  ep.rank_scale = lora_gain_data(rank_scale, adt, g_keep);
+  ep.out_scale = lora_gain_data(out_scale, adt, o_keep);
   ep.y = y.data_ptr();
   ep.ldy = sh.out_features;
   ep.out_total = sh.out_features;
@@ -146,11 +119,11 @@ lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
   const at::Tensor hid = hidden.reshape({sh.tokens, sh.rank}).contiguous();
-  const at::ScalarType adt = adapter_compute_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
+  const at::ScalarType adt = lora_adapter_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
   const at::Tensor a = as_adapter(lora_a, adt), b = as_adapter(lora_b, adt);
-  std::optional<at::Tensor> g_keep, o_keep;
-  const void* g_ptr = opt_data(rank_scale, adt, g_keep);
-  const void* o_ptr = opt_data(out_scale, adt, o_keep);
+  at::Tensor g_keep, o_keep;
+  const void* g_ptr = lora_gain_data(rank_scale, adt, g_keep);
+  const void* o_ptr = lora_gain_data(out_scale, adt, o_keep);
   std::optional<at::Tensor> gx, gw, gbias, ga, gb, gg, go;
 
   if (want_w) gw = at::mm(dy2.t(), x2);

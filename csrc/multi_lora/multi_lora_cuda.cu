@@ -16,10 +16,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <initializer_list>
 
 #include "common/cuda_dispatch.h"
 #include "lrkernels/multi_lora.cuh"
+#include "multi_lora/lora_kernels_cuda.h"
 #include "multi_lora/multi_lora_checks.h"
 
 namespace lrkernels {
@@ -57,39 +57,6 @@ bool on_tensor_cores(const at::Tensor& t, at::ScalarType adapter_dtype, const Mu
   return use_tensor_cores(CudaFamily::kMultiLora, image, tc_dtypes, seg.tokens >= 32 * seg.num_adapters, op);
 }
 
-// Runs the lambda with cuda_t = x's storage type and adapter_t = the adapter weights' (cuda_t,
-// or float for fp32 adapters on a 16-bit x: check_adapter_param's rule).
-#define LRK_DISPATCH_MULTI_LORA_TYPES(X_DTYPE, ADAPTER_DTYPE, OP, ...)          \
-  LRK_DISPATCH_CUDA_FLOAT(X_DTYPE, OP, [&] {                                    \
-    if ((ADAPTER_DTYPE) == at::kFloat) {                                        \
-      using adapter_t = float;                                                  \
-      return __VA_ARGS__();                                                     \
-    }                                                                           \
-    using adapter_t = cuda_t;                                                   \
-    return __VA_ARGS__();                                                       \
-  })
-
-// The adapter tensors (lora_a, lora_b, rank_scale, out_scale) in one storage type: float when
-// any of them is float32 on a 16-bit x (the others are converted, they are small), else x's
-// dtype.
-at::ScalarType adapter_compute_dtype(const at::Tensor& x, std::initializer_list<const at::Tensor*> adapters) {
-  for (const at::Tensor* t : adapters)
-    if (t != nullptr && t->defined() && t->scalar_type() == at::kFloat) return at::kFloat;
-  return x.scalar_type();
-}
-
-const at::Tensor* opt_tensor(const std::optional<at::Tensor>& t) {
-  return (t.has_value() && t->defined()) ? &*t : nullptr;
-}
-
-// An optional gain (rank_scale, out_scale) in the adapters' storage type for the kernels, kept
-// alive in `keep`; null when absent.
-const void* gain_data(const std::optional<at::Tensor>& t, at::ScalarType dtype, at::Tensor& keep) {
-  if (opt_tensor(t) == nullptr) return nullptr;
-  keep = t->to(dtype).contiguous();
-  return keep.data_ptr();
-}
-
 // The rank gates and output scales as the kernels read them (in the adapters' type, null when
 // absent).
 struct Gains {
@@ -113,7 +80,7 @@ void run_shrink(const char* op, const at::Tensor& x2, const at::Tensor& a4, at::
   p.dropout = dropout;
   p.use_tensor_cores = on_tensor_cores(x2, a4.scalar_type(), seg, op);
   bool tc = false;
-  LRK_DISPATCH_MULTI_LORA_TYPES(x2.scalar_type(), a4.scalar_type(), op, [&] {
+  LRK_DISPATCH_LORA_TYPES(x2.scalar_type(), a4.scalar_type(), op, [&] {
     LRK_CUDA_CHECK_LAUNCH(op, "shrink", (multi_lora::launch_shrink<cuda_t, adapter_t>(p, stream, &tc)));
   });
   count_cuda_launch(CudaFamily::kMultiLora, CudaKernel::kShrink, tc);
@@ -137,7 +104,7 @@ void run_expand(const char* op, at::Tensor& y2, const at::Tensor& hidden, const 
   p.seg = seg;
   p.use_tensor_cores = on_tensor_cores(y2, b.scalar_type(), seg, op);
   bool tc = false;
-  LRK_DISPATCH_MULTI_LORA_TYPES(y2.scalar_type(), b.scalar_type(), op, [&] {
+  LRK_DISPATCH_LORA_TYPES(y2.scalar_type(), b.scalar_type(), op, [&] {
     LRK_CUDA_CHECK_LAUNCH(op, "expand", (multi_lora::launch_expand<cuda_t, adapter_t>(p, stream, &tc)));
   });
   count_cuda_launch(CudaFamily::kMultiLora, CudaKernel::kExpand, tc);
@@ -216,10 +183,10 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cuda(
   SegmentsKeep keep;
   const MultiLoraSegmentsView seg = make_view(keep, order, offsets, ranks, sh.tokens, sh.num_adapters, sh.r_max);
   const at::ScalarType adt =
-      adapter_compute_dtype(x, {&lora_a, &lora_b, opt_tensor(rank_scale), opt_tensor(out_scale)});
+      lora_adapter_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
   Gains gains;
-  gains.g = gain_data(rank_scale, adt, gains.g_keep);
-  gains.o = gain_data(out_scale, adt, gains.o_keep);
+  gains.g = lora_gain_data(rank_scale, adt, gains.g_keep);
+  gains.o = lora_gain_data(out_scale, adt, gains.o_keep);
   run_shrink(op, x2, lora_a.to(adt).contiguous().unsqueeze(0), hidden, seg, opts.dropout, stream);
   run_expand(op, y, hidden, lora_b.to(adt).contiguous(), scales.to(at::kFloat).contiguous(), gains,
              {sh.out_features}, seg, stream);
@@ -251,12 +218,12 @@ multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
   const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
   const at::Tensor hid = hidden.reshape({sh.tokens, sh.r_max}).contiguous();
   const at::ScalarType adt =
-      adapter_compute_dtype(x, {&lora_a, &lora_b, opt_tensor(rank_scale), opt_tensor(out_scale)});
+      lora_adapter_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
   const at::Tensor a = lora_a.to(adt).contiguous(), b = lora_b.to(adt).contiguous();
   const at::Tensor s32 = scales.to(at::kFloat).contiguous();
   Gains gains;
-  gains.g = gain_data(rank_scale, adt, gains.g_keep);
-  gains.o = gain_data(out_scale, adt, gains.o_keep);
+  gains.g = lora_gain_data(rank_scale, adt, gains.g_keep);
+  gains.o = lora_gain_data(out_scale, adt, gains.o_keep);
   SegmentsKeep keep;
   const MultiLoraSegmentsView seg =
       make_view(keep, token_order, adapter_offsets, ranks, sh.tokens, sh.num_adapters, sh.r_max);
@@ -286,7 +253,7 @@ multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
     gp.grad_b = need_p ? p32.data_ptr<float>() : nullptr;
     gp.out_features = sh.out_features;
     gp.seg = seg;
-    LRK_DISPATCH_MULTI_LORA_TYPES(dt, adt, op, [&] {
+    LRK_DISPATCH_LORA_TYPES(dt, adt, op, [&] {
       LRK_CUDA_CHECK_LAUNCH(op, "grad_out", (multi_lora::launch_grad_out<cuda_t, adapter_t>(gp, stream)));
     });
     // Small (adapter-sized) epilogues in ATen; each gradient in its own tensor's dtype.
@@ -339,7 +306,7 @@ multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
         ip.in_features = sh.in_features;
         ip.dropout = opts.dropout;
         ip.seg = seg;
-        LRK_DISPATCH_MULTI_LORA_TYPES(dt, adt, op, [&] {
+        LRK_DISPATCH_LORA_TYPES(dt, adt, op, [&] {
           LRK_CUDA_CHECK_LAUNCH(op, "grad_in", (multi_lora::launch_grad_in<cuda_t, adapter_t>(ip, stream)));
         });
         if (want_a) ga = ga32.to(lora_a.scalar_type());
