@@ -848,7 +848,7 @@ def test_cuda_bad_inputs():
 
 
 # ---------------------------------------------------------------------------- CUDA tensor cores
-# fp16/bf16 with >= 64 tokens take the tensor-core shrink and expand (lora_tc.cuh) on sm_80+;
+# fp16/bf16 with >= 64 tokens take the tensor-core shrink and expand (multi_lora_tc.cuh) on sm_80+;
 # set_cuda_kernels("simt") forces the SIMT kernels, "tensor_core" the tensor cores at any size.
 # Each test asserts from the launch counters that the path it names is the one that ran. Shapes: odd sizes (tails of the 64-token
 # tiles, the 64-column K steps and output tiles), every rank chunk (16, 32, 64, 128 and

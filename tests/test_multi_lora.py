@@ -1195,3 +1195,51 @@ def test_cuda_bad_inputs():
     a = _to(make_inputs(6, 16, 12, 3, 4, torch.float64), "cuda")
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         run_op(a)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["simt", "tensor_core"])
+def test_cuda_gates_out_scales_dropout_match_oracle(dtype, path):
+    """rank_scale, out_scale and dropout on CUDA, on both kernel paths, against the float64 oracle:
+    the output, hidden (drop(x) Aᵀ before any gain, the mask being lora_linear's rows) and all
+    eight gradients."""
+    from lrkernels.reference.philox import dropout_mask
+    T, din, dout, L, r, p, seed = 130, 96, 80, 3, 16, 0.3, 4321
+    names = GRAD_NAMES + ("rank_scale", "out_scale")
+    low = lambda v, k: isinstance(v, torch.Tensor) and v.is_floating_point() and k != "scales"  # noqa: E731
+    cpu = make_inputs(T, din, dout, L, r, torch.float64, ranks=mixed_ranks(L, r))
+    cpu["rank_scale"] = torch.rand(L, r, dtype=torch.float64) * 1.5 + 0.25
+    cpu["out_scale"] = torch.rand(L, dout, dtype=torch.float64) * 1.5 + 0.25
+    cpu = {k: (v.to(dtype).double() if low(v, k) else v) for k, v in cpu.items()}  # exact in dtype
+    a = {k: (v.to(dtype) if low(v, k) else v) for k, v in _to(cpu, "cuda").items()}
+    for k in names:
+        a[k].requires_grad_(True)
+    lrkernels.cuda_kernel_launches(reset=True)
+    with lrkernels.use_cuda_kernels(path, "multi_lora"):
+        y, hidden = OP(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], a["adapter_ids"], a["scales"],
+                       a["ranks"], None, None, a["rank_scale"], a["out_scale"], p,
+                       torch.tensor([seed], dtype=torch.int64, device="cuda"))
+    want_tc = path == "tensor_core" and dtype != torch.float32
+    _launched("shrink", want_tc)
+    leaf = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                else v) for k, v in cpu.items()}
+    want_y = ref.multi_lora_linear(leaf["x"], leaf["weight"], leaf["bias"], leaf["lora_a"], leaf["lora_b"],
+                                   leaf["adapter_ids"], scales=leaf["scales"], ranks=leaf["ranks"],
+                                   rank_scale=leaf["rank_scale"], out_scale=leaf["out_scale"], dropout_p=p, seed=seed)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+
+    def close(got, want, name):
+        got, want = got.detach().double().cpu(), want.detach()
+        err, scale = (got - want).abs().max().item(), want.abs().max().item()
+        assert err <= tol * max(scale, 1e-6), f"{name} ({dtype}, {path}): max err {err:.3g}, max |ref| {scale:.3g}"
+
+    close(y, want_y, "y")
+    xd = cpu["x"] * dropout_mask(seed, T, din, p, dtype=torch.float64)
+    close(hidden, ref.lora_shrink(xd, cpu["lora_a"], cpu["adapter_ids"], cpu["ranks"]), "hidden")
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [a[k] for k in names], gy)
+    want = torch.autograd.grad(want_y, [leaf[k] for k in names], gy.double().cpu())
+    for k, g, w in zip(names, got, want):
+        assert g.dtype == a[k].dtype and g.shape == a[k].shape, k
+        close(g, w, f"grad {k}")

@@ -1,9 +1,13 @@
 // lora_linear on CUDA: base GEMMs in cuBLAS (through ATen), the low-rank path in the
-// hand-written kernels of include/lrkernels/lora.cuh (SIMT) and lora_tc.cuh (tensor cores,
+// multi-LoRA kernels (include/lrkernels/multi_lora.cuh SIMT, multi_lora_tc.cuh tensor cores:
 // forward shrink and expand for fp16/bf16; lrkernels.set_cuda_kernels chooses, the launch
-// counters say which ran). Adapter tensors may be float32 on an fp16/bf16 x (PEFT's default):
-// the kernels read them as fp32, outputs have x's dtype, each gradient its tensor's dtype.
-// No host synchronisation: the dropout seed is
+// counters of the lora_linear family say which ran) as their one-adapter case: the identity
+// grouping (null token_order / adapter_offsets: adapter 0 owns tokens 0..T-1 in order, so
+// nothing is built on the device and no host sync is needed), rank r = r_max, the scale a
+// scalar field, rank_scale (r,) and out_scale (out,) as the (1, r) and (1, out) gains.
+// Dropout, gates and output scales are the kernels' compile-time options. Adapter tensors may
+// be float32 on an fp16/bf16 x (PEFT's default): the kernels read them as fp32, outputs have
+// x's dtype, each gradient its tensor's dtype. No host synchronisation: the dropout seed is
 // read by the kernels from device memory, grids depend on shapes only.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -15,49 +19,23 @@
 #include "common/cuda_dispatch.h"
 #include "common/dropout.h"
 #include "lora/lora_checks.h"
-#include "lrkernels/lora.cuh"
-#include "lrkernels/lora_tc.cuh"
+#include "lrkernels/multi_lora.cuh"
+#include "multi_lora/lora_kernels_cuda.h"
 
 namespace lrkernels {
 namespace {
 
-// The adapter tensors (A, B, rank_scale, out_scale) in one storage type for the kernels:
-// float when any of them is float32 on a 16-bit x (check_adapter_param's rule; the others are
-// converted, they are small), else x's dtype. Gradients go back in each tensor's own dtype.
-at::ScalarType adapter_compute_dtype(const at::Tensor& x, std::initializer_list<const at::Tensor*> adapters) {
-  for (const at::Tensor* t : adapters)
-    if (t != nullptr && t->scalar_type() == at::kFloat) return at::kFloat;
-  return x.scalar_type();
-}
-
 at::Tensor as_adapter(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
-
-const void* opt_data(const std::optional<at::Tensor>& t, at::ScalarType dtype, std::optional<at::Tensor>& keep) {
-  if (!(t.has_value() && t->defined())) return nullptr;
-  keep = as_adapter(*t, dtype);
-  return keep->data_ptr();
-}
 
 // The tensor-core shrink and expand pay off once their 64-token tiles are mostly full: at
 // least 64 tokens (kernel_select.h has the rest of the rule: fp16/bf16 operands throughout and
 // an sm_80+ image on this GPU; lrkernels.set_cuda_kernels overrides). Shapes, the setting and
 // the cached image arch only: no host sync.
 bool lora_on_tensor_cores(const at::Tensor& x, at::ScalarType adapter_dtype, int64_t tokens, const char* op) {
-  static KernelImageArch image(reinterpret_cast<const void*>(&lora::shrink_tc_kernel<__half, 16>));
+  static KernelImageArch image(reinterpret_cast<const void*>(&multi_lora::shrink_tc_kernel<__half, 16, false>));
   const bool tc_dtypes = is_low_precision(x.scalar_type()) && adapter_dtype == x.scalar_type();
-  return use_tensor_cores(CudaFamily::kLoraLinear, image, tc_dtypes, tokens >= lora::kTcTM, op);
+  return use_tensor_cores(CudaFamily::kLoraLinear, image, tc_dtypes, tokens >= multi_lora::kTcTM, op);
 }
-
-// Runs the lambda with cuda_t = x's storage type and adapter_t = the adapters' (cuda_t or float).
-#define LRK_DISPATCH_LORA_TYPES(X_DTYPE, ADAPTER_DTYPE, OP, ...)                 \
-  LRK_DISPATCH_CUDA_FLOAT(X_DTYPE, OP, [&] {                                    \
-    if ((ADAPTER_DTYPE) == at::kFloat) {                                        \
-      using adapter_t = float;                                                  \
-      return __VA_ARGS__();                                                     \
-    }                                                                           \
-    using adapter_t = cuda_t;                                                   \
-    return __VA_ARGS__();                                                       \
-  })
 
 }  // namespace
 
@@ -77,46 +55,43 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
 
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   at::Tensor y = opt_ptr(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  const cudaDeviceProp& props = *at::cuda::getCurrentDeviceProperties();
-  const at::ScalarType adt = adapter_compute_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
+  const at::ScalarType adt = lora_adapter_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
   const bool tensor_cores = lora_on_tensor_cores(x, adt, sh.tokens, op);
-  // Few tokens and wide layers leave most SMs idle unless the tensor-core shrink splits K;
-  // the split sums partial products with atomics, so not in deterministic mode.
-  const int64_t k_split = (tensor_cores && !at::globalContext().deterministicAlgorithms())
-                              ? lora::shrink_tc_k_split(sh.tokens, sh.in_features, 2 * props.multiProcessorCount)
-                              : 0;
-  at::Tensor hidden = k_split > 0 ? at::zeros({sh.tokens, sh.rank}, x.options().dtype(at::kFloat))
-                                  : at::empty({sh.tokens, sh.rank}, x.options().dtype(at::kFloat));
+  // The shrink accumulates into hidden with atomics (zeros first); few tokens and wide layers
+  // split K over blocks, whose partial sums meet there in a varying order, so deterministic
+  // mode does not split (then each element gets exactly one add).
+  at::Tensor hidden = at::zeros({sh.tokens, sh.rank}, x.options().dtype(at::kFloat));
   const at::Tensor a = as_adapter(lora_a, adt), b = as_adapter(lora_b, adt);
-  std::optional<at::Tensor> g_keep, o_keep;
+  at::Tensor g_keep, o_keep;
+  const MultiLoraSegmentsView seg = multi_lora::one_adapter_segments(sh.tokens, sh.rank);
 
-  LoraShrinkParams sp;
+  MultiLoraShrinkParams sp;
   sp.x = x2.data_ptr();
   sp.a = a.data_ptr();
   sp.hidden = hidden.data_ptr<float>();
-  sp.tokens = sh.tokens;
   sp.in_features = sh.in_features;
-  sp.rank = sh.rank;
+  sp.allow_k_split = !at::globalContext().deterministicAlgorithms();
+  sp.use_tensor_cores = tensor_cores;
   sp.dropout = d;
-  sp.k_split = k_split;
+  sp.seg = seg;
 
-  LoraExpandParams ep;
+  MultiLoraExpandParams ep;
   ep.hidden = hidden.data_ptr<float>();
   ep.b = b.data_ptr();
-  ep.rank_scale = opt_data(rank_scale, adt, g_keep);
-  ep.out_scale = opt_data(out_scale, adt, o_keep);
-  ep.y = y.data_ptr();
-  ep.tokens = sh.tokens;
-  ep.out_features = sh.out_features;
-  ep.rank = sh.rank;
   ep.scale = static_cast<float>(scale);
+  ep.rank_scale = lora_gain_data(rank_scale, adt, g_keep);
+  ep.out_scale = lora_gain_data(out_scale, adt, o_keep);
+  ep.y = y.data_ptr();
+  ep.ldy = sh.out_features;
+  ep.out_total = sh.out_features;
+  ep.slice_start[1] = sh.out_features;
+  ep.use_tensor_cores = tensor_cores;
+  ep.seg = seg;
 
   bool shrink_tc = false, expand_tc = false;
   LRK_DISPATCH_LORA_TYPES(x.scalar_type(), adt, op, [&] {
-    LRK_CUDA_CHECK_LAUNCH(op, "shrink",
-                          (lora::launch_shrink_on<cuda_t, adapter_t>(sp, tensor_cores, stream, &shrink_tc)));
-    LRK_CUDA_CHECK_LAUNCH(op, "expand",
-                          (lora::launch_expand_on<cuda_t, adapter_t>(ep, tensor_cores, stream, &expand_tc)));
+    LRK_CUDA_CHECK_LAUNCH(op, "shrink", (multi_lora::launch_shrink<cuda_t, adapter_t>(sp, stream, &shrink_tc)));
+    LRK_CUDA_CHECK_LAUNCH(op, "expand", (multi_lora::launch_expand<cuda_t, adapter_t>(ep, stream, &expand_tc)));
   });
   count_cuda_launch(CudaFamily::kLoraLinear, CudaKernel::kShrink, shrink_tc);
   count_cuda_launch(CudaFamily::kLoraLinear, CudaKernel::kExpand, expand_tc);
@@ -144,11 +119,11 @@ lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
   const at::Tensor hid = hidden.reshape({sh.tokens, sh.rank}).contiguous();
-  const at::ScalarType adt = adapter_compute_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
+  const at::ScalarType adt = lora_adapter_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
   const at::Tensor a = as_adapter(lora_a, adt), b = as_adapter(lora_b, adt);
-  std::optional<at::Tensor> g_keep, o_keep;
-  const void* g_ptr = opt_data(rank_scale, adt, g_keep);
-  const void* o_ptr = opt_data(out_scale, adt, o_keep);
+  at::Tensor g_keep, o_keep;
+  const void* g_ptr = lora_gain_data(rank_scale, adt, g_keep);
+  const void* o_ptr = lora_gain_data(out_scale, adt, o_keep);
   std::optional<at::Tensor> gx, gw, gbias, ga, gb, gg, go;
 
   if (want_w) gw = at::mm(dy2.t(), x2);
@@ -158,23 +133,23 @@ lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
 
   // The passes below sum partial products with float atomics: bits vary from run to run.
   at::globalContext().alertNotDeterministic("lrkernels.lora_linear_backward (CUDA)");
-  // Pass 1 over dy: ∂L/∂h and P = dyᵀ h together.
+  const MultiLoraSegmentsView seg = multi_lora::one_adapter_segments(sh.tokens, sh.rank);
+  // Pass 1 over dy: dh = dy (o ⊙ B) = ∂L/∂(s·g⊙u) and P = dyᵀ (s·g⊙u) together.
   at::Tensor dh = at::zeros({sh.tokens, sh.rank}, f32);
   at::Tensor p_raw = at::zeros({sh.out_features, sh.rank}, f32);
-  LoraGradOutParams gp;
+  MultiLoraGradOutParams gp;
   gp.grad_out = dy2.data_ptr();
   gp.hidden = hid.data_ptr<float>();
   gp.b = b.data_ptr();
+  gp.scale = static_cast<float>(scale);
   gp.rank_scale = g_ptr;
   gp.out_scale = o_ptr;
-  gp.grad_hidden = dh.data_ptr<float>();
-  gp.grad_b_raw = p_raw.data_ptr<float>();
-  gp.tokens = sh.tokens;
+  gp.grad_z = dh.data_ptr<float>();
+  gp.grad_b = p_raw.data_ptr<float>();
   gp.out_features = sh.out_features;
-  gp.rank = sh.rank;
-  gp.scale = static_cast<float>(scale);
+  gp.seg = seg;
   LRK_DISPATCH_LORA_TYPES(dt, adt, op, [&] {
-    LRK_CUDA_CHECK_LAUNCH(op, "grad_out", (lora::launch_grad_out<cuda_t, adapter_t>(gp, stream)));
+    LRK_CUDA_CHECK_LAUNCH(op, "grad_out", (multi_lora::launch_grad_out<cuda_t, adapter_t>(gp, stream)));
   });
 
   // Small (r-sized) epilogues in ATen; each gradient in its own tensor's dtype.
@@ -191,18 +166,17 @@ lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
   at::Tensor dx, ga32;
   if (want_x) dx = at::mm(dy2, weight);
   if (want_a) ga32 = at::zeros({sh.rank, sh.in_features}, f32);
-  LoraGradInParams ip;
+  MultiLoraGradInParams ip;
   ip.x = x2.data_ptr();
   ip.a = a.data_ptr();
   ip.grad_u = du.data_ptr<float>();
   ip.grad_x = want_x ? dx.data_ptr() : nullptr;
   ip.grad_a = want_a ? ga32.data_ptr<float>() : nullptr;
-  ip.tokens = sh.tokens;
   ip.in_features = sh.in_features;
-  ip.rank = sh.rank;
   ip.dropout = d;
+  ip.seg = seg;
   LRK_DISPATCH_LORA_TYPES(dt, adt, op, [&] {
-    LRK_CUDA_CHECK_LAUNCH(op, "grad_in", (lora::launch_grad_in<cuda_t, adapter_t>(ip, stream)));
+    LRK_CUDA_CHECK_LAUNCH(op, "grad_in", (multi_lora::launch_grad_in<cuda_t, adapter_t>(ip, stream)));
   });
   if (want_x) gx = dx.view(x.sizes());
   if (want_a) ga = ga32.to(lora_a.scalar_type());

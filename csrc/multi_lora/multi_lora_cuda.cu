@@ -5,6 +5,9 @@
 // are sized for the worst case, so the ops are CUDA-graph capturable with changing ids.
 // multi_lora_linear takes float32 adapter weights on an fp16/bf16 x (PEFT's default): SIMT
 // kernels reading them as fp32, outputs in x's dtype, each gradient in its tensor's dtype.
+// Dropout on x, per-adapter rank gates (rank_scale) and output scales (out_scale) are
+// compile-time options of the same kernels, SIMT and tensor-core alike (the launchers pick the
+// instantiation), so an option never changes which path (SIMT or tensor cores) runs.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +19,7 @@
 
 #include "common/cuda_dispatch.h"
 #include "lrkernels/multi_lora.cuh"
+#include "multi_lora/lora_kernels_cuda.h"
 #include "multi_lora/multi_lora_checks.h"
 
 namespace lrkernels {
@@ -48,55 +52,49 @@ MultiLoraSegmentsView make_view(SegmentsKeep& keep, const at::Tensor& order, con
 // the cached image arch only: no host sync.
 bool on_tensor_cores(const at::Tensor& t, at::ScalarType adapter_dtype, const MultiLoraSegmentsView& seg,
                      const char* op) {
-  static KernelImageArch image(reinterpret_cast<const void*>(&multi_lora::shrink_tc_kernel<__half, 16>));
+  static KernelImageArch image(reinterpret_cast<const void*>(&multi_lora::shrink_tc_kernel<__half, 16, false>));
   const bool tc_dtypes = is_low_precision(t.scalar_type()) && adapter_dtype == t.scalar_type();
   return use_tensor_cores(CudaFamily::kMultiLora, image, tc_dtypes, seg.tokens >= 32 * seg.num_adapters, op);
 }
 
-// Runs the lambda with cuda_t = x's storage type and adapter_t = the adapter weights' (cuda_t,
-// or float for fp32 adapters on a 16-bit x: check_adapter_param's rule).
-#define LRK_DISPATCH_MULTI_LORA_TYPES(X_DTYPE, ADAPTER_DTYPE, OP, ...)          \
-  LRK_DISPATCH_CUDA_FLOAT(X_DTYPE, OP, [&] {                                    \
-    if ((ADAPTER_DTYPE) == at::kFloat) {                                        \
-      using adapter_t = float;                                                  \
-      return __VA_ARGS__();                                                     \
-    }                                                                           \
-    using adapter_t = cuda_t;                                                   \
-    return __VA_ARGS__();                                                       \
-  })
-
-// lora_a and lora_b in one storage type: float when either is float32 on a 16-bit x (the other
-// is converted, it is small), else x's dtype.
-at::ScalarType adapter_compute_dtype(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b) {
-  return (lora_a.scalar_type() == at::kFloat || lora_b.scalar_type() == at::kFloat) ? at::kFloat : x.scalar_type();
-}
+// The rank gates and output scales as the kernels read them (in the adapters' type, null when
+// absent).
+struct Gains {
+  at::Tensor g_keep, o_keep;
+  const void* g = nullptr;
+  const void* o = nullptr;
+};
 
 void run_shrink(const char* op, const at::Tensor& x2, const at::Tensor& a4, at::Tensor& hidden,
-                const MultiLoraSegmentsView& seg, cudaStream_t stream) {
-  // split-K partial sums meet in hidden through float atomics
-  at::globalContext().alertNotDeterministic("lrkernels.lora_shrink / multi_lora_linear (CUDA)");
+                const MultiLoraSegmentsView& seg, const DropoutParams& dropout, cudaStream_t stream) {
   MultiLoraShrinkParams p;
+  // Split-K partial sums meet in hidden through float atomics, in an order that varies from
+  // run to run; unsplit, each element gets one add onto zeros: deterministic mode does that.
+  p.allow_k_split = !at::globalContext().deterministicAlgorithms();
   p.x = x2.data_ptr();
   p.a = a4.data_ptr();
   p.hidden = hidden.data_ptr<float>();
   p.in_features = x2.size(1);
   p.slices = a4.size(0);
   p.seg = seg;
+  p.dropout = dropout;
   p.use_tensor_cores = on_tensor_cores(x2, a4.scalar_type(), seg, op);
   bool tc = false;
-  LRK_DISPATCH_MULTI_LORA_TYPES(x2.scalar_type(), a4.scalar_type(), op, [&] {
+  LRK_DISPATCH_LORA_TYPES(x2.scalar_type(), a4.scalar_type(), op, [&] {
     LRK_CUDA_CHECK_LAUNCH(op, "shrink", (multi_lora::launch_shrink<cuda_t, adapter_t>(p, stream, &tc)));
   });
   count_cuda_launch(CudaFamily::kMultiLora, CudaKernel::kShrink, tc);
 }
 
 void run_expand(const char* op, at::Tensor& y2, const at::Tensor& hidden, const at::Tensor& b,
-                const at::Tensor& scales_f32, const std::vector<int64_t>& slice_sizes,
+                const at::Tensor& scales_f32, const Gains& gains, const std::vector<int64_t>& slice_sizes,
                 const MultiLoraSegmentsView& seg, cudaStream_t stream) {
   MultiLoraExpandParams p;
   p.hidden = hidden.data_ptr<float>();
   p.b = b.data_ptr();
   p.scales = scales_f32.data_ptr<float>();
+  p.rank_scale = gains.g;
+  p.out_scale = gains.o;
   p.y = y2.data_ptr();
   p.ldy = y2.stride(0);
   p.out_total = b.size(1);
@@ -106,7 +104,7 @@ void run_expand(const char* op, at::Tensor& y2, const at::Tensor& hidden, const 
   p.seg = seg;
   p.use_tensor_cores = on_tensor_cores(y2, b.scalar_type(), seg, op);
   bool tc = false;
-  LRK_DISPATCH_MULTI_LORA_TYPES(y2.scalar_type(), b.scalar_type(), op, [&] {
+  LRK_DISPATCH_LORA_TYPES(y2.scalar_type(), b.scalar_type(), op, [&] {
     LRK_CUDA_CHECK_LAUNCH(op, "expand", (multi_lora::launch_expand<cuda_t, adapter_t>(p, stream, &tc)));
   });
   count_cuda_launch(CudaFamily::kMultiLora, CudaKernel::kExpand, tc);
@@ -137,7 +135,7 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const
   SegmentsKeep keep;
   const MultiLoraSegmentsView seg =
       make_view(keep, token_order, adapter_offsets, ranks, sh.tokens, sh.num_adapters, sh.r_max);
-  run_shrink(op, x2, a4, hidden, seg, stream);
+  run_shrink(op, x2, a4, hidden, seg, DropoutParams{}, stream);
   return sliced ? hidden : hidden[0];
 }
 
@@ -155,7 +153,7 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& hidden, const at::Tensor&
   SegmentsKeep keep;
   const MultiLoraSegmentsView seg =
       make_view(keep, token_order, adapter_offsets, ranks, sh.tokens, sh.num_adapters, sh.r_max);
-  run_expand(op, y, h3, b, s32, sh.slice_sizes, seg, stream);
+  run_expand(op, y, h3, b, s32, Gains{}, sh.slice_sizes, seg, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cuda(
@@ -167,8 +165,6 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cuda(
   const char* op = "multi_lora_linear";
   const MultiLoraShapes sh = check_multi_lora_args(op, x, weight, bias, lora_a, lora_b, adapter_ids, scales, ranks);
   const MultiLoraOptions opts = check_multi_lora_options(op, x, sh, rank_scale, out_scale, dropout_p, seed);
-  TORCH_CHECK_NOT_IMPLEMENTED(!opts.any(), "lrkernels.", op,
-                              ": rank_scale, out_scale and dropout_p > 0 are not implemented on CUDA yet");
   TORCH_CHECK_VALUE(token_order.has_value() == adapter_offsets.has_value(), "lrkernels.", op,
                     ": pass both token_order and adapter_offsets (from multi_lora_segments) or neither");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -186,10 +182,14 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cuda(
   at::Tensor hidden = at::zeros({1, sh.tokens, sh.r_max}, x.options().dtype(at::kFloat));
   SegmentsKeep keep;
   const MultiLoraSegmentsView seg = make_view(keep, order, offsets, ranks, sh.tokens, sh.num_adapters, sh.r_max);
-  const at::ScalarType adt = adapter_compute_dtype(x, lora_a, lora_b);
-  run_shrink(op, x2, lora_a.to(adt).contiguous().unsqueeze(0), hidden, seg, stream);
-  run_expand(op, y, hidden, lora_b.to(adt).contiguous(), scales.to(at::kFloat).contiguous(), {sh.out_features}, seg,
-             stream);
+  const at::ScalarType adt =
+      lora_adapter_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
+  Gains gains;
+  gains.g = lora_gain_data(rank_scale, adt, gains.g_keep);
+  gains.o = lora_gain_data(out_scale, adt, gains.o_keep);
+  run_shrink(op, x2, lora_a.to(adt).contiguous().unsqueeze(0), hidden, seg, opts.dropout, stream);
+  run_expand(op, y, hidden, lora_b.to(adt).contiguous(), scales.to(at::kFloat).contiguous(), gains,
+             {sh.out_features}, seg, stream);
   return {y.view(with_last_dim(x, sh.out_features)), hidden.view(with_last_dim(x, sh.r_max))};
 }
 
@@ -207,50 +207,60 @@ multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
       check_multi_lora_args(op, x, weight, std::nullopt, lora_a, lora_b, adapter_ids, scales, ranks);
   check_backward_extras(op, grad_out, hidden, x, sh);
   const MultiLoraOptions opts = check_multi_lora_options(op, x, sh, rank_scale, out_scale, dropout_p, seed);
-  TORCH_CHECK_NOT_IMPLEMENTED(!opts.any() && !mask[6] && !mask[7], "lrkernels.", op,
-                              ": rank_scale, out_scale and dropout_p > 0 are not implemented on CUDA yet");
   check_segments(token_order, adapter_offsets, x, sh.tokens, sh.num_adapters, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool want_x = mask[0], want_w = mask[1], want_bias = mask[2], want_a = mask[3], want_b = mask[4],
-             want_s = mask[5];
+             want_s = mask[5], want_g = mask[6] && opts.has_rank_scale, want_o = mask[7] && opts.has_out_scale;
   const at::ScalarType dt = x.scalar_type();
   const auto f32 = x.options().dtype(at::kFloat);
   const at::Tensor x2 = x.reshape({sh.tokens, sh.in_features}).contiguous();
   const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).contiguous();
   const at::Tensor hid = hidden.reshape({sh.tokens, sh.r_max}).contiguous();
-  const at::ScalarType adt = adapter_compute_dtype(x, lora_a, lora_b);
+  const at::ScalarType adt =
+      lora_adapter_dtype(x, {&lora_a, &lora_b, opt_ptr(rank_scale), opt_ptr(out_scale)});
   const at::Tensor a = lora_a.to(adt).contiguous(), b = lora_b.to(adt).contiguous();
   const at::Tensor s32 = scales.to(at::kFloat).contiguous();
+  Gains gains;
+  gains.g = lora_gain_data(rank_scale, adt, gains.g_keep);
+  gains.o = lora_gain_data(out_scale, adt, gains.o_keep);
   SegmentsKeep keep;
   const MultiLoraSegmentsView seg =
       make_view(keep, token_order, adapter_offsets, ranks, sh.tokens, sh.num_adapters, sh.r_max);
-  std::optional<at::Tensor> gx, gw, gbias, ga, gb, gs;
+  std::optional<at::Tensor> gx, gw, gbias, ga, gb, gs, gg, go;
 
   if (want_w) gw = at::mm(dy2.t(), x2);
   if (want_bias) gbias = dy2.sum(0);
   at::Tensor dx;
   if (want_x) dx = at::mm(dy2, weight);
-  const bool need_dz = want_x || want_a || want_s;
-  if (need_dz || want_b) {
+  const bool need_dz = want_x || want_a || want_s || want_g;
+  const bool need_p = want_b || want_o;
+  if (need_dz || need_p) {
     at::globalContext().alertNotDeterministic("lrkernels.multi_lora_linear_backward (CUDA)");
-    // Pass 1 over dy: grad_z = dy B (per token's adapter) and grad_b = s · dyᵀ h (per adapter).
-    at::Tensor dz, gb32;
+    // Pass 1 over dy, with u = s·(g ⊙ h) and z = (u Bᵀ) ⊙ o per token's adapter:
+    // dz = dy (o ⊙ B) = ∂L/∂u and P = dyᵀ u per adapter (multi_lora_params.h).
+    at::Tensor dz, p32;
     if (need_dz) dz = at::zeros({sh.tokens, sh.r_max}, f32);
-    if (want_b) gb32 = at::zeros({sh.num_adapters, sh.out_features, sh.r_max}, f32);
+    if (need_p) p32 = at::zeros({sh.num_adapters, sh.out_features, sh.r_max}, f32);
     MultiLoraGradOutParams gp;
     gp.grad_out = dy2.data_ptr();
     gp.hidden = hid.data_ptr<float>();
     gp.b = b.data_ptr();
     gp.scales = s32.data_ptr<float>();
+    gp.rank_scale = gains.g;
+    gp.out_scale = gains.o;
     gp.grad_z = need_dz ? dz.data_ptr<float>() : nullptr;
-    gp.grad_b = want_b ? gb32.data_ptr<float>() : nullptr;
+    gp.grad_b = need_p ? p32.data_ptr<float>() : nullptr;
     gp.out_features = sh.out_features;
     gp.seg = seg;
-    LRK_DISPATCH_MULTI_LORA_TYPES(dt, adt, op, [&] {
+    LRK_DISPATCH_LORA_TYPES(dt, adt, op, [&] {
       LRK_CUDA_CHECK_LAUNCH(op, "grad_out", (multi_lora::launch_grad_out<cuda_t, adapter_t>(gp, stream)));
     });
-    if (want_b) gb = gb32.to(lora_b.scalar_type());
+    // Small (adapter-sized) epilogues in ATen; each gradient in its own tensor's dtype.
+    // ∂B = o ⊙ P, ∂o = Σ_j B ⊙ P (P is zero past each adapter's rank).
+    const at::Tensor o32 = gains.o != nullptr ? out_scale->to(at::kFloat) : at::Tensor();
+    if (want_b) gb = (o32.defined() ? p32 * o32.unsqueeze(2) : p32).to(lora_b.scalar_type());
+    if (want_o) go = (p32 * b.to(at::kFloat)).sum(2).to(out_scale->scalar_type());
     if (need_dz) {
       // Each token's adapter as the grouping says (the kernels and the CPU backward follow the
       // grouping, not adapter_ids), computed on the device: sorted position p belongs to the
@@ -263,15 +273,30 @@ multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
       const at::Tensor ids = at::full({sh.tokens}, -1, i64).index_put_({tok}, pos_adapter);
       const at::Tensor valid = (ids >= 0).logical_and(ids < sh.num_adapters);
       const at::Tensor safe = at::where(valid, ids, at::zeros_like(ids));
+      // g of each token's adapter (T, r_max); base-only tokens have dz = 0 whatever it is
+      const at::Tensor g_tok = gains.g != nullptr ? rank_scale->to(at::kFloat).index_select(0, safe) : at::Tensor();
+      const at::Tensor dzh = dz * hid;  // (T, r_max)
       if (want_s) {
-        const at::Tensor dot = at::where(valid, (dz * hid).sum(1), at::zeros({}, f32));
+        // ∂s_l = Σ_{t of l} Σ_j dz ⊙ g ⊙ h
+        const at::Tensor dot = at::where(valid, (g_tok.defined() ? dzh * g_tok : dzh).sum(1), at::zeros({}, f32));
         gs = at::zeros({sh.num_adapters}, f32).index_add_(0, safe, dot).to(scales.scalar_type());
       }
+      if (want_g) {
+        // ∂g_l = s_l Σ_{t of l} dz ⊙ h: tokens grouped by adapter with index_add_ (no host sync)
+        const at::Tensor rows = at::where(valid.unsqueeze(1), dzh, at::zeros({}, f32));
+        gg = (at::zeros({sh.num_adapters, sh.r_max}, f32).index_add_(0, safe, rows) * s32.unsqueeze(1))
+                 .to(rank_scale->scalar_type());
+      }
       if (want_x || want_a) {
+        // du = ∂L/∂h = s·g ⊙ dz
         const at::Tensor s_tok = at::where(valid, s32.index_select(0, safe), at::zeros({}, f32));
-        const at::Tensor du = (dz * s_tok.unsqueeze(1)).contiguous();
+        at::Tensor du = dz * s_tok.unsqueeze(1);
+        if (g_tok.defined()) du = du * g_tok;
+        du = du.contiguous();
         at::Tensor ga32;
         if (want_a) ga32 = at::zeros({sh.num_adapters, sh.r_max, sh.in_features}, f32);
+        // Pass 2 over x (the dropout mask regenerated from the seed): grad_x += drop'(du A),
+        // grad_a = duᵀ drop(x).
         MultiLoraGradInParams ip;
         ip.x = x2.data_ptr();
         ip.a = a.data_ptr();
@@ -279,8 +304,9 @@ multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
         ip.grad_x = want_x ? dx.data_ptr() : nullptr;
         ip.grad_a = want_a ? ga32.data_ptr<float>() : nullptr;
         ip.in_features = sh.in_features;
+        ip.dropout = opts.dropout;
         ip.seg = seg;
-        LRK_DISPATCH_MULTI_LORA_TYPES(dt, adt, op, [&] {
+        LRK_DISPATCH_LORA_TYPES(dt, adt, op, [&] {
           LRK_CUDA_CHECK_LAUNCH(op, "grad_in", (multi_lora::launch_grad_in<cuda_t, adapter_t>(ip, stream)));
         });
         if (want_a) ga = ga32.to(lora_a.scalar_type());
@@ -288,7 +314,7 @@ multi_lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
     }
   }
   if (want_x) gx = dx.view(x.sizes());
-  return {gx, gw, gbias, ga, gb, gs, std::nullopt, std::nullopt};
+  return {gx, gw, gbias, ga, gb, gs, gg, go};
 }
 
 TORCH_LIBRARY_IMPL(lrkernels, CUDA, m) {

@@ -11,7 +11,14 @@
 // from shared memory, and one token per adapter (decode) streams them once; the shrink
 // splits K over grid.y so the decode case still fills the GPU.
 //
-// Element types: T is x's (y's, dy's, dx's), AT the adapter weights' (A, B): T, or float for
+// Options, compile-time (template bools, chosen by the launchers): Is_dropout (shrink,
+// grad_in: x enters as drop(x), the mask regenerated from the seed, common/dropout.cuh),
+// Has_gate and Has_out_scale (expand, grad_out: the per-adapter gains rank_scale (L, r_max)
+// and out_scale (L, out)). lora_linear is the one-adapter case of these kernels
+// (csrc/lora/lora_cuda.cu): the identity grouping of one_adapter_segments (multi_lora_tiles.h),
+// a scalar scale, its rank_scale (r,) and out_scale (out,) as adapter 0's gains.
+//
+// Element types: T is x's (y's, dy's, dx's), AT the adapter tensors' (A, B, gains): T, or float for
 // fp32 adapters on an fp16/bf16 x (check_adapter_param's rule; SIMT kernels only, as the WMMA
 // tiles take no fp32 operand).
 //
@@ -29,6 +36,7 @@
 #include <type_traits>
 
 #include "lrkernels/common/cuda_check.cuh"
+#include "lrkernels/common/dropout.cuh"
 #include "lrkernels/common/macros.h"
 #include "lrkernels/common/math.cuh"
 #include "lrkernels/multi_lora_params.h"
@@ -41,8 +49,9 @@ namespace multi_lora {
 constexpr int kThreads = 256;
 
 // ---------------------------------------------------------------------------------------
-// Shrink. Block: TM = 32 tokens of one adapter × one slice × one K range (grid.y).
-template <typename T, typename AT, int RC>
+// Shrink. Block: TM = 32 tokens of one adapter × one slice × one K range (grid.y). K ranges
+// start at multiples of 64, so each thread's 8-column group of x is one Philox draw.
+template <typename T, typename AT, int RC, bool Is_dropout>
 __global__ void __launch_bounds__(kThreads) shrink_kernel(MultiLoraShrinkParams p) {
   constexpr int TM = 32, KC = 64;
   constexpr int NPT = TM * RC / kThreads;
@@ -65,6 +74,7 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(MultiLoraShrinkParams 
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const AT* __restrict__ a = static_cast<const AT*>(p.a) + (s * p.seg.num_adapters + l) * r_max * in;
   float* __restrict__ hidden = p.hidden + s * p.seg.tokens * r_max;
+  const uint64_t seed = Is_dropout ? load_dropout_seed(p.dropout) : 0ull;
   for (int64_t r0 = 0; r0 < r; r0 += RC) {
     float acc[NPT];
 #pragma unroll
@@ -72,12 +82,10 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(MultiLoraShrinkParams 
     for (int64_t k0 = k_begin; k0 < k_end; k0 += KC) {
       {
         const int row = tid >> 3, grp = tid & 7;
-        const int64_t t = toks[row];
+        float v[8];
+        load_group8_dropped<Is_dropout>(x, in, toks[row], k0 + grp * 8, k_end, p.dropout, seed, v);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int64_t k = k0 + grp * 8 + e;
-          xs[row][grp * 8 + e] = (t >= 0 && k < k_end) ? to_float(x[t * in + k]) : 0.f;
-        }
+        for (int e = 0; e < 8; ++e) xs[row][grp * 8 + e] = v[e];
       }
 #pragma unroll
       for (int i = 0; i < (RC * KC + kThreads - 1) / kThreads; ++i) {
@@ -115,7 +123,7 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(MultiLoraShrinkParams 
 // Expand. Block: TM = 16 tokens of one adapter × TN = 128 columns of one slice; a thread
 // owns one column and 8 tokens, so y is read and written once, coalesced, without atomics
 // (each (token, column) belongs to exactly one block).
-template <typename T, typename AT, int RC>
+template <typename T, typename AT, int RC, bool Has_gate, bool Has_out_scale>
 __global__ void __launch_bounds__(kThreads) expand_kernel(MultiLoraExpandParams p) {
   constexpr int TN = 128, TM = 16, RPT = TM / (kThreads / TN);
   __shared__ float hs[TM][RC + 1];
@@ -134,8 +142,9 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(MultiLoraExpandParams 
   if (tid < TM) toks[tid] = tile_token(p.seg, pos0, tid, count);
   __syncthreads();
   const AT* __restrict__ b = static_cast<const AT*>(p.b) + l * p.out_total * r_max;
+  const AT* __restrict__ g = Has_gate ? static_cast<const AT*>(p.rank_scale) + l * r_max : nullptr;
   const float* __restrict__ hidden = p.hidden + s * p.seg.tokens * r_max;
-  const float scale = p.scales[l];
+  const float scale = p.scales != nullptr ? p.scales[l] : p.scale;
   float acc[RPT];
 #pragma unroll
   for (int i = 0; i < RPT; ++i) acc[i] = 0.f;
@@ -143,7 +152,12 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(MultiLoraExpandParams 
     for (int idx = tid; idx < TM * RC; idx += kThreads) {
       const int tt = idx / RC, jj = idx % RC;
       const int64_t t = toks[tt], j = r0 + jj;
-      hs[tt][jj] = (t >= 0 && j < r) ? hidden[t * r_max + j] * scale : 0.f;
+      float v = 0.f;
+      if (t >= 0 && j < r) {
+        v = hidden[t * r_max + j] * scale;
+        if constexpr (Has_gate) v *= to_float(g[j]);
+      }
+      hs[tt][jj] = v;
     }
     for (int idx = tid; idx < TN * RC; idx += kThreads) {
       const int nn = idx / RC, jj = idx % RC;
@@ -163,20 +177,24 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(MultiLoraExpandParams 
   const int64_t n = n0 + col;
   if (n >= n_end) return;
   T* __restrict__ y = static_cast<T*>(p.y);
+  float on = 1.f;
+  if constexpr (Has_out_scale) on = to_float(static_cast<const AT*>(p.out_scale)[l * p.out_total + n]);
 #pragma unroll
   for (int i = 0; i < RPT; ++i) {
     const int64_t t = toks[rgrp + i * (kThreads / TN)];
     if (t >= 0) {
       T* dst = y + t * p.ldy + n;
-      *dst = from_float<T>(to_float(*dst) + acc[i]);
+      *dst = from_float<T>(to_float(*dst) + on * acc[i]);
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------
 // Backward, pass over dy. Block: 64 tokens of one adapter × 64 outputs, dy staged once in
-// shared memory and used for both grad_z and grad_b; partial sums go out by atomicAdd.
-template <typename T, typename AT, int RC>
+// shared memory and used for both grad_z and grad_b; partial sums go out by atomicAdd. The
+// gains enter the staged operands (s·g ⊙ hidden and o ⊙ B), so both products come out as the
+// params header states them and the binding's epilogues finish ∂L/∂B, ∂L/∂o, ∂L/∂g.
+template <typename T, typename AT, int RC, bool Has_gate, bool Has_out_scale>
 __global__ void __launch_bounds__(kThreads) grad_out_kernel(MultiLoraGradOutParams p) {
   constexpr int TM = 64, TN = 64;
   constexpr int NPT_H = TM * RC / kThreads, NPT_B = TN * RC / kThreads;
@@ -197,7 +215,9 @@ __global__ void __launch_bounds__(kThreads) grad_out_kernel(MultiLoraGradOutPara
   __syncthreads();
   const T* __restrict__ dy = static_cast<const T*>(p.grad_out);
   const AT* __restrict__ b = static_cast<const AT*>(p.b) + l * out * r_max;
-  const float scale = p.scales[l];
+  const AT* __restrict__ g = Has_gate ? static_cast<const AT*>(p.rank_scale) + l * r_max : nullptr;
+  const AT* __restrict__ o = Has_out_scale ? static_cast<const AT*>(p.out_scale) + l * out : nullptr;
+  const float scale = p.scales != nullptr ? p.scales[l] : p.scale;
 #pragma unroll
   for (int i = 0; i < TM * TN / kThreads; ++i) {
     const int idx = tid + i * kThreads;
@@ -209,12 +229,22 @@ __global__ void __launch_bounds__(kThreads) grad_out_kernel(MultiLoraGradOutPara
     for (int idx = tid; idx < TM * RC; idx += kThreads) {
       const int tt = idx / RC, jj = idx % RC;
       const int64_t t = toks[tt], j = r0 + jj;
-      hs[tt][jj] = (t >= 0 && j < r) ? p.hidden[t * r_max + j] * scale : 0.f;
+      float v = 0.f;
+      if (t >= 0 && j < r) {
+        v = p.hidden[t * r_max + j] * scale;
+        if constexpr (Has_gate) v *= to_float(g[j]);
+      }
+      hs[tt][jj] = v;
     }
     for (int idx = tid; idx < TN * RC; idx += kThreads) {
       const int nn = idx / RC, jj = idx % RC;
       const int64_t n = n0 + nn, j = r0 + jj;
-      bs[nn][jj] = (n < out && j < r) ? to_float(b[n * r_max + j]) : 0.f;
+      float v = 0.f;
+      if (n < out && j < r) {
+        v = to_float(b[n * r_max + j]);
+        if constexpr (Has_out_scale) v *= to_float(o[n]);
+      }
+      bs[nn][jj] = v;
     }
     __syncthreads();
     if (p.grad_z != nullptr) {
@@ -249,8 +279,10 @@ __global__ void __launch_bounds__(kThreads) grad_out_kernel(MultiLoraGradOutPara
 
 // ---------------------------------------------------------------------------------------
 // Backward, pass over x. Block: 64 tokens of one adapter × 64 input features; x staged once
-// for grad_a, A staged per rank chunk for grad_x.
-template <typename T, typename AT, int RC>
+// for grad_a, A staged per rank chunk for grad_x. With dropout each thread regenerates the
+// bits of its two 8-column groups once, stages drop(x) for grad_a and keeps the bits in a
+// register to mask its own grad_x.
+template <typename T, typename AT, int RC, bool Is_dropout>
 __global__ void __launch_bounds__(kThreads) grad_in_kernel(MultiLoraGradInParams p) {
   constexpr int TM = 64, TK = 64;
   constexpr int GROUPS = TM * TK / 8 / kThreads;  // 2
@@ -273,16 +305,18 @@ __global__ void __launch_bounds__(kThreads) grad_in_kernel(MultiLoraGradInParams
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const AT* __restrict__ a = static_cast<const AT*>(p.a) + l * r_max * in;
   T* __restrict__ dx = static_cast<T*>(p.grad_x);
+  const uint64_t seed = Is_dropout ? load_dropout_seed(p.dropout) : 0ull;
+  uint32_t keep[GROUPS];
   float dacc[GROUPS][8];
 #pragma unroll
   for (int gi = 0; gi < GROUPS; ++gi) {
     const int gidx = tid + gi * kThreads;
     const int row = gidx >> 3, grp = gidx & 7;
-    const int64_t t = toks[row];
+    float v[8];
+    keep[gi] = load_group8_dropped<Is_dropout>(x, in, toks[row], k0 + grp * 8, in, p.dropout, seed, v);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const int64_t k = k0 + grp * 8 + e;
-      xs[row][grp * 8 + e] = (t >= 0 && k < in) ? to_float(x[t * in + k]) : 0.f;
+      xs[row][grp * 8 + e] = v[e];
       dacc[gi][e] = 0.f;
     }
   }
@@ -336,8 +370,10 @@ __global__ void __launch_bounds__(kThreads) grad_in_kernel(MultiLoraGradInParams
     for (int e = 0; e < 8; ++e) {
       const int64_t k = k0 + (gidx & 7) * 8 + e;
       if (k >= in) continue;
+      float d = dacc[gi][e];
+      if constexpr (Is_dropout) d = ((keep[gi] >> e) & 1u) ? d * p.dropout.keep_scale : 0.f;
       T* dst = dx + t * in + k;
-      *dst = from_float<T>(to_float(*dst) + dacc[gi][e]);
+      *dst = from_float<T>(to_float(*dst) + d);
     }
   }
 }
@@ -363,13 +399,16 @@ cudaError_t launch_shrink(MultiLoraShrinkParams p, cudaStream_t stream, bool* ra
   constexpr int64_t kTM = 32, kKC = 64;
   const int64_t tiles = worst_case_tiles(T_, p.seg.num_adapters, kTM);
   // Split K until the grid has a few waves' worth of blocks (decode: few tiles).
-  p.k_split = shrink_k_split(p.in_features, tiles, p.slices, kKC, 1024);
+  p.k_split = p.allow_k_split ? shrink_k_split(p.in_features, tiles, p.slices, kKC, 1024)
+                              : ((p.in_features + kKC - 1) / kKC) * kKC;
   const int64_t splits = (p.in_features + p.k_split - 1) / p.k_split;
   if (tiles > 0x7fffffffLL || splits > 65535 || p.slices > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits), static_cast<unsigned>(p.slices));
   return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 64, RC, [&] {
-    shrink_kernel<T, AT, RC><<<grid, kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return LRK_BOOL_SWITCH(p.dropout.threshold != 0, Is_dropout, [&] {
+      shrink_kernel<T, AT, RC, Is_dropout><<<grid, kThreads, 0, stream>>>(p);
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -391,8 +430,12 @@ cudaError_t launch_expand(const MultiLoraExpandParams& p, cudaStream_t stream, b
   if (tiles > 0x7fffffffLL || col_tiles > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles));
   return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 32, RC, [&] {
-    expand_kernel<T, AT, RC><<<grid, kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return LRK_BOOL_SWITCH(p.rank_scale != nullptr, Has_gate, [&] {
+      return LRK_BOOL_SWITCH(p.out_scale != nullptr, Has_out_scale, [&] {
+        expand_kernel<T, AT, RC, Has_gate, Has_out_scale><<<grid, kThreads, 0, stream>>>(p);
+        return cudaGetLastError();
+      });
+    });
   });
 }
 
@@ -405,8 +448,12 @@ cudaError_t launch_grad_out(const MultiLoraGradOutParams& p, cudaStream_t stream
   if (tiles > 0x7fffffffLL || col_tiles > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles));
   return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 32, RC, [&] {
-    grad_out_kernel<T, AT, RC><<<grid, kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return LRK_BOOL_SWITCH(p.rank_scale != nullptr, Has_gate, [&] {
+      return LRK_BOOL_SWITCH(p.out_scale != nullptr, Has_out_scale, [&] {
+        grad_out_kernel<T, AT, RC, Has_gate, Has_out_scale><<<grid, kThreads, 0, stream>>>(p);
+        return cudaGetLastError();
+      });
+    });
   });
 }
 
@@ -419,8 +466,10 @@ cudaError_t launch_grad_in(const MultiLoraGradInParams& p, cudaStream_t stream) 
   if (tiles > 0x7fffffffLL || k_tiles > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(k_tiles));
   return LRK_RANK_CHUNK_SWITCH(p.seg.r_max, 32, RC, [&] {
-    grad_in_kernel<T, AT, RC><<<grid, kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return LRK_BOOL_SWITCH(p.dropout.threshold != 0, Is_dropout, [&] {
+      grad_in_kernel<T, AT, RC, Is_dropout><<<grid, kThreads, 0, stream>>>(p);
+      return cudaGetLastError();
+    });
   });
 }
 

@@ -33,7 +33,18 @@ LRK_HOST_DEVICE int64_t adapter_rank(const MultiLoraSegmentsView& s, int64_t l) 
   return r < 0 ? 0 : (r > s.r_max ? s.r_max : r);
 }
 
+// The one-adapter view of lora_linear: the identity grouping (no device memory), rank r.
+LRK_HOST_DEVICE MultiLoraSegmentsView one_adapter_segments(int64_t tokens, int64_t rank) {
+  MultiLoraSegmentsView s;
+  s.tokens = tokens;
+  s.num_adapters = 1;
+  s.r_max = rank;
+  return s;
+}
+
+// adapter_offsets[l] clamped to [0, T]; the identity grouping's offsets are {0, T, T, ...}.
 LRK_HOST_DEVICE int64_t clamp_offset(const MultiLoraSegmentsView& s, int64_t l) {
+  if (s.adapter_offsets == nullptr) return l == 0 ? 0 : s.tokens;
   const int64_t v = s.adapter_offsets[l];
   return v < 0 ? 0 : (v > s.tokens ? s.tokens : v);
 }
@@ -65,7 +76,7 @@ LRK_HOST_DEVICE bool find_tile(const MultiLoraSegmentsView& s, int64_t tile, int
 // Token at sorted position pos0 + i of a tile, or -1 (past the tile, or a bad token id).
 LRK_HOST_DEVICE int64_t tile_token(const MultiLoraSegmentsView& s, int64_t pos0, int i, int count) {
   if (i >= count) return -1;
-  const int64_t t = s.token_order[pos0 + i];
+  const int64_t t = s.token_order != nullptr ? s.token_order[pos0 + i] : pos0 + i;
   return (t >= 0 && t < s.tokens) ? t : -1;
 }
 

@@ -83,6 +83,34 @@ void check_malformed(std::mt19937& rng) {
   }
 }
 
+// The identity grouping of lora_linear (one_adapter_segments: no token_order, no offsets):
+// the worst-case grid covers tokens 0..T-1 once each, in order, all on adapter 0.
+template <int TM>
+void check_identity(int64_t T) {
+  const MultiLoraSegmentsView s = one_adapter_segments(T, 16);
+  CHECK(s.token_order == nullptr && s.adapter_offsets == nullptr && s.num_adapters == 1 && s.r_max == 16);
+  std::vector<int> seen(T, 0);
+  int64_t next = 0;
+  for (int64_t b = 0; b < worst_case_tiles(T, 1, TM) + 3; ++b) {
+    int64_t l = -1, pos0 = -1;
+    int count = -1;
+    if (!find_tile<TM>(s, b, l, pos0, count)) continue;
+    CHECK(l == 0 && pos0 == next && count >= 1 && count <= TM);
+    for (int i = 0; i < TM; ++i) {
+      const int64_t t = tile_token(s, pos0, i, count);
+      if (i >= count) {
+        CHECK(t == -1);
+        continue;
+      }
+      CHECK(t == pos0 + i);
+      if (t >= 0 && t < T) ++seen[t];
+    }
+    next = pos0 + count;
+  }
+  CHECK(next == T);
+  for (int64_t t = 0; t < T; ++t) CHECK(seen[t] == 1);
+}
+
 int main() {
   std::mt19937 rng(7);
   // many tokens per adapter (prefill), one per adapter (decode), empty, all base, skewed
@@ -100,6 +128,10 @@ int main() {
     check_grouping<16>(ids, L);
     check_grouping<32>(ids, L);
     check_grouping<64>(ids, L);
+  }
+  for (int64_t T : {0, 1, 15, 16, 17, 64, 65, 300}) {
+    check_identity<16>(T);
+    check_identity<64>(T);
   }
   for (int trial = 0; trial < 100; ++trial) {
     check_malformed<16>(rng);

@@ -124,6 +124,7 @@ struct ThreadState {
 inline thread_local ThreadState current;
 inline std::atomic<long> launches{0};
 inline std::atomic<const void*> last_kernel{nullptr};
+inline dim3 last_grid;  // written by launch() on the calling thread (tests launch from one thread)
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "EMU: %s\n", what);
@@ -157,6 +158,8 @@ struct LaunchConfig {
 inline long launch_count() { return detail::launches.load(); }
 // The kernel function of the latest launch (tests check which of two paths a launcher took).
 inline const void* last_kernel() { return detail::last_kernel.load(); }
+// The grid of the latest launch (tests check, e.g., that a launcher did not split K).
+inline dim3 last_grid() { return detail::last_grid; }
 
 // kernel<<<config>>>(args...): every block of the grid in turn, each with one OS thread per
 // CUDA thread. Each thread receives its own copy of the arguments, as kernel parameters are.
@@ -174,6 +177,7 @@ void launch(const LaunchConfig& config, void (*kernel)(Params...), Args&&... arg
   if (config.shared_bytes != 0) detail::fail("dynamic shared memory is not emulated");
   detail::launches.fetch_add(1);
   detail::last_kernel.store(reinterpret_cast<const void*>(kernel));
+  detail::last_grid = grid;
   const std::tuple<std::decay_t<Params>...> arguments(std::forward<Args>(args)...);
   const unsigned threads = block.x * block.y * block.z;
   detail::BlockBarrier barrier(threads);

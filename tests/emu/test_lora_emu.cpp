@@ -1,12 +1,15 @@
-// The SIMT lora_linear kernels of lora.cuh (shrink, expand, grad_out, grad_in) run under the
-// host emulator, each checked against a float64 reference of the CPU semantics
-// (csrc/lora/lora_cpu.cpp). Every kernel gets the reference's own inputs (e.g. expand reads
-// the reference hidden), so a failure points at one kernel.
+// lora_linear's SIMT kernels, i.e. the multi-LoRA kernels of multi_lora.cuh (shrink, expand,
+// grad_out, grad_in) in their one-adapter case as csrc/lora/lora_cuda.cu launches them: the
+// identity grouping (one_adapter_segments), the scale a scalar field, rank_scale (r,) and
+// out_scale (out,) as the gains of adapter 0, dropout, gates and output scales on and off.
+// They run under the host emulator, each checked against a float64 reference of the CPU
+// semantics (csrc/lora/lora_cpu.cpp). Every kernel gets the reference's own inputs (e.g.
+// expand reads the reference hidden), so a failure points at one kernel.
 #include "emu_check.h"
 
 #include <array>
 
-#include "lrkernels/lora.cuh"
+#include "lrkernels/multi_lora.cuh"
 
 using namespace lrkernels;
 using namespace emu_check;
@@ -106,32 +109,39 @@ void run(Checker& check, Random& rng, const Case& c) {
       GA[j * in + k] = acc;
     }
 
-  // shrink (hidden pre-filled with NaN: every element must be written)
-  std::vector<float> hidden(T_ * r, NAN);
-  LoraShrinkParams sp;
-  sp.x = x.data(); sp.a = a.data(); sp.hidden = hidden.data();
-  sp.tokens = T_; sp.in_features = in; sp.rank = r; sp.dropout = drop.params;
-  if (lora::launch_shrink<T, AT>(sp, nullptr) != cudaSuccess) check.launch_failed("shrink", config);
-  check.compare("hidden", config, hidden, U, tol);
+  const MultiLoraSegmentsView seg = multi_lora::one_adapter_segments(T_, r);
+  // shrink (hidden zero-filled, as the binding does: the kernel adds into it); K split or not
+  for (bool split : {true, false}) {
+    std::vector<float> hidden(T_ * r, 0.f);
+    MultiLoraShrinkParams sp;
+    sp.x = x.data(); sp.a = a.data(); sp.hidden = hidden.data();
+    sp.in_features = in; sp.dropout = drop.params; sp.allow_k_split = split; sp.seg = seg;
+    const long before = emu::launch_count();
+    if (multi_lora::launch_shrink<T, AT>(sp, nullptr) != cudaSuccess) check.launch_failed("shrink", config);
+    if (!split && emu::launch_count() != before)
+      check.expect(emu::last_grid().y == 1, "shrink grid", config, "split K though allow_k_split is false");
+    check.compare(split ? "hidden" : "hidden (K unsplit)", config, hidden, U, tol);
+  }
 
   // expand, from the reference u
   const std::vector<float> u_ref(U.begin(), U.end());
   auto y = y0;
-  LoraExpandParams ep;
-  ep.hidden = u_ref.data(); ep.b = b.data(); ep.y = y.data();
+  MultiLoraExpandParams ep;
+  ep.hidden = u_ref.data(); ep.b = b.data(); ep.y = y.data(); ep.ldy = out; ep.out_total = out;
+  ep.slice_start[1] = out; ep.seg = seg;
   ep.rank_scale = c.rank_scale ? g.data() : nullptr; ep.out_scale = c.out_scale ? o.data() : nullptr;
-  ep.tokens = T_; ep.out_features = out; ep.rank = r; ep.scale = c.scale;
-  if (lora::launch_expand<T, AT>(ep, nullptr) != cudaSuccess) check.launch_failed("expand", config);
+  ep.scale = c.scale;
+  if (multi_lora::launch_expand<T, AT>(ep, nullptr) != cudaSuccess) check.launch_failed("expand", config);
   check.compare("y", config, y, Y, tol);
 
   // grad_out: grad_hidden and grad_b_raw, zero-initialised
   std::vector<float> grad_hidden(T_ * r, 0.f), grad_b_raw(out * r, 0.f);
-  LoraGradOutParams gp;
+  MultiLoraGradOutParams gp;
   gp.grad_out = dy.data(); gp.hidden = u_ref.data(); gp.b = b.data();
   gp.rank_scale = ep.rank_scale; gp.out_scale = ep.out_scale;
-  gp.grad_hidden = grad_hidden.data(); gp.grad_b_raw = grad_b_raw.data();
-  gp.tokens = T_; gp.out_features = out; gp.rank = r; gp.scale = c.scale;
-  if (lora::launch_grad_out<T, AT>(gp, nullptr) != cudaSuccess) check.launch_failed("grad_out", config);
+  gp.grad_z = grad_hidden.data(); gp.grad_b = grad_b_raw.data();
+  gp.out_features = out; gp.scale = c.scale; gp.seg = seg;
+  if (multi_lora::launch_grad_out<T, AT>(gp, nullptr) != cudaSuccess) check.launch_failed("grad_out", config);
   check.compare("grad_hidden", config, grad_hidden, DH, tol);
   check.compare("grad_b_raw", config, grad_b_raw, P, tol);
 
@@ -139,10 +149,10 @@ void run(Checker& check, Random& rng, const Case& c) {
   const std::vector<float> du_ref(DU.begin(), DU.end());
   std::vector<float> grad_a(r * in, 0.f);
   auto dx = dx0;
-  LoraGradInParams ip;
+  MultiLoraGradInParams ip;
   ip.x = x.data(); ip.a = a.data(); ip.grad_u = du_ref.data(); ip.grad_x = dx.data(); ip.grad_a = grad_a.data();
-  ip.tokens = T_; ip.in_features = in; ip.rank = r; ip.dropout = drop.params;
-  if (lora::launch_grad_in<T, AT>(ip, nullptr) != cudaSuccess) check.launch_failed("grad_in", config);
+  ip.in_features = in; ip.dropout = drop.params; ip.seg = seg;
+  if (multi_lora::launch_grad_in<T, AT>(ip, nullptr) != cudaSuccess) check.launch_failed("grad_in", config);
   check.compare("grad_x", config, dx, DX, tol);
   check.compare("grad_a", config, grad_a, GA, tol);
 }
@@ -167,7 +177,7 @@ std::vector<Case> expand_shapes(const std::vector<std::array<int64_t, 4>>& shape
 }  // namespace
 
 int main(int argc, char** argv) {
-  Checker check("lora (SIMT)", argc, argv);
+  Checker check("lora (SIMT, the one-adapter multi-LoRA kernels)", argc, argv);
   // (T, in, out, r). Tails in every dimension (the kernels tile T by 32/64, features by 64
   // and 128, ranks by chunks of 8-64 lanes); rank 1, odd, 16, over one chunk, 256; T = 0.
   const std::vector<Case> quick = expand_shapes({{7, 13, 17, 3},

@@ -1,29 +1,36 @@
-// The tensor-core lora_linear shrink and expand of lora_tc.cuh (fp16/bf16, WMMA) run under
-// the host emulator and checked against a float64 reference of the CPU semantics
-// (csrc/lora/lora_cpu.cpp); next to them, the SIMT shrink through the same dispatcher
-// (launch_shrink_on(..., false)), and the tensor-core shrink's output fed to the tensor-core
-// expand. Covers tails of the 64-token / 64-column / 16-lane tiles, every rank-chunk width,
-// unaligned x and A (the scalar staging path), and K split over blocks (atomics).
+// lora_linear's tensor-core shrink and expand, i.e. those of multi_lora_tc.cuh (fp16/bf16,
+// WMMA) in their one-adapter case as csrc/lora/lora_cuda.cu launches them (identity grouping,
+// scalar scale, rank_scale / out_scale as adapter 0's gains), run under the host emulator and
+// checked against a float64 reference of the CPU semantics (csrc/lora/lora_cpu.cpp); next to
+// them, the SIMT shrink through the same launcher (use_tensor_cores = false), and the
+// tensor-core shrink's output fed to the tensor-core expand. Covers tails of the 64-token /
+// 64-column / 16-lane tiles, every rank-chunk width, unaligned x and A, dropout, gates and
+// output scales, and K split over blocks (atomics) or not (deterministic mode).
 #include "emu_check.h"
 
-#include "lrkernels/lora_tc.cuh"
+#include "lrkernels/multi_lora.cuh"
 
 using namespace lrkernels;
 using namespace emu_check;
 
 namespace {
 
-// Whether the latest launch was one of lora_tc.cuh's tensor-core kernels.
+// Whether the latest launch was one of multi_lora_tc.cuh's tensor-core kernels.
 template <typename T>
 bool last_launch_was_tensor_cores() {
   const void* k = emu::last_kernel();
-  return k == reinterpret_cast<const void*>(&lora::shrink_tc_kernel<T, 16>) ||
-         k == reinterpret_cast<const void*>(&lora::shrink_tc_kernel<T, 32>) ||
-         k == reinterpret_cast<const void*>(&lora::shrink_tc_kernel<T, 64>) ||
-         k == reinterpret_cast<const void*>(&lora::shrink_tc_kernel<T, 128>) ||
-         k == reinterpret_cast<const void*>(&lora::expand_tc_kernel<T, 16>) ||
-         k == reinterpret_cast<const void*>(&lora::expand_tc_kernel<T, 32>) ||
-         k == reinterpret_cast<const void*>(&lora::expand_tc_kernel<T, 64>);
+  auto is = [k](auto* kernel) { return k == reinterpret_cast<const void*>(kernel); };
+  return is(&multi_lora::shrink_tc_kernel<T, 16, false>) || is(&multi_lora::shrink_tc_kernel<T, 32, false>) ||
+         is(&multi_lora::shrink_tc_kernel<T, 64, false>) || is(&multi_lora::shrink_tc_kernel<T, 16, true>) ||
+         is(&multi_lora::shrink_tc_kernel<T, 32, true>) || is(&multi_lora::shrink_tc_kernel<T, 64, true>) ||
+         is(&multi_lora::expand_tc_kernel<T, 16, false, false>) ||
+         is(&multi_lora::expand_tc_kernel<T, 16, false, true>) ||
+         is(&multi_lora::expand_tc_kernel<T, 16, true, false>) ||
+         is(&multi_lora::expand_tc_kernel<T, 16, true, true>) ||
+         is(&multi_lora::expand_tc_kernel<T, 32, false, false>) ||
+         is(&multi_lora::expand_tc_kernel<T, 32, false, true>) ||
+         is(&multi_lora::expand_tc_kernel<T, 32, true, false>) ||
+         is(&multi_lora::expand_tc_kernel<T, 32, true, true>);
 }
 
 // The dispatcher's reported path must be `want`, and a launch it made must be that path's.
@@ -40,16 +47,25 @@ struct Case {
   bool rank_scale, out_scale;
   double dropout_p;
   float scale;
-  int64_t k_split;  // shrink: K columns per block (multiple of 64), 0 = no split
+  bool allow_k_split;  // shrink: the launcher may split K over blocks (false: deterministic mode)
   int offset;       // x and A start `offset` elements into 32-byte-aligned buffers
 };
+
+// Without allow_k_split the shrink's grid has one K range (deterministic mode); with it, the
+// decode-like case (few tokens, wide input) must split.
+void check_split(Checker& check, const char* what, const std::string& config, const Case& c, long before) {
+  if (emu::launch_count() == before) return;
+  const unsigned splits = emu::last_grid().y;
+  if (!c.allow_k_split) check.expect(splits == 1, what, config, "split K though allow_k_split is false");
+  if (c.allow_k_split && c.tokens <= 64 && c.in >= 4096) check.expect(splits > 1, what, config, "did not split K");
+}
 
 template <typename T>
 void run(Checker& check, Random& rng, const Case& c) {
   const int64_t T_ = c.tokens, in = c.in, out = c.out, r = c.rank;
   char buf[240];
-  std::snprintf(buf, sizeof buf, "[%s T=%ld in=%ld out=%ld r=%ld g=%d o=%d p=%.2f s=%.2f k_split=%ld offset=%d]",
-                type_name<T>(), T_, in, out, r, c.rank_scale, c.out_scale, c.dropout_p, c.scale, c.k_split,
+  std::snprintf(buf, sizeof buf, "[%s T=%ld in=%ld out=%ld r=%ld g=%d o=%d p=%.2f s=%.2f split=%d offset=%d]",
+                type_name<T>(), T_, in, out, r, c.rank_scale, c.out_scale, c.dropout_p, c.scale, c.allow_k_split,
                 c.offset);
   const std::string config = buf;
   const double tol = tolerance<T>();
@@ -92,37 +108,40 @@ void run(Checker& check, Random& rng, const Case& c) {
       Y[t * out + n] += acc * (c.out_scale ? O[n] : 1.0);
     }
 
-  // tensor-core shrink: hidden pre-filled with NaN (every element must be written), or with
-  // zeros when K is split (the partial sums meet there by atomics, as the binding zeroes it)
-  const int64_t splits = (c.k_split > 0 && in > 0) ? (in + c.k_split - 1) / c.k_split : 1;
-  std::vector<float> hidden(T_ * r, splits > 1 ? 0.f : NAN);
-  LoraShrinkParams sp;
+  // tensor-core shrink: hidden zero-filled, as the binding does (the kernel adds into it)
+  const MultiLoraSegmentsView seg = multi_lora::one_adapter_segments(T_, r);
+  std::vector<float> hidden(T_ * r, 0.f);
+  MultiLoraShrinkParams sp;
   sp.x = x; sp.a = a; sp.hidden = hidden.data();
-  sp.tokens = T_; sp.in_features = in; sp.rank = r; sp.dropout = dropout; sp.k_split = c.k_split;
+  sp.in_features = in; sp.dropout = dropout; sp.allow_k_split = c.allow_k_split; sp.seg = seg;
+  sp.use_tensor_cores = true;
   bool ran = false;
   long before = emu::launch_count();
-  if (lora::launch_shrink_on<T>(sp, true, nullptr, &ran) != cudaSuccess) check.launch_failed("shrink tc", config);
+  if (multi_lora::launch_shrink<T>(sp, nullptr, &ran) != cudaSuccess) check.launch_failed("shrink tc", config);
   check_path<T>(check, "shrink tc path", config, true, ran, before);
+  check_split(check, "shrink tc grid", config, c, before);
   check.compare("hidden-tc", config, hidden, U, tol);
 
-  // the SIMT shrink through the same dispatcher, same inputs
-  std::vector<float> hidden_simt(T_ * r, NAN);
+  // the SIMT shrink through the same launcher, same inputs
+  std::vector<float> hidden_simt(T_ * r, 0.f);
   sp.hidden = hidden_simt.data();
-  sp.k_split = 0;
+  sp.use_tensor_cores = false;
   before = emu::launch_count();
-  if (lora::launch_shrink_on<T>(sp, false, nullptr, &ran) != cudaSuccess) check.launch_failed("shrink simt", config);
+  if (multi_lora::launch_shrink<T>(sp, nullptr, &ran) != cudaSuccess) check.launch_failed("shrink simt", config);
   check_path<T>(check, "shrink simt path", config, false, ran, before);
+  check_split(check, "shrink simt grid", config, c, before);
   check.compare("hidden-simt", config, hidden_simt, U, tol);
 
   // tensor-core expand from the reference u
   const std::vector<float> u_ref(U.begin(), U.end());
   auto y = y0;
-  LoraExpandParams ep;
-  ep.hidden = u_ref.data(); ep.b = b.data(); ep.y = y.data();
+  MultiLoraExpandParams ep;
+  ep.hidden = u_ref.data(); ep.b = b.data(); ep.y = y.data(); ep.ldy = out; ep.out_total = out;
+  ep.slice_start[1] = out; ep.seg = seg; ep.use_tensor_cores = true;
   ep.rank_scale = c.rank_scale ? g.data() : nullptr; ep.out_scale = c.out_scale ? o.data() : nullptr;
-  ep.tokens = T_; ep.out_features = out; ep.rank = r; ep.scale = c.scale;
+  ep.scale = c.scale;
   before = emu::launch_count();
-  if (lora::launch_expand_on<T>(ep, true, nullptr, &ran) != cudaSuccess) check.launch_failed("expand tc", config);
+  if (multi_lora::launch_expand<T>(ep, nullptr, &ran) != cudaSuccess) check.launch_failed("expand tc", config);
   check_path<T>(check, "expand tc path", config, true, ran, before);
   check.compare("y-tc", config, y, Y, tol);
 
@@ -130,7 +149,7 @@ void run(Checker& check, Random& rng, const Case& c) {
   auto y_chain = y0;
   ep.hidden = hidden.data();
   ep.y = y_chain.data();
-  if (lora::launch_expand_on<T>(ep, true, nullptr) != cudaSuccess) check.launch_failed("expand tc chain", config);
+  if (multi_lora::launch_expand<T>(ep, nullptr) != cudaSuccess) check.launch_failed("expand tc chain", config);
   check.compare("y-tc-chain", config, y_chain, Y, tol);
 
   // the same x with the adapters in fp32 (a PEFT-style mixed layer), tensor cores requested:
@@ -143,11 +162,12 @@ void run(Checker& check, Random& rng, const Case& c) {
   };
   const auto a32 = widen(a, r * in), b32 = widen(b.data(), out * r), g32 = widen(g.data(), r),
              o32 = widen(o.data(), out);
-  std::vector<float> hidden_mixed(T_ * r, NAN);
+  std::vector<float> hidden_mixed(T_ * r, 0.f);
   sp.a = a32.data();
   sp.hidden = hidden_mixed.data();
+  sp.use_tensor_cores = true;
   before = emu::launch_count();
-  if (lora::launch_shrink_on<T, float>(sp, true, nullptr, &ran) != cudaSuccess)
+  if (multi_lora::launch_shrink<T, float>(sp, nullptr, &ran) != cudaSuccess)
     check.launch_failed("shrink fp32 adapters", config);
   check_path<T>(check, "shrink fp32-adapter path", config, false, ran, before);
   check.compare("hidden-fp32-adapters", config, hidden_mixed, U, tol);
@@ -158,7 +178,7 @@ void run(Checker& check, Random& rng, const Case& c) {
   ep.rank_scale = c.rank_scale ? g32.data() : nullptr;
   ep.out_scale = c.out_scale ? o32.data() : nullptr;
   before = emu::launch_count();
-  if (lora::launch_expand_on<T, float>(ep, true, nullptr, &ran) != cudaSuccess)
+  if (multi_lora::launch_expand<T, float>(ep, nullptr, &ran) != cudaSuccess)
     check.launch_failed("expand fp32 adapters", config);
   check_path<T>(check, "expand fp32-adapter path", config, false, ran, before);
   check.compare("y-fp32-adapters", config, y_mixed, Y, tol);
@@ -167,7 +187,7 @@ void run(Checker& check, Random& rng, const Case& c) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Checker check("lora (tensor cores)", argc, argv);
+  Checker check("lora (tensor cores, the one-adapter multi-LoRA kernels)", argc, argv);
   // A grid of T × in × out × r, rotating dtype, gates, dropout and alignment over its points;
   // the quick run takes every 7th point (96 of 672), the full run all of them.
   const std::vector<int64_t> token_counts = {0, 1, 7, 64, 65, 130};
@@ -181,7 +201,7 @@ int main(int argc, char** argv) {
         for (int64_t r : ranks) {
           ++n;
           const Case c{n % 2 == 0, T_, in, out, r, n % 2 == 1, (n / 2) % 2 == 1, (n / 4) % 2 ? 0.3 : 0.0,
-                       n % 3 ? 0.7f : 1.3f, 0, n % 5 == 0 ? 1 : 0};
+                       n % 3 ? 0.7f : 1.3f, n % 3 != 1, n % 5 == 0 ? 1 : 0};
           (n % 7 == 0 ? quick : extra).push_back(c);
         }
   // Both dtypes × dropout × gates at tensor-core-sized shapes (every rank-chunk width of the
@@ -189,16 +209,16 @@ int main(int argc, char** argv) {
   std::vector<Case> fixed;
   for (double p : {0.0, 0.3})
     for (int gates = 0; gates < 4; ++gates) {
-      fixed.push_back({false, 130, 130, 130, 19, (gates & 1) != 0, (gates & 2) != 0, p, 0.7f, 0, 0});
-      fixed.push_back({true, 65, 136, 9, 100, (gates & 1) != 0, (gates & 2) != 0, p, 0.5f, 0, 0});
+      fixed.push_back({false, 130, 130, 130, 19, (gates & 1) != 0, (gates & 2) != 0, p, 0.7f, true, 0});
+      fixed.push_back({true, 65, 136, 9, 100, (gates & 1) != 0, (gates & 2) != 0, p, 0.5f, false, 0});
     }
-  for (int64_t k_split : {64, 192}) {
-    fixed.push_back({false, 70, 520, 33, 40, true, true, 0.3, 1.f, k_split, 0});
-    fixed.push_back({true, 70, 521, 33, 130, false, true, 0.3, 1.f, k_split, 1});
-    fixed.push_back({true, 3, 600, 16, 3, true, false, 0.0, 1.f, k_split, 0});
+  for (bool split : {true, false}) {
+    fixed.push_back({false, 70, 520, 33, 40, true, true, 0.3, 1.f, split, 0});
+    fixed.push_back({true, 70, 521, 33, 130, false, true, 0.3, 1.f, split, 1});
+    fixed.push_back({true, 3, 600, 16, 3, true, false, 0.0, 1.f, split, 0});
   }
-  // the split the binding would choose for a decode-like shape (64 tokens, in = 4096)
-  fixed.push_back({false, 64, 4096, 64, 16, true, true, 0.3, 1.f, lora::shrink_tc_k_split(64, 4096, 264), 0});
+  // a decode-like shape (64 tokens, in = 4096): the launcher splits K over many blocks
+  fixed.push_back({false, 64, 4096, 64, 16, true, true, 0.3, 1.f, true, 0});
   quick.insert(quick.begin(), fixed.begin(), fixed.end());
   Random rng(4321);
   for (const Case& c : check.select(quick, extra, 4)) {

@@ -3,8 +3,10 @@
 // against a float64 reference of the CPU semantics (csrc/multi_lora/multi_lora_cpu.cpp):
 // tokens in random (unsorted) adapter order, base-only tokens (id -1 or out of range), mixed
 // and out-of-range ranks (clamped to [0, r_max]), uneven output slices, y a column block of a
-// wider buffer. Then malformed grouping metadata, which must neither crash nor hang (the
-// kernels bounds-check every index they read from it).
+// wider buffer; and the compile-time options: dropout on x (shrink, grad_in; the mask of a
+// token is row t of lora_linear's Philox mask), per-adapter rank gates and output scales
+// (expand, grad_out). Then malformed grouping metadata, which must neither crash nor hang
+// (the kernels bounds-check every index they read from it).
 #include "emu_check.h"
 
 #include "lrkernels/multi_lora.cuh"
@@ -25,6 +27,28 @@ struct Case {
   int64_t tokens, in, out, adapters, r_max, slices;
   bool per_adapter_ranks;  // else every adapter has rank r_max (ranks = null)
   bool fp32_adapters = false;  // A and B in float32 on an fp16/bf16 x (SIMT kernels only)
+  int options = 0;             // kDropout | kGate | kOutScale
+};
+
+constexpr int kDropout = 1, kGate = 2, kOutScale = 4;
+
+// Dropout on x as the kernels draw it: element (t, k) of x (t the global token row) kept by
+// bit k % 8 of the Philox draw (seed, t, k / 8), kept values scaled by keep_scale.
+struct Dropout {
+  int64_t seed = -123456789012LL;  // negative: the kernels take it as uint64
+  DropoutParams params;
+  explicit Dropout(double p) {
+    if (p > 0) {
+      params.threshold = dropout_threshold(p);
+      params.keep_scale = dropout_keep_scale(params.threshold);
+      params.seed = &seed;
+    }
+  }
+  double apply(double v, int64_t t, int64_t k) const {
+    if (params.threshold == 0) return v;
+    const uint32_t bits = dropout_keep_bits(static_cast<uint64_t>(seed), t, k >> 3, params.threshold);
+    return ((bits >> (k & 7)) & 1u) ? v * params.keep_scale : 0.0;
+  }
 };
 
 // Whether the latest launch was one of multi_lora_tc.cuh's tensor-core kernels.
@@ -34,11 +58,18 @@ bool last_launch_was_tensor_cores() {
     return false;
   } else {
     const void* k = emu::last_kernel();
-    return k == reinterpret_cast<const void*>(&multi_lora::shrink_tc_kernel<T, 16>) ||
-           k == reinterpret_cast<const void*>(&multi_lora::shrink_tc_kernel<T, 32>) ||
-           k == reinterpret_cast<const void*>(&multi_lora::shrink_tc_kernel<T, 64>) ||
-           k == reinterpret_cast<const void*>(&multi_lora::expand_tc_kernel<T, 16>) ||
-           k == reinterpret_cast<const void*>(&multi_lora::expand_tc_kernel<T, 32>);
+    auto is = [k](auto* kernel) { return k == reinterpret_cast<const void*>(kernel); };
+    return is(&multi_lora::shrink_tc_kernel<T, 16, false>) || is(&multi_lora::shrink_tc_kernel<T, 32, false>) ||
+           is(&multi_lora::shrink_tc_kernel<T, 64, false>) || is(&multi_lora::shrink_tc_kernel<T, 16, true>) ||
+           is(&multi_lora::shrink_tc_kernel<T, 32, true>) || is(&multi_lora::shrink_tc_kernel<T, 64, true>) ||
+           is(&multi_lora::expand_tc_kernel<T, 16, false, false>) ||
+           is(&multi_lora::expand_tc_kernel<T, 16, false, true>) ||
+           is(&multi_lora::expand_tc_kernel<T, 16, true, false>) ||
+           is(&multi_lora::expand_tc_kernel<T, 16, true, true>) ||
+           is(&multi_lora::expand_tc_kernel<T, 32, false, false>) ||
+           is(&multi_lora::expand_tc_kernel<T, 32, false, true>) ||
+           is(&multi_lora::expand_tc_kernel<T, 32, true, false>) ||
+           is(&multi_lora::expand_tc_kernel<T, 32, true, true>);
   }
 }
 
@@ -98,9 +129,10 @@ template <typename T, typename AT = T>
 void run(Checker& check, Random& rng, const Case& c) {
   const int64_t T_ = c.tokens, in = c.in, out = c.out, L = c.adapters, r_max = c.r_max, S = c.slices;
   char buf[240];
-  std::snprintf(buf, sizeof buf, "[%s%s%s T=%ld in=%ld out=%ld L=%ld r_max=%ld S=%ld ranks=%d]", type_name<T>(),
-                std::is_same_v<T, AT> ? "" : "+f32-adapters", c.tensor_cores ? "-tc" : "", T_, in, out, L, r_max, S,
-                c.per_adapter_ranks);
+  const bool has_drop = c.options & kDropout, has_g = c.options & kGate, has_o = c.options & kOutScale;
+  std::snprintf(buf, sizeof buf, "[%s%s%s T=%ld in=%ld out=%ld L=%ld r_max=%ld S=%ld ranks=%d p=%.1f g=%d o=%d]",
+                type_name<T>(), std::is_same_v<T, AT> ? "" : "+f32-adapters", c.tensor_cores ? "-tc" : "", T_, in,
+                out, L, r_max, S, c.per_adapter_ranks, has_drop ? 0.3 : 0.0, has_g, has_o);
   const std::string config = buf;
   const double tol = tolerance<T>();
   // ids: 10% base only (-1), 10% out of range (also base only), the rest a random adapter
@@ -130,9 +162,17 @@ void run(Checker& check, Random& rng, const Case& c) {
     slice_size[s] = s == S - 1 ? remaining : rng.integer(0, remaining);
     remaining -= slice_size[s];
   }
-  const auto X = to_double(x), A = to_double(a), B = to_double(b);
+  // gains: rank_scale (L, r_max) and out_scale (L, out) in the adapters' type
+  const auto g = rng.tensor<AT>(L * r_max, 1.0), o = rng.tensor<AT>(L * out, 1.0);
+  const auto X = to_double(x), A = to_double(a), B = to_double(b), G = to_double(g), O = to_double(o);
+  const Dropout drop(has_drop ? 0.3 : 0.0);
+  auto gate = [&](int64_t l, int64_t j) { return has_g ? G[l * r_max + j] : 1.0; };
+  auto out_gate = [&](int64_t l, int64_t n) { return has_o ? O[l * out + n] : 1.0; };
+  std::vector<double> XD(T_ * in);  // drop(x), by global token row
+  for (int64_t t = 0; t < T_; ++t)
+    for (int64_t k = 0; k < in; ++k) XD[t * in + k] = drop.apply(X[t * in + k], t, k);
 
-  // shrink: hidden[s, t, j] = x_t · A[s, a_t, j] for j < r(a_t), zero elsewhere
+  // shrink: hidden[s, t, j] = drop(x)_t · A[s, a_t, j] for j < r(a_t), zero elsewhere
   std::vector<double> H(S * T_ * r_max, 0.0);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t t = 0; t < T_; ++t) {
@@ -140,14 +180,14 @@ void run(Checker& check, Random& rng, const Case& c) {
       if (l < 0) continue;
       for (int64_t j = 0; j < rank_of(l); ++j) {
         double acc = 0;
-        for (int64_t k = 0; k < in; ++k) acc += X[t * in + k] * A[((s * L + l) * r_max + j) * in + k];
+        for (int64_t k = 0; k < in; ++k) acc += XD[t * in + k] * A[((s * L + l) * r_max + j) * in + k];
         H[(s * T_ + t) * r_max + j] = acc;
       }
     }
   std::vector<float> hidden(S * T_ * r_max, 0.f);
   MultiLoraShrinkParams sp;
   sp.x = x.data(); sp.a = a.data(); sp.hidden = hidden.data(); sp.in_features = in; sp.slices = S;
-  sp.use_tensor_cores = c.tensor_cores; sp.seg = seg;
+  sp.use_tensor_cores = c.tensor_cores; sp.seg = seg; sp.dropout = drop.params;
   bool ran_tc = false;
   long before = emu::launch_count();
   if (multi_lora::launch_shrink<T, AT>(sp, nullptr, &ran_tc) != cudaSuccess) check.launch_failed("shrink", config);
@@ -166,8 +206,9 @@ void run(Checker& check, Random& rng, const Case& c) {
       if (l < 0) continue;
       for (int64_t n = col; n < col + slice_size[s]; ++n) {
         double acc = 0;
-        for (int64_t j = 0; j < rank_of(l); ++j) acc += double(h_ref[(s * T_ + t) * r_max + j]) * B[(l * out + n) * r_max + j];
-        Y[t * ldy + 1 + n] += scales[l] * acc;
+        for (int64_t j = 0; j < rank_of(l); ++j)
+          acc += double(h_ref[(s * T_ + t) * r_max + j]) * gate(l, j) * B[(l * out + n) * r_max + j];
+        Y[t * ldy + 1 + n] += scales[l] * acc * out_gate(l, n);
       }
     }
   MultiLoraExpandParams ep;
@@ -175,6 +216,7 @@ void run(Checker& check, Random& rng, const Case& c) {
   ep.out_total = out; ep.slices = S; ep.slice_start[0] = 0;
   for (int64_t s = 0; s < S; ++s) ep.slice_start[s + 1] = ep.slice_start[s] + slice_size[s];
   ep.use_tensor_cores = c.tensor_cores; ep.seg = seg;
+  ep.rank_scale = has_g ? g.data() : nullptr; ep.out_scale = has_o ? o.data() : nullptr;
   before = emu::launch_count();
   if (multi_lora::launch_expand<T, AT>(ep, nullptr, &ran_tc) != cudaSuccess) check.launch_failed("expand", config);
   check_path<T, AT>(check, "expand path", config, c.tensor_cores, ran_tc, before);
@@ -183,7 +225,8 @@ void run(Checker& check, Random& rng, const Case& c) {
   // The backward kernels have no slices and no tensor-core variant (fp32-adapter cases run them).
   if (S != 1 || (c.tensor_cores && std::is_same_v<T, AT>)) return;
 
-  // grad_out: grad_z[t, j] = dy_t · B[a_t, :, j], grad_b[l, n, j] = s_l Σ_t dy[t, n] hidden[t, j]
+  // grad_out: grad_z[t, j] = Σ_n dy[t, n] o[a_t, n] B[a_t, n, j],
+  //           grad_b[l, n, j] = Σ_t dy[t, n] s_l g[l, j] hidden[t, j]   (P: ∂L/∂B = o ⊙ P)
   const auto dy = rng.tensor<T>(T_ * out, 1.0);
   const auto DY = to_double(dy);
   std::vector<double> DZ(T_ * r_max, 0.0), GB(L * out * r_max, 0.0);
@@ -193,8 +236,8 @@ void run(Checker& check, Random& rng, const Case& c) {
     for (int64_t j = 0; j < rank_of(l); ++j) {
       double acc = 0;
       for (int64_t n = 0; n < out; ++n) {
-        acc += DY[t * out + n] * B[(l * out + n) * r_max + j];
-        GB[(l * out + n) * r_max + j] += scales[l] * DY[t * out + n] * double(h_ref[t * r_max + j]);
+        acc += DY[t * out + n] * out_gate(l, n) * B[(l * out + n) * r_max + j];
+        GB[(l * out + n) * r_max + j] += scales[l] * gate(l, j) * DY[t * out + n] * double(h_ref[t * r_max + j]);
       }
       DZ[t * r_max + j] = acc;
     }
@@ -203,15 +246,19 @@ void run(Checker& check, Random& rng, const Case& c) {
   MultiLoraGradOutParams gp;
   gp.grad_out = dy.data(); gp.hidden = h_ref.data(); gp.b = b.data(); gp.scales = scales.data();
   gp.grad_z = grad_z.data(); gp.grad_b = grad_b.data(); gp.out_features = out; gp.seg = seg;
+  gp.rank_scale = ep.rank_scale; gp.out_scale = ep.out_scale;
   if (multi_lora::launch_grad_out<T, AT>(gp, nullptr) != cudaSuccess) check.launch_failed("grad_out", config);
   check.compare("grad_z", config, grad_z, DZ, tol);
   check.compare("grad_b", config, grad_b, GB, tol);
 
-  // grad_in with du = s · grad_z (reference): grad_x[t] += du_t A[a_t], grad_a[l] += du_tᵀ x_t
+  // grad_in with du = s · g ⊙ grad_z (reference): grad_x[t] += drop'(du_t A[a_t]),
+  // grad_a[l] += du_tᵀ drop(x)_t
   std::vector<float> du(T_ * r_max);
   for (int64_t t = 0; t < T_; ++t)
-    for (int64_t j = 0; j < r_max; ++j)
-      du[t * r_max + j] = adapter_of(t) >= 0 ? float(DZ[t * r_max + j] * scales[adapter_of(t)]) : 0.f;
+    for (int64_t j = 0; j < r_max; ++j) {
+      const int64_t l = adapter_of(t);
+      du[t * r_max + j] = l >= 0 ? float(DZ[t * r_max + j] * scales[l] * gate(l, j)) : 0.f;
+    }
   auto dx = rng.tensor<T>(T_ * in, 1.0);
   std::vector<double> DX = to_double(dx), GA(L * r_max * in, 0.0);
   for (int64_t t = 0; t < T_; ++t) {
@@ -221,15 +268,15 @@ void run(Checker& check, Random& rng, const Case& c) {
       double acc = 0;
       for (int64_t j = 0; j < rank_of(l); ++j) {
         acc += double(du[t * r_max + j]) * A[(l * r_max + j) * in + k];
-        GA[(l * r_max + j) * in + k] += double(du[t * r_max + j]) * X[t * in + k];
+        GA[(l * r_max + j) * in + k] += double(du[t * r_max + j]) * XD[t * in + k];
       }
-      DX[t * in + k] += acc;
+      DX[t * in + k] += drop.apply(acc, t, k);
     }
   }
   std::vector<float> grad_a(L * r_max * in, 0.f);
   MultiLoraGradInParams ip;
   ip.x = x.data(); ip.a = a.data(); ip.grad_u = du.data(); ip.grad_x = dx.data(); ip.grad_a = grad_a.data();
-  ip.in_features = in; ip.seg = seg;
+  ip.in_features = in; ip.seg = seg; ip.dropout = drop.params;
   if (multi_lora::launch_grad_in<T, AT>(ip, nullptr) != cudaSuccess) check.launch_failed("grad_in", config);
   check.compare("grad_x", config, dx, DX, tol);
   check.compare("grad_a", config, grad_a, GA, tol);
@@ -252,37 +299,50 @@ void run_malformed(Random& rng, bool tensor_cores) {
   auto y = rng.tensor<T>(T_ * out, 1.0), dx = rng.tensor<T>(T_ * in, 1.0);
   std::vector<float> hidden(T_ * r_max, 0.f), scales(L, 1.f), grad_z(T_ * r_max, 0.f), grad_b(L * out * r_max, 0.f),
       grad_a(L * r_max * in, 0.f);
+  // every option on: the gains are indexed by the (checked) adapter and rank, the mask by token
+  const auto gain = rng.tensor<T>(L * r_max, 1.0), o = rng.tensor<T>(L * out, 1.0);
+  const Dropout drop(0.25);
   MultiLoraShrinkParams sp;
   sp.x = x.data(); sp.a = a.data(); sp.hidden = hidden.data(); sp.in_features = in; sp.seg = seg;
-  sp.use_tensor_cores = tensor_cores;
+  sp.use_tensor_cores = tensor_cores; sp.dropout = drop.params;
   multi_lora::launch_shrink<T>(sp, nullptr);
   MultiLoraExpandParams ep;
   ep.hidden = hidden.data(); ep.b = b.data(); ep.scales = scales.data(); ep.y = y.data(); ep.ldy = out;
   ep.out_total = out; ep.slices = 1; ep.slice_start[1] = out; ep.seg = seg; ep.use_tensor_cores = tensor_cores;
+  ep.rank_scale = gain.data(); ep.out_scale = o.data();
   multi_lora::launch_expand<T>(ep, nullptr);
   MultiLoraGradOutParams gp;
   gp.grad_out = dy.data(); gp.hidden = hidden.data(); gp.b = b.data(); gp.scales = scales.data();
   gp.grad_z = grad_z.data(); gp.grad_b = grad_b.data(); gp.out_features = out; gp.seg = seg;
+  gp.rank_scale = gain.data(); gp.out_scale = o.data();
   multi_lora::launch_grad_out<T>(gp, nullptr);
   MultiLoraGradInParams ip;
   ip.x = x.data(); ip.a = a.data(); ip.grad_u = grad_z.data(); ip.grad_x = dx.data(); ip.grad_a = grad_a.data();
-  ip.in_features = in; ip.seg = seg;
+  ip.in_features = in; ip.seg = seg; ip.dropout = drop.params;
   multi_lora::launch_grad_in<T>(ip, nullptr);
 }
 
 // Each shape with and without per-adapter ranks, in fp32 and fp16/bf16 (SIMT), fp16 and bf16
 // on the tensor-core path, and fp16/bf16 x with fp32 adapters (SIMT, though tensor cores are
-// requested).
+// requested); then the options: all three on in fp32 SIMT and on the tensor cores, and one or
+// two of them (rotating) on a 16-bit SIMT and an fp32-adapter case.
 std::vector<Case> expand_shapes(const std::vector<std::array<int64_t, 6>>& shapes) {
   std::vector<Case> cases;
+  int n = 0;
   for (const auto& [T_, in, out, L, r_max, S] : shapes)
     for (bool ranks : {false, true}) {
+      const int all = kDropout | kGate | kOutScale, v = n++ % 3;
+      const int some = v == 0 ? kDropout | kGate : v == 1 ? kOutScale | kDropout : kGate | kOutScale;
       cases.push_back({DType::f32, false, T_, in, out, L, r_max, S, ranks});
       cases.push_back({ranks ? DType::bf16 : DType::f16, false, T_, in, out, L, r_max, S, ranks});
       cases.push_back({DType::f16, true, T_, in, out, L, r_max, S, ranks});
       cases.push_back({DType::bf16, true, T_, in, out, L, r_max, S, ranks});
       // fp32 adapters on a 16-bit x, tensor cores requested: the launchers must take SIMT
       cases.push_back({ranks ? DType::f16 : DType::bf16, true, T_, in, out, L, r_max, S, ranks, true});
+      cases.push_back({DType::f32, false, T_, in, out, L, r_max, S, ranks, false, all});
+      cases.push_back({ranks ? DType::f16 : DType::bf16, true, T_, in, out, L, r_max, S, ranks, false, all});
+      cases.push_back({ranks ? DType::bf16 : DType::f16, false, T_, in, out, L, r_max, S, ranks, false, some});
+      cases.push_back({ranks ? DType::bf16 : DType::f16, true, T_, in, out, L, r_max, S, ranks, true, some});
     }
   return cases;
 }
@@ -310,7 +370,7 @@ int main(int argc, char** argv) {
                                                  {150, 300, 130, 4, 100, 1},
                                                  {300, 128, 192, 6, 48, 4}});
   Random rng(99);
-  for (const Case& c : check.select(quick, extra, 8)) {
+  for (const Case& c : check.select(quick, extra, 18)) {
     switch (c.dtype) {
       case DType::f32: run<float>(check, rng, c); break;
       case DType::f16: c.fp32_adapters ? run<half, float>(check, rng, c) : run<half>(check, rng, c); break;

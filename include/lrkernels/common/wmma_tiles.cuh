@@ -1,5 +1,5 @@
-// Tensor-core building blocks shared by the expand kernels of lora_tc.cuh and
-// multi_lora_tc.cuh. Instantiated only from kernel bodies compiled for sm_80+.
+// Tensor-core building blocks of the expand kernel of multi_lora_tc.cuh (which lora_linear
+// runs too, as its one-adapter case). Instantiated only from kernel bodies compiled for sm_80+.
 #pragma once
 
 #include <mma.h>
