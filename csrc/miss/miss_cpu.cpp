@@ -204,6 +204,9 @@ struct CpuMiss {
                         int64_t nq, at::Tensor& buf) {
     lrkernels::build_bat(weight, m, r, o0, rows, q0, nq, buf);
   }
+  // every dtype the shared checks accept; the builders read W through its strides
+  static void check_input(const char* /*op*/, const at::Tensor& /*x*/) {}
+  static const at::Tensor& prepare_weight(const at::Tensor& weight) { return weight; }
 };
 
 }  // namespace
@@ -212,46 +215,24 @@ std::tuple<at::Tensor, at::Tensor> miss_linear_cpu(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& bias,
                                                    const at::Tensor& miss_block, double dropout_p,
                                                    const std::optional<at::Tensor>& seed) {
-  const char* op = "miss_linear";
-  // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_linear_base(op, x, weight, bias);
-  const MissShapes sh = check_miss_args(op, x, weight, miss_block);
-  const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
-  return miss_ops::linear<CpuMiss>(x, weight, bias, miss_block, d, sh);
+  return miss_ops::linear_op<CpuMiss>(x, weight, bias, miss_block, dropout_p, seed);
 }
 
 miss_ops::Grads4 miss_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                           const at::Tensor& miss_block, const at::Tensor& chunk_sum, double dropout_p,
                                           const std::optional<at::Tensor>& seed, std::array<bool, 4> mask) {
-  const char* op = "miss_linear_backward";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_linear_base(op, x, weight, std::nullopt);
-  const MissShapes sh = check_miss_args(op, x, weight, miss_block);
-  check_miss_grad_out(op, grad_out, x, sh);
-  check_miss_chunk_sum(op, chunk_sum, x, sh);
-  const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
-  return miss_ops::linear_backward<CpuMiss>(grad_out, x, weight, miss_block, chunk_sum, d, sh, mask);
+  return miss_ops::linear_backward_op<CpuMiss>(grad_out, x, weight, miss_block, chunk_sum, dropout_p, seed, mask);
 }
 
 at::Tensor miss_bat_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& miss_block) {
-  const char* op = "miss_bat_linear";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_linear_base(op, x, weight, bias);
-  const MissShapes sh = check_miss_bat_args(op, x, weight, miss_block);
-  return miss_ops::bat_linear<CpuMiss>(x, weight, bias, miss_block, sh);
+  return miss_ops::bat_linear_op<CpuMiss>(x, weight, bias, miss_block);
 }
 
 miss_ops::Grads4 miss_bat_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                               const at::Tensor& weight, const at::Tensor& miss_block,
                                               std::array<bool, 4> mask) {
-  const char* op = "miss_bat_linear_backward";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_linear_base(op, x, weight, std::nullopt);
-  const MissShapes sh = check_miss_bat_args(op, x, weight, miss_block);
-  check_miss_grad_out(op, grad_out, x, sh);
-  return miss_ops::bat_linear_backward<CpuMiss>(grad_out, x, weight, miss_block, sh, mask);
+  return miss_ops::bat_linear_backward_op<CpuMiss>(grad_out, x, weight, miss_block, mask);
 }
 
 TORCH_LIBRARY_IMPL(lrkernels, CPU, m) {

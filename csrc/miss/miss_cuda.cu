@@ -91,12 +91,18 @@ struct CudaMiss {
                         int64_t q0, int64_t nq, at::Tensor& buf) {
     build(weight, m, true, r, r, o0, rows, q0 * r, nq * r, buf);
   }
+  // The CUDA kernels compute in float32; float64 stays on the CPU kernels.
+  static void check_input(const char* op, const at::Tensor& x) {
+    TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, "lrkernels.", op,
+                     ": the CUDA kernels take float32, float16 or bfloat16 x, got float64 (run float64 on CPU)");
+  }
+  // the W' builders index W with a unit column stride
+  static at::Tensor prepare_weight(const at::Tensor& weight) { return weight.contiguous(); }
 };
 
-// The CUDA kernels compute in float32; float64 stays on the CPU kernels.
-void check_cuda_dtype(const char* op, const at::Tensor& x) {
-  TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, "lrkernels.", op,
-                   ": the CUDA kernels take float32, float16 or bfloat16 x, got float64 (run float64 on CPU)");
+// x's device when it is a CUDA one; otherwise none, and the shared checks report the mixed devices.
+std::optional<at::Device> device_of_cuda(const at::Tensor& x) {
+  return x.is_cuda() ? std::optional<at::Device>(x.device()) : std::nullopt;
 }
 
 }  // namespace
@@ -105,54 +111,29 @@ std::tuple<at::Tensor, at::Tensor> miss_linear_cuda(const at::Tensor& x, const a
                                                     const std::optional<at::Tensor>& bias,
                                                     const at::Tensor& miss_block, double dropout_p,
                                                     const std::optional<at::Tensor>& seed) {
-  const char* op = "miss_linear";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_linear_base(op, x, weight, bias);
-  const MissShapes sh = check_miss_args(op, x, weight, miss_block);
-  check_cuda_dtype(op, x);
-  const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return miss_ops::linear<CudaMiss>(x, weight.contiguous(), bias, miss_block, d, sh);
+  const c10::cuda::OptionalCUDAGuard guard(device_of_cuda(x));
+  return miss_ops::linear_op<CudaMiss>(x, weight, bias, miss_block, dropout_p, seed);
 }
 
 miss_ops::Grads4 miss_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                            const at::Tensor& miss_block, const at::Tensor& chunk_sum,
                                            double dropout_p, const std::optional<at::Tensor>& seed,
                                            std::array<bool, 4> mask) {
-  const char* op = "miss_linear_backward";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_linear_base(op, x, weight, std::nullopt);
-  const MissShapes sh = check_miss_args(op, x, weight, miss_block);
-  check_miss_grad_out(op, grad_out, x, sh);
-  check_miss_chunk_sum(op, chunk_sum, x, sh);
-  check_cuda_dtype(op, x);
-  const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return miss_ops::linear_backward<CudaMiss>(grad_out, x, weight.contiguous(), miss_block, chunk_sum, d, sh, mask);
+  const c10::cuda::OptionalCUDAGuard guard(device_of_cuda(x));
+  return miss_ops::linear_backward_op<CudaMiss>(grad_out, x, weight, miss_block, chunk_sum, dropout_p, seed, mask);
 }
 
 at::Tensor miss_bat_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& miss_block) {
-  const char* op = "miss_bat_linear";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_linear_base(op, x, weight, bias);
-  const MissShapes sh = check_miss_bat_args(op, x, weight, miss_block);
-  check_cuda_dtype(op, x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return miss_ops::bat_linear<CudaMiss>(x, weight.contiguous(), bias, miss_block, sh);
+  const c10::cuda::OptionalCUDAGuard guard(device_of_cuda(x));
+  return miss_ops::bat_linear_op<CudaMiss>(x, weight, bias, miss_block);
 }
 
 miss_ops::Grads4 miss_bat_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                                const at::Tensor& weight, const at::Tensor& miss_block,
                                                std::array<bool, 4> mask) {
-  const char* op = "miss_bat_linear_backward";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_linear_base(op, x, weight, std::nullopt);
-  const MissShapes sh = check_miss_bat_args(op, x, weight, miss_block);
-  check_miss_grad_out(op, grad_out, x, sh);
-  check_cuda_dtype(op, x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return miss_ops::bat_linear_backward<CudaMiss>(grad_out, x, weight.contiguous(), miss_block, sh, mask);
+  const c10::cuda::OptionalCUDAGuard guard(device_of_cuda(x));
+  return miss_ops::bat_linear_backward_op<CudaMiss>(grad_out, x, weight, miss_block, mask);
 }
 
 TORCH_LIBRARY_IMPL(lrkernels, CUDA, m) {

@@ -8,6 +8,10 @@
 //   B::balance_table(macc)                 M as build_balance reads it
 //   B::build_balance(w, table, r, cols_m, o0, rows, c0, n, buf)   W'[o0:+rows, c0:+n] into buf
 //   B::build_bat(w, macc, r, o0, rows, q0, nq, buf)               W'[o0:+rows, q0·r:+nq·r]
+//   B::check_input(op, x)                  backend-specific dtype rules (after the shared checks)
+//   B::prepare_weight(w)                   W as the backend's builders read it
+// The op entry points (*_op below) validate the same way on every backend and run the
+// compositions; a backend's kernel is one call to them (inside its device guard).
 // W' = W + ΔW is never built whole: the forward GEMM and the input-gradient GEMM run over
 // chunks of it (a few output rows, or a few input columns) built just before the GEMM reads
 // them; bat's weight gradient G = dyᵀx is formed one chunk of output blocks at a time and
@@ -209,6 +213,60 @@ Grads4 bat_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, cons
     if (want_m && gm->scalar_type() != miss_block.scalar_type()) gm = gm->to(miss_block.scalar_type());
   }
   return {gx, gw, gbias, gm};
+}
+
+// ---- the four ops, validated once for every backend --------------------------------------
+
+template <class B>
+std::tuple<at::Tensor, at::Tensor> linear_op(const at::Tensor& x, const at::Tensor& weight,
+                                             const std::optional<at::Tensor>& bias, const at::Tensor& miss_block,
+                                             double dropout_p, const std::optional<at::Tensor>& seed) {
+  const char* op = "miss_linear";
+  // Nested ATen calls below run beneath autograd: this kernel is the autograd-less level.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_linear_base(op, x, weight, bias);
+  const MissShapes sh = check_miss_args(op, x, weight, miss_block);
+  B::check_input(op, x);
+  const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
+  return linear<B>(x, B::prepare_weight(weight), bias, miss_block, d, sh);
+}
+
+template <class B>
+Grads4 linear_backward_op(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& miss_block, const at::Tensor& chunk_sum, double dropout_p,
+                          const std::optional<at::Tensor>& seed, std::array<bool, 4> mask) {
+  const char* op = "miss_linear_backward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_linear_base(op, x, weight, std::nullopt);
+  const MissShapes sh = check_miss_args(op, x, weight, miss_block);
+  check_miss_grad_out(op, grad_out, x, sh);
+  check_miss_chunk_sum(op, chunk_sum, x, sh);
+  B::check_input(op, x);
+  const DropoutParams d = make_dropout_params(dropout_p, seed, x, op);
+  return linear_backward<B>(grad_out, x, B::prepare_weight(weight), miss_block, chunk_sum, d, sh, mask);
+}
+
+template <class B>
+at::Tensor bat_linear_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& miss_block) {
+  const char* op = "miss_bat_linear";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_linear_base(op, x, weight, bias);
+  const MissShapes sh = check_miss_bat_args(op, x, weight, miss_block);
+  B::check_input(op, x);
+  return bat_linear<B>(x, B::prepare_weight(weight), bias, miss_block, sh);
+}
+
+template <class B>
+Grads4 bat_linear_backward_op(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& miss_block, std::array<bool, 4> mask) {
+  const char* op = "miss_bat_linear_backward";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_linear_base(op, x, weight, std::nullopt);
+  const MissShapes sh = check_miss_bat_args(op, x, weight, miss_block);
+  check_miss_grad_out(op, grad_out, x, sh);
+  B::check_input(op, x);
+  return bat_linear_backward<B>(grad_out, x, B::prepare_weight(weight), miss_block, sh, mask);
 }
 
 }  // namespace miss_ops
