@@ -82,6 +82,37 @@ def _prefill(B, Hq, Hkv, S, D, dtype, backward):
     return build
 
 
+def _smollm2_generate(B, prompt, new):
+    """Greedy generation with the whole SmolLM2-135M model (9 query heads over 3 KV heads): a
+    left-padded batch of B real-text prompts (`prompt` tokens for the longest, 1/16 less for
+    each next row, so the attention mask is there as in any batched generation), then `new`
+    tokens each. Candidates: attn_implementation="lrkernels" and "sdpa" (transformers' default)."""
+    def build():
+        import lrkernels.integrations.transformers  # noqa: F401  (registers "lrkernels")
+        from lrkernels.integrations import models
+
+        sdpa, tok = models.load_smollm2(attn_implementation="sdpa")
+        lrk, _ = models.load_smollm2(attn_implementation="lrkernels")
+        texts, _ = models.pydoc_topics()
+        rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts if len(t) > 8 * prompt][:B]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.full((B, prompt), pad, dtype=torch.long)
+        mask = torch.zeros(B, prompt, dtype=torch.long)
+        for b, r in enumerate(rows):
+            n = prompt - b * (prompt // 16)
+            ids[b, prompt - n:] = torch.tensor(r[:n])
+            mask[b, prompt - n:] = 1
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                  pad_token_id=pad)
+
+        def gen(model):
+            return lambda: model.generate(**kw)
+
+        return {"lrkernels": gen(lrk), "sdpa": gen(sdpa)}
+
+    return build
+
+
 def cases(device: str, quick: bool):
     if device != "cpu":
         return []  # no CUDA kernel yet
@@ -114,6 +145,12 @@ def cases(device: str, quick: bool):
                         {"sdpa_enable_gqa": 1.0} if issue and backward else {},
                         family="gqa", params={"batch": B, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D,
                                               "q_len": S, "kv_len": S}))
+    Bm, prompt, new = (4, 128, 32) if quick else (4, 512, 128)
+    out.append(Case(f"SmolLM2-135M generate B{Bm} prompt{prompt} new{new} fp32",
+                    _smollm2_generate(Bm, prompt, new), "lrkernels", ["sdpa"],
+                    note=f"the whole model, attn_implementation lrkernels vs sdpa; left-padded real text; "
+                         f"tokens/s = {Bm * new} / time (prefill included)",
+                    family="gqa", params={"batch": Bm, "prompt": prompt, "new_tokens": new}))
     return out
 
 
