@@ -169,6 +169,7 @@ def _with_size_curves(out, device, quick):
         for c in (step_case(size, size, 128, torch.float32, device, "size curve", quick),
                   refresh_case(size, size, 128, device, "size curve")):
             c.params, c.sweep, c.headline = {"size": size, "rank": 128, "op": op(c.name)}, "size", False
+            c.targets = {}  # the targets name the 2048 (and 4096) shapes, not the curve's extra points
             out.append(c)
     return out
 

@@ -138,7 +138,8 @@ def _train_case(name, T, din, dout, L, r, device, dtype):
         return {"lrkernels": ml, "eager_masked_loop": eager_masked}
 
     return Case(name=name, setup=build, subject="lrkernels", baselines=["eager_masked_loop"],
-                flops=3 * 2 * T * din * dout, note="fwd+bwd, base weight frozen: grads for x, lora_a, lora_b")
+                flops=2 * 2 * T * din * dout + 3 * 2 * T * r * (din + dout),  # x Wᵀ, dy W (W frozen) + adapters
+                note="fwd+bwd, base weight frozen: grads for x, lora_a, lora_b")
 
 
 class _ZeroBase(nn.Module):
@@ -252,6 +253,7 @@ def _decode_case(name, din, dout, L, r, device, dtype, targets, note):
 
 
 def cases(device: str, quick: bool) -> list:
+    tq, tt = (128, 256) if quick else (512, 1024)
     if device == "cpu":
         out = [
             _forward_case("issue-cpu 2048tok/8 adapters 1024->1024 r16 fp32 fwd", 2048, 1024, 1024, 8, 16, "cpu",
@@ -260,9 +262,10 @@ def cases(device: str, quick: bool) -> list:
             _adapter_path_case("issue-cpu adapter path only 2048tok/8 adapters 1024->1024 r16 fp32", 2048, 1024,
                                1024, 8, 16, "cpu", torch.float32,
                                note="Base GEMM excluded on both sides (PEFT's base layer returns zeros)."),
-            _forward_case("llama7b-q 512tok/16 adapters 4096->4096 r16 fp32 fwd", 512 if not quick else 128, 4096,
+            # (the names say the token count run: --quick runs fewer)
+            _forward_case(f"llama7b-q {tq}tok/16 adapters 4096->4096 r16 fp32 fwd", tq, 4096,
                           4096, 16, 16, "cpu", torch.float32, {}),
-            _train_case("train 1024tok/4 adapters 1024->1024 r16 fp32 fwd+bwd", 1024 if not quick else 256, 1024,
+            _train_case(f"train {tt}tok/4 adapters 1024->1024 r16 fp32 fwd+bwd", tt, 1024,
                         1024, 4, 16, "cpu", torch.float32),
             _mixed_rank_case("mixed ranks {8,16,64} 1024tok 1024->1024 fp32 shrink+expand", 1024, 1024, 1024, "cpu",
                              torch.float32),

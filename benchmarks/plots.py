@@ -139,8 +139,9 @@ def times(path, rf, family, cases):
     ax0.set_ylim(height, -1)
     _header_text(ax0, layout)
     handles = {h.get_label(): h for h in ax0.get_legend_handles_labels()[0]}
-    ax0.legend([handles[k] for k in col if k in handles], [k for k in col if k in handles], fontsize=7,
-               loc="lower right", framealpha=0.9)
+    names = [k for k in col if k in handles]
+    # above the panels, where it cannot cover a bar
+    fig.legend([handles[k] for k in names], names, fontsize=7, loc="outside upper center", ncol=min(len(names), 6))
     return _finish(fig, plt, path, rf.env, f"{family}: time of each candidate" + (" and its peak memory" if has_mem
                                                                                else ""))
 
@@ -212,9 +213,12 @@ def scaling(path, rf, family, sweep, lines, ceilings):
         cands = []
         for _, c in pts:
             cands += [k for k in rf.timed(c["name"]) if k not in cands]
+        # the subject last and thicker, so a candidate with nearly the same times cannot hide it
+        cands.sort(key=lambda k: k == subject)
         for k in cands:
             xy = [(pos(x), rf.timed(c["name"])[k]["median_ms"]) for x, c in pts if k in rf.timed(c["name"])]
-            ax_t.plot(*zip(*xy), ls, marker="o", ms=4, color=col[k], label=k + suffix)
+            ax_t.plot(*zip(*xy), ls, marker="o", ms=4, color=col[k], label=k + suffix,
+                      lw=2.6 if k == subject else 1.3, zorder=3 if k == subject else 2)
         baselines = []
         for _, c in pts:
             baselines += [b for b in c.get("baselines", []) if b not in baselines]
@@ -262,16 +266,33 @@ def scaling(path, rf, family, sweep, lines, ceilings):
     return _finish(fig, plt, path, rf.env, f"{family}: scaling with {sweep}")
 
 
+_DTYPES = ("bf16", "fp16", "fp32", "fp64")
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float64": "fp64"}
+
+
+def flop_ceiling_key(case_name, ceilings):
+    """The measured matmul ceiling for the precision a case computes in, or None when the run
+    did not measure one for it. The precision is read from the case's name: a 16-bit activation
+    dtype wins over fp32 (a bf16 case with fp32 adapters runs its GEMMs in bf16)."""
+    words = {_DTYPE_ALIASES.get(w, w) for w in case_name.replace("(", " ").replace(")", " ").split()}
+    for d in _DTYPES:
+        if d in words:
+            key = f"{d}_matmul_TFLOPs"
+            return key if key in ceilings else None
+    return None
+
+
 def ceiling_fractions(path, rf, family, cases, ceilings):
     """Fraction of the measured bandwidth and FLOP ceilings each case's subject reaches.
     Returns None when no subject has an achieved rate or the run measured no ceiling."""
     bw = ceilings.get("copy_GBps")
-    fl_key = next((k for k in ceilings if k.endswith("_TFLOPs")), None)
     rows = []
     for c in cases:
         s = rf.timed(c["name"]).get(c["subject"], {})
+        fl_key = flop_ceiling_key(c["name"], ceilings)
         fr = [("bandwidth", s["gbps"] / bw) if s.get("gbps") and bw else None,
-              ("FLOP rate", s["tflops"] / ceilings[fl_key]) if s.get("tflops") and fl_key else None]
+              (f"{fl_key.split('_')[0]} FLOP rate", s["tflops"] / ceilings[fl_key])
+              if s.get("tflops") and fl_key else None]
         fr = [f for f in fr if f]
         if fr:
             rows.append((c["name"], fr))
@@ -280,11 +301,13 @@ def ceiling_fractions(path, rf, family, cases, ceilings):
     plt = _plt()
     layout, height = _grouped_rows(rows)
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.24 * height), layout="constrained")
+    top = 0.0
     for kind, y, (what, v) in ((k, y, r) for k, y, r in layout if k == "row"):
         ax.barh(y, v, height=0.75, color="#1f77b4" if what == "bandwidth" else "#ff7f0e")
         ax.text(v, y, f" {100 * v:.0f}% of the {what} ceiling", fontsize=7, va="center")
+        top = max(top, v)
     ax.axvline(1.0, color="black", lw=0.8, ls=":")
-    ax.set_xlim(0, 1.6)
+    ax.set_xlim(0, max(1.6, 1.6 * top))  # room for the longest bar's label
     ax.set_yticks([])
     ax.set_ylim(height, -1)
     _header_text(ax, layout)

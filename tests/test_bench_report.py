@@ -206,3 +206,15 @@ def test_progress_counts_and_estimates():
     now[0] += 5.0
     p.end_case()  # family b costs 5 s a case now
     assert p.remaining_s() == pytest.approx(5.0)
+
+
+def test_flop_ceiling_matches_the_case_precision():
+    from benchmarks.plots import flop_ceiling_key
+    both = {"copy_GBps": 20.0, "fp32_matmul_TFLOPs": 0.1, "bf16_matmul_TFLOPs": 0.4}
+    assert flop_ceiling_key("lora 4096 tok r16 fp32 fwd+bwd", both) == "fp32_matmul_TFLOPs"
+    # a bf16 base with fp32 adapters runs its GEMMs in bf16
+    assert flop_ceiling_key("lora 4096 tok r16 bf16 (fp32 adapters) fwd+bwd", both) == "bf16_matmul_TFLOPs"
+    assert flop_ceiling_key("issue 2048x2048 r128 float32 GaLoreAdamW step", both) == "fp32_matmul_TFLOPs"
+    # no ceiling measured for the precision, or none named: no FLOP fraction at all
+    assert flop_ceiling_key("lora 4096 tok r16 bf16 fwd", {"fp32_matmul_TFLOPs": 0.1}) is None
+    assert flop_ceiling_key("decode Sk4096", both) is None
