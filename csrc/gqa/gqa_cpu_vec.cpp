@@ -76,7 +76,40 @@ void dots(const T* A, int64_t nA, int64_t lda, const T* B, int64_t nB, int64_t l
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const int64_t Df = D / L * L, tail = D - Df;
-  for (int64_t j = 0; j < nB; ++j) {
+  int64_t j = 0;
+  if (nA == 4) {  // decode's GQA group of four: two keys at a time share each load of the four rows
+    const T* a0 = A;
+    const T* a1 = a0 + lda;
+    const T* a2 = a1 + lda;
+    const T* a3 = a2 + lda;
+    for (; j + 2 <= nB; j += 2) {
+      const T* b = B + j * ldb;
+      const T* c = b + ldb;
+      V s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0)), t0(T(0)), t1(T(0)), t2(T(0)), t3(T(0));
+      for (int64_t d = 0; d < D; d += L) {
+        const int64_t n = std::min<int64_t>(L, D - d);
+        const V bv = ld(b + d, n), cv = ld(c + d, n);
+        const V x0 = ld(a0 + d, n), x1 = ld(a1 + d, n), x2 = ld(a2 + d, n), x3 = ld(a3 + d, n);
+        s0 = at::vec::fmadd(x0, bv, s0);
+        t0 = at::vec::fmadd(x0, cv, t0);
+        s1 = at::vec::fmadd(x1, bv, s1);
+        t1 = at::vec::fmadd(x1, cv, t1);
+        s2 = at::vec::fmadd(x2, bv, s2);
+        t2 = at::vec::fmadd(x2, cv, t2);
+        s3 = at::vec::fmadd(x3, bv, s3);
+        t3 = at::vec::fmadd(x3, cv, t3);
+      }
+      C[j] = alpha * hsum(s0);
+      C[j + 1] = alpha * hsum(t0);
+      C[ldc + j] = alpha * hsum(s1);
+      C[ldc + j + 1] = alpha * hsum(t1);
+      C[2 * ldc + j] = alpha * hsum(s2);
+      C[2 * ldc + j + 1] = alpha * hsum(t2);
+      C[3 * ldc + j] = alpha * hsum(s3);
+      C[3 * ldc + j + 1] = alpha * hsum(t3);
+    }
+  }
+  for (; j < nB; ++j) {
     const T* b = B + j * ldb;
     int64_t i = 0;
     for (; i + 4 <= nA; i += 4) {
@@ -223,8 +256,18 @@ inline T nan_max(T a, T b) {
 
 template <typename T>
 inline T row_max(const T* x, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
   T m = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = nan_max(m, x[j]);
+  int64_t j = 0;
+  if (n >= L) {  // at::vec::maximum propagates NaN, as nan_max does
+    V mv = V::loadu(x);
+    for (j = L; j + L <= n; j += L) mv = at::vec::maximum(mv, V::loadu(x + j));
+    T lanes[L];
+    mv.store(lanes);
+    for (int64_t i = 0; i < L; ++i) m = nan_max(m, lanes[i]);
+  }
+  for (; j < n; ++j) m = nan_max(m, x[j]);
   return m;
 }
 
@@ -302,6 +345,17 @@ inline void masked_scores(const GqaParams& p, int64_t b, int64_t g, int64_t q0, 
   }
 }
 
+// Asks for the next K / V tile while this one is computed on (n ≤ 0: nothing): the rows are
+// strided, so the hardware prefetcher only follows within a row.
+template <typename E>
+inline void prefetch_rows(const E* src, int64_t ld, int64_t n, int64_t D) {
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(E));
+  for (int64_t j = 0; j < n; ++j) {
+    const char* row = reinterpret_cast<const char*>(src + j * ld);
+    for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(row + c, 0, 3);
+  }
+}
+
 template <typename E>
 void forward(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, int64_t k0, int64_t k1, E* o,
              void* lse_v, void* o_part_v, void* lse_part_v) {
@@ -329,6 +383,8 @@ void forward(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, i
   const E* vb = static_cast<const E*>(p.v) + b * p.v_s[0] + g * p.v_s[1];
   for (int64_t j0 = k0; j0 < kend; j0 += KT) {
     const int64_t kt = std::min(KT, kend - j0);
+    prefetch_rows(kb + (j0 + KT) * p.k_s[2], p.k_s[2], std::min(KT, kend - j0 - KT), D);
+    prefetch_rows(vb + (j0 + KT) * p.v_s[2], p.v_s[2], std::min(KT, kend - j0 - KT), D);
     int64_t ldk = 0, ldv;
     const T* K = nullptr;
     const T* Kt = nullptr;
