@@ -269,6 +269,7 @@ BWD_CASES = [
     (1, 3, 1, 17, 17, 17, True, None, None),
     (1, 8, 2, 12, 5, 64, True, None, None),
     (1, 16, 2, 70, 70, 48, True, None, None),
+    (1, 80, 1, 3, 70, 16, True, None, "bool"),  # a group wider than a key tile (80 heads over one)
 ]
 
 

@@ -499,6 +499,8 @@ template <typename T>
 void probs_and_grad(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t nq, int64_t len, const T* Q,
                     const T* dO, const T* Di, const T* lse, const T* K, int64_t ldk, const T* Kt, const T* Vt,
                     int64_t ldv, const T* Vtt, int64_t j0, int64_t kt, T* S, T* dS) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
   const int64_t R = p.G * nq, D = p.D, KT = kGqaKeyTile;
   masked_scores(p, b, g, q0, nq, len, Q, K, ldk, Kt, j0, kt, S);
   tile_products(dO, R, Vt, ldv, Vtt, kt, D, T(1), dS);
@@ -512,7 +514,14 @@ void probs_and_grad(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_
       std::fill(ds, ds + kt, T(0));
       continue;
     }
-    for (int64_t j = 0; j < kt; ++j) {
+    const V lv(lse[r]), dv(Di[r]), sv(scale);
+    int64_t j = 0;
+    for (; j + L <= kt; j += L) {
+      const V pj = (V::loadu(s + j) - lv).exp();
+      pj.store(s + j);
+      (sv * pj * (V::loadu(ds + j) - dv)).store(ds + j);
+    }
+    for (; j < kt; ++j) {
       const T pj = std::exp(s[j] - lse[r]);
       s[j] = pj;
       ds[j] = scale * pj * (ds[j] - Di[r]);
@@ -528,14 +537,16 @@ void grad_kv(const GqaParams& p, int64_t b, int64_t g, int64_t j0, int64_t j1, E
   const int64_t kt = std::min(j1, len) - j0;
   if (kt <= 0) return;
   const int64_t bq = gqa_block_queries(G), Rmax = G * std::min(bq, p.Sq);
-  Scratch<T>& sc = scratch<T>(static_cast<size_t>(2 * Rmax * D + 4 * Rmax * KT + 4 * KT * D + 3 * Rmax + D + 160));
+  const int64_t nt = std::max(Rmax, KT) * KT;  // Pᵀ, dSᵀ: kt ≤ KT rows of leading dim KT (or R)
+  Scratch<T>& sc = scratch<T>(static_cast<size_t>(2 * Rmax * D + 2 * Rmax * KT + 2 * nt + 4 * KT * D + 3 * Rmax + D +
+                                                  160));
   size_t off = 0;
   T* Q = sc.take(Rmax * D, off);
   T* dO = sc.take(Rmax * D, off);
   T* S = sc.take(Rmax * KT, off);
   T* dS = sc.take(Rmax * KT, off);
-  T* St = sc.take(Rmax * KT, off);
-  T* dSt = sc.take(Rmax * KT, off);
+  T* St = sc.take(nt, off);
+  T* dSt = sc.take(nt, off);
   T* kbuf = sc.take(KT * D, off);
   T* vbuf = sc.take(KT * D, off);
   T* dK = sc.take(KT * D, off);
@@ -565,13 +576,20 @@ void grad_kv(const GqaParams& p, int64_t b, int64_t g, int64_t j0, int64_t j1, E
     const int64_t nq = std::min(bq, p.Sq - q0), R = G * nq;
     load_grad_rows<E>(p, b, g, q0, nq, Q, dO, Di, lse, tmp);
     probs_and_grad(p, b, g, q0, nq, len, Q, dO, Di, lse, K, ldk, Kt, Vt, ldv, Vtt, j0, kt, S, dS);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = 0; j < kt; ++j) {
-        St[j * R + r] = S[r * KT + j];
-        dSt[j * R + r] = dS[r * KT + j];
-      }
-    if (dv) axpy(St, kt, R, R, dO, D, D, dV, D);  // dV += Pᵀ dO
-    if (dk) axpy(dSt, kt, R, R, Q, D, D, dK, D);  // dK += dSᵀ Q
+    int64_t ldt = KT;
+    if (R <= KT) {  // vector transposes: Pᵀ[j·KT + r]
+      transpose_tile(S, KT, R, kt, St);
+      transpose_tile(dS, KT, R, kt, dSt);
+    } else {  // (a group of more than KT query heads over one KV head)
+      ldt = R;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < kt; ++j) {
+          St[j * R + r] = S[r * KT + j];
+          dSt[j * R + r] = dS[r * KT + j];
+        }
+    }
+    if (dv) axpy(St, kt, R, ldt, dO, D, D, dV, D);  // dV += Pᵀ dO
+    if (dk) axpy(dSt, kt, R, ldt, Q, D, D, dK, D);  // dK += dSᵀ Q
   }
   const int64_t row0 = (b * p.Hkv + g) * p.Sk + j0;
   for (int64_t j = 0; j < kt; ++j) {
