@@ -285,9 +285,24 @@ def _mask(kind, B, Hq, Sq, Sk, dtype):
     return None
 
 
+@pytest.fixture(params=["one-pass", "two-pass"])
+def backward_pass(request):
+    """The CPU backward takes one task per (batch, KV head) group, all gradients in one pass,
+    when the groups fill the threads (at least 2 per thread) and Sq > 1; else two passes (dK/dV
+    per key tile, dQ per query block). One thread makes every case with two groups or more
+    take the one-pass kernel; the default 2+ threads leave the small cases on the two passes."""
+    before = torch.get_num_threads()
+    if request.param == "one-pass":
+        torch.set_num_threads(1)
+    elif before < 2:
+        pytest.skip("two-pass needs 2 threads to be chosen for these sizes")
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", cpu_dtypes())
 @pytest.mark.parametrize("B,Hq,Hkv,Sq,Sk,D,causal,lens,mask", BWD_CASES)
-def test_backward_matches_oracle(dtype, B, Hq, Hkv, Sq, Sk, D, causal, lens, mask):
+def test_backward_matches_oracle(dtype, B, Hq, Hkv, Sq, Sk, D, causal, lens, mask, backward_pass):
     q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, requires_grad=True)
     kv_lens = torch.randint(0, Sk + 1, (B,)) if lens else None
     attn_mask = _mask(mask, B, Hq, Sq, Sk, dtype)

@@ -173,9 +173,21 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_cpu(const at::Tensor& q, const 
   return {o, lse};
 }
 
+// The one-pass backward (grad_group) runs one task per (batch, KV head): it is taken when
+// those tasks fill the threads, all three gradients are wanted and a KV head's dK / dV
+// accumulators stay small; otherwise the two passes split the work finer.
+constexpr int64_t kGqaGroupPassMaxKeys = 1 << 16;
+
 template <typename E>
 void run_backward(const GqaParams& p, E* dq, E* dk, E* dv) {
   const auto& f = gqa_vec_fns<E>();
+  const int64_t groups = p.B * p.Hkv;
+  if (dq && dk && dv && groups >= 2 * at::get_num_threads() && p.Sk <= kGqaGroupPassMaxKeys && p.Sq > 1) {
+    at::parallel_for(0, groups, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) f.grad_group(p, t / p.Hkv, t % p.Hkv, dq, dk, dv);
+    });
+    return;
+  }
   if (dk || dv) {
     const int64_t nkb = ceil_div(p.Sk, kGqaKeyTile), n = p.B * p.Hkv * nkb;
     at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {

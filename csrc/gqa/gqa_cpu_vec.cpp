@@ -643,9 +643,89 @@ void grad_q(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, E*
   }
 }
 
+// dQ, dK and dV of the whole group (KV head g of batch b) in one pass: every score is recomputed
+// once (the two-pass grad_kv + grad_q recompute S and dO Vᵀ twice: 7 tile products against 5).
+// dK and dV accumulate over the query blocks in this task's own buffers (len × D each).
+template <typename E>
+void grad_group(const GqaParams& p, int64_t b, int64_t g, E* dq, E* dk, E* dv) {
+  using T = acc_t<E>;
+  const int64_t G = p.G, D = p.D, KT = kGqaKeyTile;
+  const int64_t len = gqa_kv_len(p, b);
+  if (len <= 0) return;  // every row sees no key: the zero-initialised outputs stay
+  const int64_t bq = gqa_block_queries(G), Rmax = G * std::min(bq, p.Sq);
+  const int64_t nt = std::max(Rmax, KT) * KT;
+  Scratch<T>& sc = scratch<T>(static_cast<size_t>(3 * Rmax * D + 2 * Rmax * KT + 2 * nt + 3 * KT * D + 2 * len * D +
+                                                  3 * Rmax + D + 192));
+  size_t off = 0;
+  T* Q = sc.take(Rmax * D, off);
+  T* dO = sc.take(Rmax * D, off);
+  T* dQ = sc.take(Rmax * D, off);
+  T* S = sc.take(Rmax * KT, off);
+  T* dS = sc.take(Rmax * KT, off);
+  T* St = sc.take(nt, off);
+  T* dSt = sc.take(nt, off);
+  T* kbuf = sc.take(KT * D, off);
+  T* vbuf = sc.take(KT * D, off);
+  T* ktbuf = sc.take(KT * D, off);
+  T* dK = sc.take(len * D, off);
+  T* dV = sc.take(len * D, off);
+  T* Di = sc.take(Rmax, off);
+  T* lse = sc.take(Rmax, off);
+  T* tmp = sc.take(D, off);
+  std::fill(dK, dK + len * D, T(0));
+  std::fill(dV, dV + len * D, T(0));
+  const E* kb = static_cast<const E*>(p.k) + b * p.k_s[0] + g * p.k_s[1];
+  const E* vb = static_cast<const E*>(p.v) + b * p.v_s[0] + g * p.v_s[1];
+  for (int64_t q0 = 0; q0 < p.Sq; q0 += bq) {
+    const int64_t nq = std::min(bq, p.Sq - q0), R = G * nq, q1 = q0 + nq;
+    load_grad_rows<E>(p, b, g, q0, nq, Q, dO, Di, lse, tmp);
+    std::fill(dQ, dQ + R * D, T(0));
+    const int64_t kend = gqa_key_end(p, len, q1 - 1);
+    for (int64_t j0 = 0; j0 < kend; j0 += KT) {
+      const int64_t kt = std::min(KT, kend - j0);
+      int64_t ldk, ldv = 0;
+      const T* K = tile_rows(kb + j0 * p.k_s[2], p.k_s[2], kt, D, kbuf, ldk);  // rows: dQ += dS K needs them
+      const T *Kt = nullptr, *Vt = nullptr, *Vtt = nullptr;
+      if (R >= kGqaTransposeRows) {
+        transpose_tile(kb + j0 * p.k_s[2], p.k_s[2], kt, D, ktbuf);
+        transpose_tile(vb + j0 * p.v_s[2], p.v_s[2], kt, D, vbuf);
+        Kt = ktbuf;
+        Vtt = vbuf;
+      } else {
+        Vt = tile_rows(vb + j0 * p.v_s[2], p.v_s[2], kt, D, vbuf, ldv);
+      }
+      probs_and_grad(p, b, g, q0, nq, len, Q, dO, Di, lse, K, ldk, Kt, Vt, ldv, Vtt, j0, kt, S, dS);
+      axpy(dS, R, kt, KT, K, ldk, D, dQ, D);  // dQ += dS K
+      int64_t ldt = KT;
+      if (R <= KT) {
+        transpose_tile(S, KT, R, kt, St);
+        transpose_tile(dS, KT, R, kt, dSt);
+      } else {
+        ldt = R;
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t j = 0; j < kt; ++j) {
+            St[j * R + r] = S[r * KT + j];
+            dSt[j * R + r] = dS[r * KT + j];
+          }
+      }
+      axpy(St, kt, R, ldt, dO, D, D, dV + j0 * D, D);  // dV += Pᵀ dO
+      axpy(dSt, kt, R, ldt, Q, D, D, dK + j0 * D, D);  // dK += dSᵀ Q
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t row = (b * p.Hq + g * G + r / nq) * p.Sq + q0 + r % nq;
+      from_acc(dQ + r * D, dq + row * D, D);
+    }
+  }
+  const int64_t row0 = (b * p.Hkv + g) * p.Sk;
+  for (int64_t j = 0; j < len; ++j) {
+    from_acc(dK + j * D, dk + (row0 + j) * D, D);
+    from_acc(dV + j * D, dv + (row0 + j) * D, D);
+  }
+}
+
 template <typename E>
 GqaVecFns<E> fns() {
-  return {&forward<E>, &combine<E>, &grad_kv<E>, &grad_q<E>};
+  return {&forward<E>, &combine<E>, &grad_kv<E>, &grad_q<E>, &grad_group<E>};
 }
 
 }  // namespace

@@ -69,6 +69,9 @@ struct GqaVecFns {
   void (*grad_kv)(const GqaParams& p, int64_t b, int64_t g, int64_t j0, int64_t j1, E* dk, E* dv);
   // dQ of query positions [q0, q1) of the group, into a contiguous (B, Hq, Sq, D) output.
   void (*grad_q)(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, E* dq);
+  // dQ, dK and dV (all three non-null) of the whole group in one pass, each score recomputed
+  // once; dK / dV rows past kv_lens[b] are left untouched. Needs 2·len·D accumulators.
+  void (*grad_group)(const GqaParams& p, int64_t b, int64_t g, E* dq, E* dk, E* dv);
 };
 
 struct GqaVecKernels {
