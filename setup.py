@@ -307,6 +307,7 @@ setup(
     cmdclass={"build_ext": LrkBuildExtension},  # uses ninja when it is installed
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
-    extras_require={"nvtx": ["nvtx"], "test": ["pytest", "peft"]},
+    extras_require={"nvtx": ["nvtx"], "test": ["pytest", "peft"], "transformers": ["transformers>=5"],
+                    "peft": ["peft"], "models": ["transformers>=5", "gguf"]},
     zip_safe=False,
 )
