@@ -69,10 +69,28 @@ inline void from_acc(const T* src, E* dst, int64_t D) {
   }
 }
 
+// Rows another product reads next, asked for line by line while this product streams its own
+// rows (decode): the memory traffic overlaps the arithmetic instead of following it, and the
+// requests trickle out at the pace the rows are consumed, so they never fill the core's miss
+// buffers at once (a burst of a whole tile's prefetches stalls the core until most of it has
+// arrived). Row j's line at byte `off` is asked for when this product reaches its own row j at
+// element offset off / elem.
+struct RowPrefetch {
+  const char* base = nullptr;  // null: nothing to ask for
+  int64_t ld = 0;              // bytes between rows
+  int64_t rows = 0;
+  int64_t row_bytes = 0;
+  int64_t elem = 0;  // bytes per element of the prefetched rows
+  inline void line(int64_t j, int64_t d) const {  // the line of row j holding element d, once per line
+    const int64_t off = d * elem;
+    if (base && j < rows && off < row_bytes && off % 64 == 0) __builtin_prefetch(base + j * ld + off, 0, 3);
+  }
+};
+
 // C[i·ldc + j] = alpha·⟨A_i, B_j⟩ for i < nA, j < nB; rows of D elements.
 template <typename T>
 void dots(const T* A, int64_t nA, int64_t lda, const T* B, int64_t nB, int64_t ldb, int64_t D, T alpha, T* C,
-          int64_t ldc) {
+          int64_t ldc, const RowPrefetch& pf = {}) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const int64_t Df = D / L * L, tail = D - Df;
@@ -90,6 +108,8 @@ void dots(const T* A, int64_t nA, int64_t lda, const T* B, int64_t nB, int64_t l
         const int64_t n = std::min<int64_t>(L, D - d);
         const V bv = ld(b + d, n), cv = ld(c + d, n);
         const V x0 = ld(a0 + d, n), x1 = ld(a1 + d, n), x2 = ld(a2 + d, n), x3 = ld(a3 + d, n);
+        pf.line(j, d);
+        pf.line(j + 1, d);
         s0 = at::vec::fmadd(x0, bv, s0);
         t0 = at::vec::fmadd(x0, cv, t0);
         s1 = at::vec::fmadd(x1, bv, s1);
@@ -111,6 +131,7 @@ void dots(const T* A, int64_t nA, int64_t lda, const T* B, int64_t nB, int64_t l
   }
   for (; j < nB; ++j) {
     const T* b = B + j * ldb;
+    for (int64_t d = 0; d < D; d += L) pf.line(j, d);
     int64_t i = 0;
     for (; i + 4 <= nA; i += 4) {
       const T* a0 = A + i * lda;
@@ -149,7 +170,8 @@ void dots(const T* A, int64_t nA, int64_t lda, const T* B, int64_t nB, int64_t l
 
 // O[i·ldo + :D] += Σ_{j < nJ} P[i·ldp + j]·B[j·ldb + :D] for NR rows i.
 template <int NR, typename T>
-inline void axpy_rows(const T* P, int64_t ldp, int64_t nJ, const T* B, int64_t ldb, int64_t D, T* O, int64_t ldo) {
+inline void axpy_rows(const T* P, int64_t ldp, int64_t nJ, const T* B, int64_t ldb, int64_t D, T* O, int64_t ldo,
+                      const RowPrefetch& pf = {}) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   for (int64_t d = 0; d < D; d += 2 * L) {
@@ -161,6 +183,8 @@ inline void axpy_rows(const T* P, int64_t ldp, int64_t nJ, const T* B, int64_t l
     }
     for (int64_t j = 0; j < nJ; ++j) {
       const T* b = B + j * ldb + d;
+      pf.line(j, d);
+      pf.line(j, d + L);
       const V b0 = ld(b, c0);
       const V b1 = c1 ? ld(b + L, c1) : V(T(0));
       for (int r = 0; r < NR; ++r) {
@@ -177,10 +201,12 @@ inline void axpy_rows(const T* P, int64_t ldp, int64_t nJ, const T* B, int64_t l
 }
 
 template <typename T>
-void axpy(const T* P, int64_t nI, int64_t nJ, int64_t ldp, const T* B, int64_t ldb, int64_t D, T* O, int64_t ldo) {
+void axpy(const T* P, int64_t nI, int64_t nJ, int64_t ldp, const T* B, int64_t ldb, int64_t D, T* O, int64_t ldo,
+          const RowPrefetch& pf = {}) {
   int64_t i = 0;
-  for (; i + 4 <= nI; i += 4) axpy_rows<4>(P + i * ldp, ldp, nJ, B, ldb, D, O + i * ldo, ldo);
-  for (; i < nI; ++i) axpy_rows<1>(P + i * ldp, ldp, nJ, B, ldb, D, O + i * ldo, ldo);
+  for (; i + 4 <= nI; i += 4)
+    axpy_rows<4>(P + i * ldp, ldp, nJ, B, ldb, D, O + i * ldo, ldo, i == 0 ? pf : RowPrefetch{});
+  for (; i < nI; ++i) axpy_rows<1>(P + i * ldp, ldp, nJ, B, ldb, D, O + i * ldo, ldo, i == 0 ? pf : RowPrefetch{});
 }
 
 // One full vector of E as T.
@@ -227,10 +253,10 @@ inline void scale_row(T* x, int64_t n, T a);
 // given, else through the tile's rows B (leading dim ldb).
 template <typename T>
 void tile_products(const T* A, int64_t R, const T* B, int64_t ldb, const T* Bt, int64_t kt, int64_t D, T alpha,
-                   T* C) {
+                   T* C, const RowPrefetch& pf = {}) {
   constexpr int64_t KT = kGqaKeyTile;
   if (!Bt) {
-    dots(A, R, D, B, kt, ldb, D, alpha, C, KT);
+    dots(A, R, D, B, kt, ldb, D, alpha, C, KT, pf);
     return;
   }
   for (int64_t i = 0; i < R; ++i) std::fill(C + i * KT, C + i * KT + kt, T(0));
@@ -328,9 +354,10 @@ inline const T* tile_rows(const E* src, int64_t ld_src, int64_t kt, int64_t D, T
 // additive mask. S row-major with leading dim kGqaKeyTile.
 template <typename T>
 inline void masked_scores(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t nq, int64_t len, const T* Q,
-                          const T* K, int64_t ldk, const T* Kt, int64_t j0, int64_t kt, T* S) {
+                          const T* K, int64_t ldk, const T* Kt, int64_t j0, int64_t kt, T* S,
+                          const RowPrefetch& pf = {}) {
   const int64_t R = p.G * nq, D = p.D, KT = kGqaKeyTile;
-  tile_products(Q, R, K, ldk, Kt, kt, D, static_cast<T>(p.scale), S);
+  tile_products(Q, R, K, ldk, Kt, kt, D, static_cast<T>(p.scale), S, pf);
   const T ninf = -std::numeric_limits<T>::infinity();
   const T* mask = static_cast<const T*>(p.mask);
   for (int64_t r = 0; r < R; ++r) {
@@ -382,9 +409,18 @@ void forward(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, i
   const E* kb = static_cast<const E*>(p.k) + b * p.k_s[0] + g * p.k_s[1];
   const E* vb = static_cast<const E*>(p.v) + b * p.v_s[0] + g * p.v_s[1];
   for (int64_t j0 = k0; j0 < kend; j0 += KT) {
-    const int64_t kt = std::min(KT, kend - j0);
-    prefetch_rows(kb + (j0 + KT) * p.k_s[2], p.k_s[2], std::min(KT, kend - j0 - KT), D);
-    prefetch_rows(vb + (j0 + KT) * p.v_s[2], p.v_s[2], std::min(KT, kend - j0 - KT), D);
+    const int64_t kt = std::min(KT, kend - j0), next = std::min(KT, kend - j0 - KT);
+    // Few query rows (decode): the score product asks for this tile's V rows and the output
+    // product for the next tile's K rows, as they go. Many rows: the next tile up front.
+    const bool spread = R < kGqaTransposeRows;
+    const auto rows_of = [&](const E* base, int64_t ld, int64_t n) {
+      return RowPrefetch{reinterpret_cast<const char*>(base), ld * static_cast<int64_t>(sizeof(E)), n,
+                         D * static_cast<int64_t>(sizeof(E)), static_cast<int64_t>(sizeof(E))};
+    };
+    if (!spread) {
+      prefetch_rows(kb + (j0 + KT) * p.k_s[2], p.k_s[2], next, D);
+      prefetch_rows(vb + (j0 + KT) * p.v_s[2], p.v_s[2], next, D);
+    }
     int64_t ldk = 0, ldv;
     const T* K = nullptr;
     const T* Kt = nullptr;
@@ -394,7 +430,8 @@ void forward(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, i
     } else {
       K = tile_rows(kb + j0 * p.k_s[2], p.k_s[2], kt, D, kbuf, ldk);
     }
-    masked_scores(p, b, g, q0, nq, len, Q, K, ldk, Kt, j0, kt, S);
+    masked_scores(p, b, g, q0, nq, len, Q, K, ldk, Kt, j0, kt, S,
+                  spread ? rows_of(vb + j0 * p.v_s[2], p.v_s[2], kt) : RowPrefetch{});
     for (int64_t r = 0; r < R; ++r) {
       T* s = S + r * KT;
       const T m_new = nan_max(m[r], row_max(s, kt));
@@ -409,7 +446,8 @@ void forward(const GqaParams& p, int64_t b, int64_t g, int64_t q0, int64_t q1, i
       m[r] = m_new;
     }
     const T* Vt = tile_rows(vb + j0 * p.v_s[2], p.v_s[2], kt, D, vbuf, ldv);
-    axpy(S, R, kt, KT, Vt, ldv, D, O, D);
+    axpy(S, R, kt, KT, Vt, ldv, D, O, D,
+         spread && next > 0 ? rows_of(kb + (j0 + KT) * p.k_s[2], p.k_s[2], next) : RowPrefetch{});
   }
 
   T* o_part = static_cast<T*>(o_part_v);
