@@ -53,7 +53,7 @@ constexpr int64_t kMinSplitKeys = 256;
 constexpr int64_t kMaxSplits = 128;
 constexpr int64_t kMaxGridBlocks = 65535 * 8;  // grid-stride beyond this (elementwise kernels)
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+LRK_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The head-dim bucket (a template constant) for a runtime D ≤ 256.
 #define LRK_GQA_HEAD_DIM_SWITCH(D, CONST_NAME, ...) \
