@@ -684,3 +684,13 @@ def test_cuda_bad_inputs():
         OP(q, k.cpu(), v, False, 0.5, None, None)
     with pytest.raises(ValueError, match=r"q's head count \(3\) must be a multiple"):
         OP(q[:, :3], k, v, False, 0.5, None, None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("Sk", [10, 2000])
+def test_cuda_nan_propagates_into_its_row(Sk):
+    q, k, v = _on_cuda(*make_qkv(1, 4, 2, 3, Sk, 16))
+    q[0, 1, 2, 5] = float("nan")
+    o, lse = OP(q, k, v, False, 0.25, None, None)
+    assert torch.isnan(o[0, 1, 2]).all() and torch.isnan(lse[0, 1, 2])
+    assert torch.isfinite(o[0, 1, :2]).all() and torch.isfinite(o[0, 0]).all() and torch.isfinite(o[0, 2:]).all()
