@@ -130,10 +130,31 @@ __device__ __forceinline__ float mask_term(const GqaAttnInputs& in, int64_t b, i
   return static_cast<const float*>(in.mask)[off];
 }
 
-// Stages rows [row0, row0 + n) of a (·, D) slab (row stride ld, unit column stride) as float32
-// into dst[kN][kD + 1], zeros past n rows and past D columns.
+// Stages the first n rows of a (·, D) slab (row stride ld, unit column stride) as float32 into
+// dst[kN][kD + 1], zeros past n rows and past D columns. When the rows start on 16-byte
+// boundaries (slab pointer, row stride and D all multiples of 16 bytes: the usual contiguous or
+// (B, S, H, D) cache) each thread moves whole 16-byte words, so a warp reads 512 contiguous bytes
+// per load (decode is bound by this read); otherwise element by element.
 template <typename T, int kN, int kD>
 __device__ __forceinline__ void stage_rows(const T* src, int64_t ld, int64_t n, int64_t D, float (*dst)[kD + 1]) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T)), W = kD / V;  // elements per word, words per row
+  const bool words = reinterpret_cast<uintptr_t>(src) % 16 == 0 && (ld * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
+                     (D * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  if (words) {
+    for (int e = threadIdx.x; e < kN * W; e += kThreads) {
+      const int r = e / W, d0 = (e % W) * V;
+      if (r < n && d0 < D) {
+        const uint4 w = *reinterpret_cast<const uint4*>(src + r * ld + d0);
+        const T* x = reinterpret_cast<const T*>(&w);
+        LRK_UNROLL
+        for (int t = 0; t < V; ++t) dst[r][d0 + t] = to_float(x[t]);
+      } else {
+        LRK_UNROLL
+        for (int t = 0; t < V; ++t) dst[r][d0 + t] = 0.0f;
+      }
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < kN * kD; e += kThreads) {
     const int r = e / kD, d = e % kD;
     dst[r][d] = (r < n && d < D) ? to_float(src[r * ld + d]) : 0.0f;
@@ -184,7 +205,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(GqaFwdParams p) {
     row_l[tid] = 0.0f;
   }
   // the block's keys: its split's range, up to the causal end of its last row (the largest)
-  const int64_t last = (rho0 + R < rows ? rho0 + R : rows) - 1;
+  const int nr = static_cast<int>(rows - rho0 < R ? rows - rho0 : R);  // real rows of the tile
+  const int64_t last = rho0 + nr - 1;
   int64_t k0 = 0, k1 = key_end(in, len, last / G);
   if (p.n_split > 1) {
     k0 = split * p.split_keys;
@@ -204,8 +226,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(GqaFwdParams p) {
     stage_rows<T, KT, kD>(kb + j0 * in.k_s[2], in.k_s[2], kt, D, Ks);
     stage_rows<T, KT, kD>(vb + j0 * in.v_s[2], in.v_s[2], kt, D, Vs);
     __syncthreads();
-    // scores: a warp shares one row (Q broadcast) over consecutive keys (padded K rows: no conflicts)
-    for (int e = tid; e < R * KT; e += kThreads) {
+    // scores: a warp shares one row (Q broadcast) over consecutive keys (padded K rows: no
+    // conflicts); only the tile's nr real rows (decode: the G heads of one position)
+    for (int e = tid; e < nr * KT; e += kThreads) {
       const int r = e / KT, j = e % KT;
       float s = neg_inf();
       if (j < kt && j0 + j < row_end[r]) {
@@ -218,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(GqaFwdParams p) {
     }
     __syncthreads();
     // online softmax: one thread per row rescales its statistics and turns scores into weights
-    if (tid < R) {
+    if (tid < nr) {
       const float m_old = row_m[tid];
       float mx = m_old;
       for (int j = 0; j < kt; ++j) mx = nan_max(mx, S[tid][j]);
@@ -239,7 +262,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(GqaFwdParams p) {
       row_alpha[tid] = alpha;
     }
     __syncthreads();
-    {
+    if (pr < nr) {
       const float alpha = row_alpha[pr];
       LRK_UNROLL
       for (int u = 0; u < CPT; ++u) acc[u] *= alpha;
