@@ -694,3 +694,33 @@ def test_cuda_nan_propagates_into_its_row(Sk):
     o, lse = OP(q, k, v, False, 0.25, None, None)
     assert torch.isnan(o[0, 1, 2]).all() and torch.isnan(lse[0, 1, 2])
     assert torch.isfinite(o[0, 1, :2]).all() and torch.isfinite(o[0, 0]).all() and torch.isfinite(o[0, 2:]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(2, 1, 5, 70), (5, 70), (1, 8, 1, 70), (70,), (2, 8, 5, 70), (2, 1, 1, 1)])
+@pytest.mark.parametrize("kind", ["bool", "additive", "additive_f64"])
+def test_cuda_masks_broadcast(shape, kind):
+    B, Hq, Hkv, Sq, Sk = 2, 8, 2, 5, 70
+    q, k, v = _on_cuda(*make_qkv(B, Hq, Hkv, Sq, Sk, 32, torch.bfloat16))
+    if kind == "bool":
+        mask = torch.rand(shape) > 0.3
+    else:  # bf16 (q's dtype) or float64: converted once to float32 at the mask's own size
+        mask = torch.randn(shape, dtype=torch.float64).to(torch.bfloat16 if kind == "additive" else torch.float64)
+        mask[torch.rand(shape) < 0.2] = NINF
+    check_forward(q, k, v, attn_mask=mask.cuda(), causal=True, kv_lens=torch.tensor([70, 40], device="cuda"))
+
+
+@pytest.mark.cuda
+def test_cuda_expanded_mask_and_fully_masked_rows():
+    q, k, v = _on_cuda(*make_qkv(2, 8, 2, 5, 70, 32))
+    base = (torch.rand(2, 1, 1, 70) > 0.5).cuda()
+    mask = base.expand(2, 8, 5, 70)
+    o1 = check_forward(q, k, v, attn_mask=mask)[0]
+    o2 = OP(q, k, v, False, 32 ** -0.5, None, base)[0]
+    torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+    rows = torch.ones(5, 70, dtype=torch.bool, device="cuda")
+    rows[1] = False
+    o, lse = check_forward(q, k, v, attn_mask=rows)
+    assert (o[:, :, 1] == 0).all() and torch.isneginf(lse[:, :, 1]).all()
+    o, lse = check_forward(q, k, v, kv_lens=torch.tensor([0, 70], dtype=torch.int32, device="cuda"))
+    assert (o[0] == 0).all() and torch.isneginf(lse[0]).all()

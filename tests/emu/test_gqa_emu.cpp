@@ -45,8 +45,8 @@ struct Case {
 std::string describe(const Case& c, const char* dtype) {
   char buf[240];
   std::snprintf(buf, sizeof buf,
-                "[%s B=%ld Hq=%ld Hkv=%ld Sq=%ld Sk=%ld D=%ld causal=%d lens=%d mask=%d/%d split=%ld strided=%d]", dtype,
-                c.B, c.Hq, c.Hkv, c.Sq, c.Sk, c.D, c.causal, c.lens, c.mask, c.mask_shape, c.split, c.strided);
+                "[%s B=%ld Hq=%ld Hkv=%ld Sq=%ld Sk=%ld D=%ld causal=%d lens=%d mask=%d/%d split=%ld strided=%d]",
+                dtype, c.B, c.Hq, c.Hkv, c.Sq, c.Sk, c.D, c.causal, c.lens, c.mask, c.mask_shape, c.split, c.strided);
   return buf;
 }
 
