@@ -121,12 +121,15 @@ gqa_attention_backward_cuda(const at::Tensor& grad_o, const at::Tensor& q, const
   const c10::cuda::CUDAGuard guard(q.device());
   const auto f32 = q.options().dtype(at::kFloat);
   const bool is_f32 = q.scalar_type() == at::kFloat;
-  // dk / dv: every row is written by the kernels (zeros past kv_lens); dq accumulates with
-  // atomics, in itself (float32, zeroed) or in a zeroed float32 workspace converted at the end
+  // torch.use_deterministic_algorithms(True): dQ from its own pass over query tiles (same bits
+  // every run). Otherwise dQ accumulates with atomics, in itself (float32, zeroed) or in a zeroed
+  // float32 workspace converted at the end. Every row of dk / dv (and of a deterministic dq) is
+  // written by the kernels (zeros where nothing is visible).
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
   at::Tensor dq, dq_acc;
   if (output_mask[0]) {
-    dq = is_f32 ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
-    dq_acc = is_f32 ? dq : at::zeros(q.sizes(), f32);
+    dq = is_f32 && !deterministic ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
+    if (!deterministic) dq_acc = is_f32 ? dq : at::zeros(q.sizes(), f32);
   }
   at::Tensor dk = output_mask[1] ? at::empty(k.sizes(), k.options()) : at::Tensor();
   at::Tensor dv = output_mask[2] ? at::empty(v.sizes(), v.options()) : at::Tensor();
@@ -146,10 +149,9 @@ gqa_attention_backward_cuda(const at::Tensor& grad_o, const at::Tensor& q, const
   }
   p.lse = lc.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
-  if (dq.defined()) {
-    p.dq = dq.data_ptr();
-    p.dq_acc = dq_acc.data_ptr<float>();
-  }
+  p.deterministic_dq = deterministic;
+  if (dq.defined()) p.dq = dq.data_ptr();
+  if (dq_acc.defined()) p.dq_acc = dq_acc.data_ptr<float>();
   if (dk.defined()) p.dk = dk.data_ptr();
   if (dv.defined()) p.dv = dv.data_ptr();
   LRK_DISPATCH_CUDA_FLOAT(q.scalar_type(), kBwd, [&] {

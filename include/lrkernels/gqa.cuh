@@ -1,7 +1,8 @@
 // GQA attention kernels (see gqa_params.h): FlashAttention-2's forward recurrence (arXiv
 // 2307.08691) with every query head of a GQA group (arXiv 2305.13245) against each K/V tile, the
 // split-KV decode of flash-decoding with its LSE combine, and the backward that recomputes
-// P = exp(S − lse) tile by tile (no (Sq, Sk) score tensor).
+// P = exp(S − lse) tile by tile (no (Sq, Sk) score tensor): dK / dV per key tile with dQ added
+// by float32 atomics, or dQ from a deterministic pass of its own over query tiles.
 //
 // Grouping: a block owns one KV head g of one batch entry b and a tile of the group's query rows,
 // row ρ = i·G + hl for position i and head g·G + hl (positions outermost, so a tile spans few
@@ -348,7 +349,8 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(GqaBwdParams p) {
 // One block per (b, KV head g, key tile) — block x = (b·Hkv + g)·n_key_tiles + tile: its dK and
 // dV rows accumulate in registers (thread t: key t / TPK, columns t % TPK + TPK·u) while every
 // query row of the group that can see the tile streams through shared memory; its dQ
-// contributions go to the float32 dq_acc with atomicAdd (so dQ's summation order varies run to run).
+// contributions go to the float32 dq_acc with atomicAdd (so dQ's summation order varies run to
+// run), unless deterministic_dq leaves dQ to dq_kernel.
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) bwd_kernel(GqaBwdParams p) {
   constexpr int KT = BwdTile<kD>::kKeys, R = BwdTile<kD>::kRows;
@@ -447,7 +449,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(GqaBwdParams p) {
         }
       }
       // dQ += dS K, one (row, column) per step, added into dq_acc
-      if (p.dq_acc != nullptr) {
+      if (p.dq != nullptr && p.dq_acc != nullptr && !p.deterministic_dq) {
         for (int e = tid; e < R * kD; e += kThreads) {
           const int r = e / kD, d = e % kD;
           const int64_t rho = rho0 + r;
@@ -469,6 +471,107 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(GqaBwdParams p) {
     if (p.dk != nullptr) static_cast<T*>(p.dk)[kv_row * D + d] = from_float<T>(dk_acc[u]);
     if (p.dv != nullptr) static_cast<T*>(p.dv)[kv_row * D + d] = from_float<T>(dv_acc[u]);
   }
+}
+
+// The deterministic dQ (GqaBwdParams::deterministic_dq): one block per (b, KV head g, tile of R
+// query rows), block x = (b·Hkv + g)·n_row_tiles + tile, the rows laid out as in the forward;
+// thread t owns row t / TPR and columns t % TPR + TPR·u of dQ (registers), summed over the key
+// tiles in order, so every run gives the same bits.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) dq_kernel(GqaBwdParams p) {
+  constexpr int KT = BwdTile<kD>::kKeys, R = BwdTile<kD>::kRows;
+  constexpr int TPR = kThreads / R, CPT = kD / TPR;
+  static_assert(R * TPR == kThreads && CPT * TPR == kD, "the dQ tile maps onto the block");
+  __shared__ float Qs[R][kD + 1];
+  __shared__ float dOs[R][kD + 1];
+  __shared__ float Ks[KT][kD + 1];
+  __shared__ float Vs[KT][kD + 1];
+  __shared__ float dS[R][KT + 1];
+  __shared__ float row_lse[R], row_delta[R];
+  __shared__ int64_t row_end[R];
+
+  const GqaAttnInputs& in = p.in;
+  const int tid = threadIdx.x;
+  const int64_t G = in.G, D = in.D, rows = G * in.Sq;
+  const int64_t n_tiles = ceil_div(rows, R);
+  const int64_t tile = blockIdx.x % n_tiles, bg = blockIdx.x / n_tiles;
+  const int64_t g = bg % in.Hkv, b = bg / in.Hkv;
+  const int64_t rho0 = tile * R;
+  const int nr = static_cast<int>(rows - rho0 < R ? rows - rho0 : R);
+  const int64_t len = kv_len(in, b);
+
+  const T* qb = static_cast<const T*>(in.q) + b * in.q_s[0];
+  const T* gob = static_cast<const T*>(p.grad_o) + b * p.go_s[0];
+  for (int e = tid; e < R * kD; e += kThreads) {
+    const int r = e / kD, d = e % kD;
+    float qv = 0.0f, gv = 0.0f;
+    if (r < nr && d < D) {
+      const int64_t rho = rho0 + r, h = g * G + rho % G, i = rho / G;
+      qv = to_float(qb[h * in.q_s[1] + i * in.q_s[2] + d]);
+      gv = to_float(gob[h * p.go_s[1] + i * p.go_s[2] + d]);
+    }
+    Qs[r][d] = qv;
+    dOs[r][d] = gv;
+  }
+  if (tid < R) {
+    const int64_t rho = rho0 + tid;
+    if (tid < nr) {
+      const int64_t row = (b * in.Hq + g * G + rho % G) * in.Sq + rho / G;
+      row_lse[tid] = p.lse[row];
+      row_delta[tid] = p.delta[row];
+      row_end[tid] = key_end(in, len, rho / G);
+    } else {
+      row_lse[tid] = neg_inf();
+      row_delta[tid] = 0.0f;
+      row_end[tid] = 0;
+    }
+  }
+  const int64_t kend = key_end(in, len, (rho0 + nr - 1) / G);  // the last row sees the most keys
+  const int qr = tid / TPR, qc = tid % TPR;
+  float acc[CPT];
+  LRK_UNROLL
+  for (int u = 0; u < CPT; ++u) acc[u] = 0.0f;
+  const T* kb = static_cast<const T*>(in.k) + b * in.k_s[0] + g * in.k_s[1];
+  const T* vb = static_cast<const T*>(in.v) + b * in.v_s[0] + g * in.v_s[1];
+  __syncthreads();
+
+  for (int64_t j0 = 0; j0 < kend; j0 += KT) {
+    const int kt = static_cast<int>(kend - j0 < KT ? kend - j0 : KT);
+    stage_rows<T, KT, kD>(kb + j0 * in.k_s[2], in.k_s[2], kt, D, Ks);
+    stage_rows<T, KT, kD>(vb + j0 * in.v_s[2], in.v_s[2], kt, D, Vs);
+    __syncthreads();
+    for (int e = tid; e < nr * KT; e += kThreads) {
+      const int r = e / KT, j = e % KT;
+      float dsv = 0.0f;
+      const float lse = row_lse[r];
+      if (j < kt && j0 + j < row_end[r] && lse != neg_inf()) {
+        float s = 0.0f, dp = 0.0f;
+        for (int d = 0; d < kD; ++d) {
+          s += Qs[r][d] * Ks[j][d];
+          dp += dOs[r][d] * Vs[j][d];
+        }
+        const int64_t rho = rho0 + r;
+        s = s * in.scale + mask_term(in, b, g * G + rho % G, rho / G, j0 + j);
+        dsv = in.scale * expf(s - lse) * (dp - row_delta[r]);
+      }
+      dS[r][j] = dsv;
+    }
+    __syncthreads();
+    if (qr < nr) {
+      for (int j = 0; j < kt; ++j) {
+        const float w = dS[qr][j];
+        LRK_UNROLL
+        for (int u = 0; u < CPT; ++u) acc[u] += w * Ks[j][qc + TPR * u];
+      }
+    }
+    __syncthreads();  // the next tile overwrites Ks, Vs and dS
+  }
+  if (qr >= nr) return;
+  const int64_t rho = rho0 + qr;
+  T* dq = static_cast<T*>(p.dq) + ((b * in.Hq + g * G + rho % G) * in.Sq + rho / G) * D;
+  LRK_UNROLL
+  for (int u = 0; u < CPT; ++u)
+    if (qc + TPR * u < D) dq[qc + TPR * u] = from_float<T>(acc[u]);
 }
 
 // dq = dq_acc rounded to T.
@@ -507,8 +610,9 @@ inline cudaError_t launch_forward(const GqaFwdParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// The backward: Δ, then dK / dV (and dQ into dq_acc) per key tile, then dq from dq_acc when it
-// is a separate buffer. dq_acc must be zeroed by the caller; every dk / dv row is written.
+// The backward: Δ, then dK / dV per key tile, and dQ either into dq_acc by the same blocks (then
+// dq from dq_acc when it is a separate buffer; dq_acc zeroed by the caller) or, with
+// deterministic_dq, by its own pass over query tiles. Every dk / dv row is written.
 template <typename T>
 inline cudaError_t launch_backward(const GqaBwdParams& p, cudaStream_t stream) {
   const GqaAttnInputs& in = p.in;
@@ -518,7 +622,8 @@ inline cudaError_t launch_backward(const GqaBwdParams& p, cudaStream_t stream) {
     delta_kernel<T><<<elementwise_blocks(rows), kThreads, 0, stream>>>(p);
     LRK_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
-  if (in.B * in.Hkv * in.Sk > 0) {
+  const bool atomic_dq = p.dq != nullptr && !p.deterministic_dq;
+  if (in.B * in.Hkv * in.Sk > 0 && (p.dk != nullptr || p.dv != nullptr || atomic_dq)) {
     const int64_t blocks =
         in.B * in.Hkv * LRK_GQA_HEAD_DIM_SWITCH(in.D, kD, [&] { return ceil_div(in.Sk, BwdTile<kD>::kKeys); });
     if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
@@ -528,7 +633,18 @@ inline cudaError_t launch_backward(const GqaBwdParams& p, cudaStream_t stream) {
     });
     LRK_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
-  if (p.dq != nullptr && p.dq_acc != nullptr && static_cast<const void*>(p.dq_acc) != p.dq && rows > 0) {
+  if (p.dq != nullptr && p.deterministic_dq && rows > 0) {
+    const int64_t blocks =
+        in.B * in.Hkv * LRK_GQA_HEAD_DIM_SWITCH(in.D, kD, [&] { return ceil_div(in.G * in.Sq, BwdTile<kD>::kRows); });
+    if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+    const unsigned grid = static_cast<unsigned>(blocks);
+    LRK_GQA_HEAD_DIM_SWITCH(in.D, kD, [&] {
+      dq_kernel<T, kD><<<grid, kThreads, 0, stream>>>(p);
+    });
+    LRK_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    return cudaSuccess;
+  }
+  if (atomic_dq && p.dq_acc != nullptr && static_cast<const void*>(p.dq_acc) != p.dq && rows > 0) {
     convert_kernel<T><<<elementwise_blocks(rows * in.D), kThreads, 0, stream>>>(p.dq_acc, static_cast<T*>(p.dq),
                                                                               rows * in.D);
     LRK_CUDA_RETURN_IF_ERROR(cudaGetLastError());

@@ -49,10 +49,13 @@ struct GqaFwdParams {
 
 // Backward (FlashAttention-2: P recomputed from lse, dS = P ⊙ (dO Vᵀ − Δ), Δ = rowsum(dO ⊙ O)).
 // grad_o and o with their own strides (dtype T); lse contiguous (B, Hq, Sq) float32 (the forward's).
-// Workspace: delta (B·Hq·Sq) float32, and dq_acc, a zeroed float32 (B, Hq, Sq, D) the key-tile
-// blocks add their dQ contributions into (atomics); dq_acc may be dq itself when T is float.
-// Outputs dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), contiguous, dtype T; any may be null (not
-// wanted; dq_acc is null when dq is). Every row of dk / dv is written (zeros past kv_lens).
+// dQ, two ways: by default the key-tile blocks add their contributions into dq_acc, a zeroed
+// float32 (B, Hq, Sq, D) workspace (atomics; dq_acc may be dq itself when T is float), then dq =
+// dq_acc rounded; with deterministic_dq a pass of its own over query tiles writes dq (no atomics,
+// the same bits every run; the scores are recomputed once more) and dq_acc is unused.
+// Workspace: delta (B·Hq·Sq) float32. Outputs dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D),
+// contiguous, dtype T; any may be null (not wanted). Every row of each output is written (zeros
+// where no key / query is visible).
 struct GqaBwdParams {
   GqaAttnInputs in;
   const void* grad_o = nullptr;
@@ -61,6 +64,7 @@ struct GqaBwdParams {
   const float* lse = nullptr;
   float* delta = nullptr;
   float* dq_acc = nullptr;
+  bool deterministic_dq = false;
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;

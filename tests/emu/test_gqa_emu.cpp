@@ -1,5 +1,6 @@
 // The GQA attention kernels of gqa.cuh (fwd_kernel with and without KV splits, combine_kernel,
-// delta_kernel, bwd_kernel, convert_kernel, through launch_forward / launch_backward) run under
+// delta_kernel, bwd_kernel with atomic dQ, dq_kernel (deterministic dQ), convert_kernel, through
+// launch_forward / launch_backward) run under
 // the host emulator, checked against float64 references of the formulas of gqa_params.h as the
 // binding (csrc/gqa/gqa_cuda.cu) uses them:
 //   forward   o_bhi = Σ_j softmax_j(s) v_bgj, s_j = scale·⟨q_bhi, k_bgj⟩ + mask_bhij over the keys
@@ -240,27 +241,55 @@ void run(Checker& check, Random& rng, const Case& c) {
         }
       }
   const int64_t nkv = B * Hkv * Sk * D;
-  std::vector<T> dq = guarded(std::vector<T>(nrows * D, from_double<T>(std::is_same_v<T, float> ? 0.0 : NAN)));
-  std::vector<T> dk = guarded(std::vector<T>(nkv, from_double<T>(NAN)));
-  std::vector<T> dv = guarded(std::vector<T>(nkv, from_double<T>(NAN)));
-  std::vector<float> dq_acc(std::max<int64_t>(nrows * D, 1), 0.0f), delta(std::max<int64_t>(nrows, 1), NAN);
-  GqaBwdParams bp;
-  bp.in = in;
-  bp.grad_o = go.data.data();
-  for (int d = 0; d < 3; ++d) bp.go_s[d] = go.s[d], bp.o_s[d] = (d == 0 ? Hq * Sq * D : (d == 1 ? Sq * D : D));
-  bp.o = o.data();
-  bp.lse = lse.data();
-  bp.delta = delta.data();
-  // float32 accumulates dQ in the output itself (zeroed), the 16-bit types in a float32 workspace
-  bp.dq_acc = std::is_same_v<T, float> ? reinterpret_cast<float*>(dq.data()) : dq_acc.data();
-  bp.dq = dq.data();
-  bp.dk = dk.data();
-  bp.dv = dv.data();
-  if (gqa::launch_backward<T>(bp, nullptr) != cudaSuccess) check.launch_failed("backward", config);
-  check.compare("backward dq", config, body(dq, nrows * D), want_dq, tol);
-  check.compare("backward dk", config, body(dk, nkv), want_dk, tol);
-  check.compare("backward dv", config, body(dv, nkv), want_dv, tol);
-  check_guards(check, config, {tail(dq, nrows * D), tail(dk, nkv), tail(dv, nkv)});
+  // dQ both ways: atomics into a float32 accumulator (the default), and its own pass (deterministic)
+  for (const bool deterministic : {false, true}) {
+    const std::string cfg = config + (deterministic ? " deterministic dq" : "");
+    const bool in_place = std::is_same_v<T, float> && !deterministic;  // fp32 accumulates in dq itself
+    std::vector<T> dq = guarded(std::vector<T>(nrows * D, from_double<T>(in_place ? 0.0 : NAN)));
+    std::vector<T> dk = guarded(std::vector<T>(nkv, from_double<T>(NAN)));
+    std::vector<T> dv = guarded(std::vector<T>(nkv, from_double<T>(NAN)));
+    std::vector<float> dq_acc(std::max<int64_t>(nrows * D, 1), 0.0f), delta(std::max<int64_t>(nrows, 1), NAN);
+    GqaBwdParams bp;
+    bp.in = in;
+    bp.grad_o = go.data.data();
+    for (int d = 0; d < 3; ++d) bp.go_s[d] = go.s[d], bp.o_s[d] = (d == 0 ? Hq * Sq * D : (d == 1 ? Sq * D : D));
+    bp.o = o.data();
+    bp.lse = lse.data();
+    bp.delta = delta.data();
+    bp.deterministic_dq = deterministic;
+    if (!deterministic) bp.dq_acc = in_place ? reinterpret_cast<float*>(dq.data()) : dq_acc.data();
+    bp.dq = dq.data();
+    bp.dk = dk.data();
+    bp.dv = dv.data();
+    if (gqa::launch_backward<T>(bp, nullptr) != cudaSuccess) check.launch_failed("backward", cfg);
+    check.compare(deterministic ? "backward dq (deterministic)" : "backward dq", cfg, body(dq, nrows * D), want_dq,
+                  tol);
+    check.compare("backward dk", cfg, body(dk, nkv), want_dk, tol);
+    check.compare("backward dv", cfg, body(dv, nkv), want_dv, tol);
+    check_guards(check, cfg, {tail(dq, nrows * D), tail(dk, nkv), tail(dv, nkv)});
+  }
+  // only dq wanted (the key-tile pass is skipped in deterministic mode), only dv wanted
+  {
+    std::vector<T> dq = guarded(std::vector<T>(nrows * D, from_double<T>(NAN)));
+    std::vector<T> dv = guarded(std::vector<T>(nkv, from_double<T>(NAN)));
+    std::vector<float> delta(std::max<int64_t>(nrows, 1), NAN);
+    GqaBwdParams bp;
+    bp.in = in;
+    bp.grad_o = go.data.data();
+    for (int d = 0; d < 3; ++d) bp.go_s[d] = go.s[d], bp.o_s[d] = (d == 0 ? Hq * Sq * D : (d == 1 ? Sq * D : D));
+    bp.o = o.data();
+    bp.lse = lse.data();
+    bp.delta = delta.data();
+    bp.deterministic_dq = true;
+    bp.dq = dq.data();
+    if (gqa::launch_backward<T>(bp, nullptr) != cudaSuccess) check.launch_failed("backward dq only", config);
+    check.compare("backward dq only", config, body(dq, nrows * D), want_dq, tol);
+    bp.dq = nullptr;
+    bp.dv = dv.data();
+    if (gqa::launch_backward<T>(bp, nullptr) != cudaSuccess) check.launch_failed("backward dv only", config);
+    check.compare("backward dv only", config, body(dv, nkv), want_dv, tol);
+    check_guards(check, config, {tail(dq, nrows * D), tail(dv, nkv)});
+  }
 }
 
 // A NaN in one query row poisons that row's o and lse and no other (the running max lets a NaN

@@ -108,7 +108,9 @@ def gqa_attention(q, k, v, *, causal=False, scale=None, kv_lens=None, attn_mask=
     A query row that sees no key at all (everything masked, kv_lens[b] = 0, or causal with
     kv_len < q_len) returns zeros — as SDPA on CPU does for a fully masked row — and its gradient
     is zero. q, k and v share a dtype (float32, float64 or bfloat16 on CPU; float32, float16 or
-    bfloat16 on CUDA); the softmax runs in float32 (float64 for float64). Under ``torch.autocast`` q, k and v are cast to the autocast
+    bfloat16 on CUDA); the softmax runs in float32 (float64 for float64). On CUDA the q gradient
+    is summed with atomics (its last bits vary run to run) unless
+    ``torch.use_deterministic_algorithms(True)``, which takes a deterministic pass instead. Under ``torch.autocast`` q, k and v are cast to the autocast
     dtype. Differentiable in q, k and v. Returns o, ``(batch, q_heads, q_len, head_dim)`` in q's
     dtype.
     """
