@@ -747,3 +747,13 @@ def test_cuda_deterministic_backward():
     for n, a, b, c in zip("qkv", first, second, default):
         assert torch.equal(a, b), f"grad {n} differs between deterministic runs"
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad {n}: {m}")
+
+
+@pytest.mark.cuda
+def test_cuda_kv_lens_out_of_range_are_clamped():
+    """The CPU op raises on kv_lens outside [0, kv_len]; the CUDA op cannot look without a host
+    sync, so its kernels clamp (documented in the wrapper)."""
+    q, k, v = _on_cuda(*make_qkv(3, 4, 2, 2, 40, 16))
+    got = OP(q, k, v, True, 0.25, torch.tensor([45, -3, 40], device="cuda"), None)[0]
+    want = OP(q, k, v, True, 0.25, torch.tensor([40, 0, 40], device="cuda"), None)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
