@@ -9,7 +9,12 @@ Issue #12 targets, CPU float32, B = 1, Hq = 32, Hkv = 8, D = 128 (LLaMA-3-8B's a
     ≥ 50% of the measured memory bandwidth (the report's "of bandwidth" column: bytes = K + V);
   the same decode with a padding mask: ≤ 0.125× repeat_kv + SDPA;
   prefill Sq = Sk = 2048, causal, forward + backward: ≤ 1× SDPA (its CPU flash path).
-CPU only for now (no CUDA kernel yet)."""
+CUDA, bfloat16, B = 8, Hq = 32, Hkv = 8, D = 128 (the issue's H200 shape):
+  decode over 8192 cached tokens: ≥ 80% of HBM bandwidth (the GB/s column; bytes = K + V), with
+    SDPA enable_gqa (its fused kernel for bf16 without a mask) alongside;
+  prefill 4096 causal, forward: ≥ 60% of FlashAttention-2's throughput, i.e. ≤ 1/0.6 × SDPA's
+    time (PyTorch's flash backend is FlashAttention-2).
+The CUDA cases run only with --device cuda."""
 
 import math
 
@@ -19,9 +24,9 @@ import torch.nn.functional as F
 from .harness import Case
 
 
-def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, seed=0):
+def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    t = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    t = lambda *s: torch.randn(*s, generator=g).to(dtype=dtype, device=device)  # noqa: E731
     return t(B, Hq, Sq, D), t(B, Hkv, Sk, D), t(B, Hkv, Sk, D)
 
 
@@ -61,13 +66,13 @@ def _decode(B, Hq, Hkv, Sk, D, dtype, masked):
     return build
 
 
-def _prefill(B, Hq, Hkv, S, D, dtype, backward):
+def _prefill(B, Hq, Hkv, S, D, dtype, backward, device="cpu"):
     def build():
         import lrkernels
 
-        q0, k0, v0 = _qkv(B, Hq, Hkv, S, S, D, dtype)
+        q0, k0, v0 = _qkv(B, Hq, Hkv, S, S, D, dtype, device=device)
         q, k, v = (t.clone().requires_grad_(backward) for t in (q0, k0, v0))
-        go = torch.randn(B, Hq, S, D).to(dtype)
+        go = torch.randn(B, Hq, S, D).to(dtype=dtype, device=device)
 
         def step(fn):
             def run():
@@ -118,9 +123,44 @@ def _smollm2_generate(B, prompt, new):
     return build
 
 
+def _cuda_decode(B, Hq, Hkv, Sk, D, dtype):
+    def build():
+        import lrkernels
+
+        q, k, v = _qkv(B, Hq, Hkv, 1, Sk, D, dtype, device="cuda")
+        return {"lrkernels": lambda: lrkernels.gqa_attention(q, k, v),
+                "sdpa_enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)}
+
+    return build
+
+
+def cuda_cases(quick: bool):
+    """The issue's H200 shape in bfloat16 (CUDA only)."""
+    dtype, e = torch.bfloat16, 2
+    B, Hq, Hkv, D = 8, 32, 8, 128
+    Sk = 2048 if quick else 8192
+    params = {"batch": B, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "q_len": 1, "kv_len": Sk}
+    out = [Case(f"cuda decode B{B} Hq{Hq} Hkv{Hkv} D{D} Sk{Sk} bf16", _cuda_decode(B, Hq, Hkv, Sk, D, dtype),
+                "lrkernels", ["sdpa_enable_gqa"], 4.0 * B * Hq * Sk * D,
+                2 * B * Hkv * Sk * D * e + 2 * B * Hq * D * e,
+                note="GB/s = K + V read; target: ≥ 80% of HBM bandwidth (H200: 4.8 TB/s)",
+                family="gqa", params=params)]
+    S = 1024 if quick else 4096
+    out.append(Case(f"cuda prefill B{B} Hq{Hq} Hkv{Hkv} D{D} S{S} causal bf16 fwd",
+                    _prefill(B, Hq, Hkv, S, D, dtype, False, device="cuda"), "lrkernels", ["sdpa_enable_gqa"],
+                    4.0 * B * Hq * S * S * D / 2, e * (2 * B * Hq * S * D + 2 * B * Hkv * S * D),
+                    {} if quick else {"sdpa_enable_gqa": 1 / 0.6},
+                    note="SDPA's flash backend is FlashAttention-2: target ≥ 60% of its throughput",
+                    family="gqa", params={"batch": B, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "q_len": S,
+                                          "kv_len": S}))
+    return out
+
+
 def cases(device: str, quick: bool):
+    if device == "cuda":
+        return cuda_cases(quick)
     if device != "cpu":
-        return []  # no CUDA kernel yet
+        return []
     dtype = torch.float32
     e = 4
     B, Hq, Hkv, D = 1, 32, 8, 128

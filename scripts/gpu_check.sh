@@ -30,7 +30,7 @@ if [ $build_rc -eq 0 ]; then
   # file cannot take the others' results with it; each file's summary line is kept.
   : > "$OUT/cuda-tests.log"
   test_rc=0
-  for spec in test_lora.py:75 test_multi_lora.py:70 test_galore.py:50 test_c3a.py:50; do
+  for spec in test_lora.py:75 test_multi_lora.py:70 test_galore.py:50 test_c3a.py:50 test_gqa.py:60; do
     f=${spec%%:*}; limit=${spec##*:}
     echo "== tests/$f (limit ${limit}s, at $(stamp))" >> "$OUT/cuda-tests.log"
     PYTHONPATH=python timeout "$limit" "$PY" -m pytest -q -m cuda -p no:cacheprovider -rfE --tb=short "tests/$f" \
@@ -45,7 +45,7 @@ if [ $build_rc -eq 0 ]; then
   if command -v compute-sanitizer >/dev/null 2>&1 && [ $(( $(date +%s) - t0 )) -lt 240 ]; then
     echo "== compute-sanitizer memcheck ($(stamp))"
     PYTHONPATH=python timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 \
-      "$PY" -m pytest -q -m cuda -p no:cacheprovider -k "7-13-17 or dropout_mask_matches or out_of_range or tensor_core" tests \
+      "$PY" -m pytest -q -m cuda -p no:cacheprovider -k "7-13-17 or dropout_mask_matches or out_of_range or tensor_core or cuda_nan_propagates" tests \
       > "$OUT/memcheck.log" 2>&1
     memcheck_rc=$?
     tail -n 5 "$OUT/memcheck.log"

@@ -2,7 +2,9 @@
 soft-maxed) over group sizes, head dims, causal alignment with q_len ≠ kv_len, ragged kv_lens,
 bool and additive masks (broadcast, never expanded), non-contiguous (B, S, H, D) views, empty
 sizes, split-KV decode; gradients, gradcheck, opcheck, torch.compile, SDPA equivalence, bad
-inputs, autocast."""
+inputs, autocast. The CUDA kernels (marked cuda, skipped without a GPU): the same oracle for
+fp32 / fp16 / bf16 forward and backward, agreement with the CPU op, split-KV decode, CUDA-graph
+capture replayed with changing kv_lens, opcheck and torch.compile on CUDA tensors."""
 
 import math
 
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 import lrkernels
 from lrkernels.reference import gqa as ref
 
-from conftest import assert_close_to_oracle, cpu_dtypes
+from conftest import assert_close_to_oracle, cpu_dtypes, cuda_dtypes
 
 OP = torch.ops.lrkernels.gqa_attention.default
 BWD = torch.ops.lrkernels.gqa_attention_backward.default
@@ -51,7 +53,7 @@ def check_forward(q, k, v, *, causal=False, scale=None, kv_lens=None, attn_mask=
     assert (o[dead] == 0).all()
     live = ~dead
     if live.any():
-        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[q.dtype]
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}[q.dtype]
         err = (lse[live].double() - want_lse[live]).abs().max().item()
         assert err <= tol * max(1.0, want_lse[live].abs().max().item()), f"{name}: lse err {err:.3e}"
     return o, lse
@@ -515,3 +517,243 @@ def test_nan_propagates_into_its_row(Sk):
     k2[0, 0, Sk - 1, 0] = float("nan")
     o = OP(q.nan_to_num(), k2, v, False, 0.25, None, None)[0]
     assert torch.isnan(o[0, :2]).all() and torch.isfinite(o[0, 2:]).all()
+
+
+# ---------------------------------------------------------------------------- CUDA
+
+# (B, Hq, Hkv, Sq, Sk, D, causal, lens, mask): every head-dim bucket (32, 64, 128, 256 and D
+# below a bucket), G = 1 … 8, causal with Sq < Sk and Sq > Sk, ragged kv_lens, bool / additive
+# masks, and long decodes that take the split-KV path (B·Hkv·row tiles far below the SM count).
+CUDA_CASES = [
+    (2, 2, 2, 5, 9, 32, False, None, None),
+    (1, 6, 2, 7, 70, 64, True, "lens", None),
+    (2, 8, 2, 1, 130, 80, False, "lens", "bool"),
+    (1, 8, 1, 3, 65, 128, True, None, "bool"),
+    (2, 4, 1, 9, 40, 256, True, "lens", "additive"),
+    (1, 16, 2, 33, 129, 48, True, None, "additive"),
+    (1, 8, 2, 12, 5, 64, True, None, None),
+    (1, 32, 8, 1, 4096, 128, False, "lens", "bool"),
+    (2, 12, 4, 3, 3000, 64, True, "lens", None),
+]
+
+
+def _on_cuda(*ts, requires_grad=False):
+    return [t.detach().cuda().requires_grad_(requires_grad) for t in ts]
+
+
+def _cuda_lens(B, Sk):
+    lens = torch.randint(0, Sk + 1, (B,))
+    lens[0] = Sk
+    return lens.cuda()
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_registered():
+    for op in ("gqa_attention", "gqa_attention_backward"):
+        assert lrkernels.has_kernel(op, "cuda"), op
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", cuda_dtypes())
+@pytest.mark.parametrize("B,Hq,Hkv,Sq,Sk,D,causal,lens,mask", CUDA_CASES)
+def test_cuda_forward_backward_matches_oracle(dtype, B, Hq, Hkv, Sq, Sk, D, causal, lens, mask):
+    q, k, v = _on_cuda(*make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype), requires_grad=True)
+    kv_lens = _cuda_lens(B, Sk) if lens else None
+    attn_mask = _mask(mask, B, Hq, Sq, Sk, dtype)
+    attn_mask = attn_mask.cuda() if attn_mask is not None else None
+    kw = dict(causal=causal, kv_lens=kv_lens, attn_mask=attn_mask)
+    check_forward(q.detach(), k.detach(), v.detach(), name=f"cuda {dtype} o", **kw)
+    o = lrkernels.gqa_attention(q, k, v, **kw)
+    go = torch.randn(o.shape, dtype=torch.float64, device="cuda").to(dtype)
+    got = torch.autograd.grad(o, [q, k, v], go)
+
+    def oracle(dt):
+        leaves = [t.detach().to(dt).requires_grad_(True) for t in (q, k, v)]
+        return torch.autograd.grad(ref.gqa_attention(*leaves, dtype=dt, **kw), leaves, go.to(dt))
+
+    for n, g, w, lo in zip("qkv", got, oracle(torch.float64), oracle(dtype)):
+        assert g.is_cuda and g.dtype == dtype and g.shape == w.shape
+        assert_close_to_oracle(g, w, lo, name=f"cuda {dtype} grad {n}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_cuda_matches_cpu_float32(layout):
+    B, Hq, Hkv, Sq, Sk, D = 2, 9, 3, 7, 300, 80
+    q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, layout=layout)
+    lens = torch.tensor([300, 123])
+    mask = torch.rand(B, 1, Sq, Sk) > 0.2
+    c = _on_cuda(q, k, v, requires_grad=True)
+    if layout == "bshd":
+        assert not c[0].is_contiguous()
+    a = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    o = lrkernels.gqa_attention(*a, causal=True, kv_lens=lens, attn_mask=mask)
+    oc = lrkernels.gqa_attention(*c, causal=True, kv_lens=lens.cuda(), attn_mask=mask.cuda())
+    torch.testing.assert_close(oc.cpu(), o, rtol=1e-4, atol=1e-5)
+    go = torch.randn_like(o)
+    g = torch.autograd.grad(o, a, go)
+    gc = torch.autograd.grad(oc, c, go.cuda())
+    for n, u, w in zip("qkv", g, gc):
+        torch.testing.assert_close(w.cpu(), u, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {n}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_matches_sdpa_enable_gqa(dtype):
+    q, k, v = _on_cuda(*make_qkv(2, 32, 8, 1, 2048, 128, dtype))
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    got = lrkernels.gqa_attention(q, k, v)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_with_changing_kv_lens():
+    """Forward and backward captured once, replayed with new kv_lens contents: the grids depend
+    on the shapes only and the kernels read kv_lens on the device."""
+    B, Hq, Hkv, Sq, Sk, D = 2, 8, 2, 3, 2048, 64
+    q, k, v = _on_cuda(*make_qkv(B, Hq, Hkv, Sq, Sk, D))
+    go = torch.randn(B, Hq, Sq, D, device="cuda")
+    lens = torch.tensor([Sk, 100], dtype=torch.int32, device="cuda")
+
+    def step():
+        o, lse = OP(q, k, v, True, 0.125, lens, None)
+        return (o, lse) + tuple(BWD(go, q, k, v, o, lse, True, 0.125, lens, None, [True, True, True]))
+
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(st)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for new in ([Sk, 100], [7, Sk], [0, 1500], [1, 2]):
+        lens.copy_(torch.tensor(new, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = step()
+        for n, got, w in zip(("o", "lse", "dq", "dk", "dv"), captured, want):
+            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"kv_lens {new} {n}: {m}")
+        oracle = ref.gqa_attention(q, k, v, causal=True, scale=0.125, kv_lens=lens)
+        torch.testing.assert_close(captured[0].double(), oracle, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=range(len(OPCHECK_CASES)))
+def test_cuda_opcheck(case):
+    c = dict(case)
+    q, k, v = _on_cuda(*make_qkv(c["B"], c["Hq"], c["Hkv"], c["Sq"], c["Sk"], c["D"]), requires_grad=True)
+    lens = c["lens"].cuda() if c["lens"] is not None else None
+    mask = c["mask"].cuda() if c["mask"] is not None else None
+    args = (q, k, v, c["causal"], 0.3, lens, mask)
+    torch.library.opcheck(OP, args)
+    o, lse = OP(q.detach(), k.detach(), v.detach(), *args[3:])
+    go = torch.randn_like(o)
+    for want in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(BWD, (go, q.detach(), k.detach(), v.detach(), o, lse, c["causal"], 0.3, lens, mask,
+                                    want))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_cuda_compile_fullgraph_forward_backward(backend):
+    torch._dynamo.reset()
+    q, k, v = _on_cuda(*make_qkv(2, 8, 2, 5, 33, 16), requires_grad=True)
+    lens = torch.tensor([33, 20], device="cuda")
+    mask = (torch.rand(2, 1, 5, 33) > 0.2).cuda()
+
+    def f(q, k, v):
+        return lrkernels.gqa_attention(q, k, v, causal=True, kv_lens=lens, attn_mask=mask).square().sum()
+
+    y = torch.compile(f, fullgraph=True, backend=backend)(q, k, v)
+    torch.testing.assert_close(y, f(q, k, v))
+    got = torch.autograd.grad(y, [q, k, v])
+    want = torch.autograd.grad(f(q, k, v), [q, k, v])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)  # dq: atomics, order varies
+
+
+@pytest.mark.cuda
+def test_cuda_bad_inputs():
+    q, k, v = _on_cuda(*make_qkv(2, 4, 2, 3, 5, 8))
+    with pytest.raises(TypeError, match=r"gqa_attention: q must be float32, float16 or bfloat16 on cuda"):
+        OP(q.double(), k.double(), v.double(), False, 0.5, None, None)
+    with pytest.raises(ValueError, match=r"gqa_attention: kv_lens is on cpu but q is on cuda"):
+        OP(q, k, v, False, 0.5, torch.tensor([5, 5]), None)
+    with pytest.raises(ValueError, match=r"gqa_attention: k is on cpu but q is on cuda"):
+        OP(q, k.cpu(), v, False, 0.5, None, None)
+    with pytest.raises(ValueError, match=r"q's head count \(3\) must be a multiple"):
+        OP(q[:, :3], k, v, False, 0.5, None, None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("Sk", [10, 2000])
+def test_cuda_nan_propagates_into_its_row(Sk):
+    q, k, v = _on_cuda(*make_qkv(1, 4, 2, 3, Sk, 16))
+    q[0, 1, 2, 5] = float("nan")
+    o, lse = OP(q, k, v, False, 0.25, None, None)
+    assert torch.isnan(o[0, 1, 2]).all() and torch.isnan(lse[0, 1, 2])
+    assert torch.isfinite(o[0, 1, :2]).all() and torch.isfinite(o[0, 0]).all() and torch.isfinite(o[0, 2:]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(2, 1, 5, 70), (5, 70), (1, 8, 1, 70), (70,), (2, 8, 5, 70), (2, 1, 1, 1)])
+@pytest.mark.parametrize("kind", ["bool", "additive", "additive_f64"])
+def test_cuda_masks_broadcast(shape, kind):
+    B, Hq, Hkv, Sq, Sk = 2, 8, 2, 5, 70
+    q, k, v = _on_cuda(*make_qkv(B, Hq, Hkv, Sq, Sk, 32, torch.bfloat16))
+    if kind == "bool":
+        mask = torch.rand(shape) > 0.3
+    else:  # bf16 (q's dtype) or float64: converted once to float32 at the mask's own size
+        mask = torch.randn(shape, dtype=torch.float64).to(torch.bfloat16 if kind == "additive" else torch.float64)
+        mask[torch.rand(shape) < 0.2] = NINF
+    check_forward(q, k, v, attn_mask=mask.cuda(), causal=True, kv_lens=torch.tensor([70, 40], device="cuda"))
+
+
+@pytest.mark.cuda
+def test_cuda_expanded_mask_and_fully_masked_rows():
+    q, k, v = _on_cuda(*make_qkv(2, 8, 2, 5, 70, 32))
+    base = (torch.rand(2, 1, 1, 70) > 0.5).cuda()
+    mask = base.expand(2, 8, 5, 70)
+    o1 = check_forward(q, k, v, attn_mask=mask)[0]
+    o2 = OP(q, k, v, False, 32 ** -0.5, None, base)[0]
+    torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+    rows = torch.ones(5, 70, dtype=torch.bool, device="cuda")
+    rows[1] = False
+    o, lse = check_forward(q, k, v, attn_mask=rows)
+    assert (o[:, :, 1] == 0).all() and torch.isneginf(lse[:, :, 1]).all()
+    o, lse = check_forward(q, k, v, kv_lens=torch.tensor([0, 70], dtype=torch.int32, device="cuda"))
+    assert (o[0] == 0).all() and torch.isneginf(lse[0]).all()
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_backward():
+    """torch.use_deterministic_algorithms(True): dQ from its own pass (no atomics), the same bits on
+    every run, and the same gradients as the default (atomic) backward up to rounding."""
+    q, k, v = _on_cuda(*make_qkv(2, 8, 2, 9, 300, 64), requires_grad=True)
+    lens = torch.tensor([300, 77], device="cuda")
+
+    def grads():
+        o = lrkernels.gqa_attention(q, k, v, causal=True, kv_lens=lens)
+        return torch.autograd.grad(o, [q, k, v], torch.ones_like(o))
+
+    default = grads()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for n, a, b, c in zip("qkv", first, second, default):
+        assert torch.equal(a, b), f"grad {n} differs between deterministic runs"
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad {n}: {m}")
+
+
+@pytest.mark.cuda
+def test_cuda_kv_lens_out_of_range_are_clamped():
+    """The CPU op raises on kv_lens outside [0, kv_len]; the CUDA op cannot look without a host
+    sync, so its kernels clamp (documented in the wrapper)."""
+    q, k, v = _on_cuda(*make_qkv(3, 4, 2, 2, 40, 16))
+    got = OP(q, k, v, True, 0.25, torch.tensor([45, -3, 40], device="cuda"), None)[0]
+    want = OP(q, k, v, True, 0.25, torch.tensor([40, 0, 40], device="cuda"), None)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

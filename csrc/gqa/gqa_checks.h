@@ -1,6 +1,7 @@
-// Argument validation for gqa_attention and its backward, shared by the CPU kernel and a future
-// CUDA one so both reject the same inputs with the same messages. Contents of kv_lens are checked
-// by the kernels (on CPU per call; a CUDA kernel cannot without a host sync).
+// Argument validation for gqa_attention and its backward, shared by the CPU kernels (gqa_cpu.cpp)
+// and the CUDA ones (gqa_cuda.cu) so both reject the same inputs with the same messages. Contents
+// of kv_lens are checked by the CPU op per call; the CUDA kernels cannot without a host sync and
+// clamp them to [0, kv_len] instead.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -99,15 +99,18 @@ def gqa_attention(q, k, v, *, causal=False, scale=None, kv_lens=None, attn_mask=
         scale: the score scale; default ``1 / sqrt(head_dim)``.
         kv_lens: optional ``(batch,)`` int32/int64: sequence b uses only its first ``kv_lens[b]``
             keys (a padded KV cache); with ``causal`` the alignment is relative to ``kv_lens[b]``.
-            Values must be in ``[0, kv_len]``.
+            Values must be in ``[0, kv_len]`` (checked on CPU; the CUDA kernels read kv_lens on
+            the device, where a check would need a host sync, and clamp values outside it).
         attn_mask: optional boolean (True = attend) or additive float mask broadcastable to
             ``(batch, q_heads, q_len, kv_len)``; read through broadcast strides, never expanded.
             It gets no gradient.
 
     A query row that sees no key at all (everything masked, kv_lens[b] = 0, or causal with
     kv_len < q_len) returns zeros — as SDPA on CPU does for a fully masked row — and its gradient
-    is zero. q, k and v share a dtype (float32, float64 or bfloat16 on CPU); the softmax runs in
-    float32 (float64 for float64). Under ``torch.autocast`` q, k and v are cast to the autocast
+    is zero. q, k and v share a dtype (float32, float64 or bfloat16 on CPU; float32, float16 or
+    bfloat16 on CUDA); the softmax runs in float32 (float64 for float64). On CUDA the q gradient
+    is summed with atomics (its last bits vary run to run) unless
+    ``torch.use_deterministic_algorithms(True)``, which takes a deterministic pass instead. Under ``torch.autocast`` q, k and v are cast to the autocast
     dtype. Differentiable in q, k and v. Returns o, ``(batch, q_heads, q_len, head_dim)`` in q's
     dtype.
     """
