@@ -174,7 +174,13 @@ def cases(device: str, quick: bool):
                     "lrkernels", ["sdpa_enable_gqa"], flops, kv_bytes,
                     {"sdpa_enable_gqa": 0.25} if issue else {},
                     note="GB/s = K + V read; target also: ≥ 50% of the measured copy bandwidth",
-                    family="gqa", params=params))
+                    family="gqa", params=params, sweep="kv_len"))
+    # the context-length curve: decode time and the KV read rate against the measured bandwidth
+    for sk in (512, 2048) if quick else (1024, 2048, 8192, 16384):
+        out.append(Case(f"context curve: decode B{B} Hq{Hq} Hkv{Hkv} D{D} Sk{sk} fp32",
+                        _decode(B, Hq, Hkv, sk, D, dtype, False), "lrkernels", ["sdpa_enable_gqa"],
+                        4.0 * B * Hq * sk * D, 2 * B * Hkv * sk * D * e + 2 * B * Hq * D * e,
+                        family="gqa", params=dict(params, kv_len=sk), sweep="kv_len", headline=False))
     out.append(Case(f"decode B{B} Hq{Hq} Hkv{Hkv} D{D} Sk{Sk} fp32 padding mask",
                     _decode(B, Hq, Hkv, Sk, D, dtype, True), "lrkernels",
                     ["repeat_kv_sdpa", "pack_gqa_sdpa", "sdpa_enable_gqa"],
@@ -196,7 +202,8 @@ def cases(device: str, quick: bool):
                     _smollm2_generate(Bm, prompt, new), "lrkernels", ["sdpa"],
                     note=f"the whole model, attn_implementation lrkernels vs sdpa; left-padded real text; "
                          f"tokens/s = {Bm * new} / time (prefill included)",
-                    family="gqa", params={"batch": Bm, "prompt": prompt, "new_tokens": new}))
+                    family="gqa", params={"batch": Bm, "prompt": prompt, "new_tokens": new},
+                    warmup=1, min_rounds=3))
     return out
 
 

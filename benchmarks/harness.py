@@ -42,6 +42,10 @@ class Case:
     params: Dict[str, float] = dataclasses.field(default_factory=dict)
     sweep: str = ""
     headline: bool = True
+    # CPU timing of a case whose one iteration takes seconds (a whole model's generate()):
+    # fewer warm-up iterations and fewer rounds before the time cap may stop it.
+    warmup: Optional[int] = None
+    min_rounds: int = 5
 
 
 @dataclasses.dataclass
@@ -88,7 +92,7 @@ def time_cuda(fn, warmup=5, reps=30):
     return times
 
 
-def time_cpu_interleaved(fns: Dict[str, Callable], warmup=2, rounds=15, max_seconds=60.0):
+def time_cpu_interleaved(fns: Dict[str, Callable], warmup=2, rounds=15, max_seconds=60.0, min_rounds=5):
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -100,7 +104,7 @@ def time_cpu_interleaved(fns: Dict[str, Callable], warmup=2, rounds=15, max_seco
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - t_start > max_seconds and i >= 4:
+        if time.perf_counter() - t_start > max_seconds and i >= min_rounds - 1:
             break
     return times
 
@@ -162,8 +166,10 @@ def run_case(module: str, case: Case, device: str, quick: bool, measure_memory=T
         times = {k: time_cuda(fn, warmup=3 if quick else 10, reps=10 if quick else 50) for k, fn in fns.items()}
     else:
         cap = 20 if quick else 90
-        times = time_cpu_interleaved(fns, warmup=1 if quick else 2, rounds=5 if quick else 15,
-                                     max_seconds=cap if max_seconds is None else min(cap, max_seconds))
+        warmup = case.warmup if case.warmup is not None else 1 if quick else 2
+        times = time_cpu_interleaved(fns, warmup=warmup, rounds=5 if quick else 15,
+                                     max_seconds=cap if max_seconds is None else min(cap, max_seconds),
+                                     min_rounds=min(case.min_rounds, 5))
     peaks = cpu_peak_memories(module, case.name, list(times), quick) if measure_memory and device != "cuda" else {}
     for name, ts in times.items():
         med, iqr = _quartiles(ts)
