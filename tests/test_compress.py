@@ -294,3 +294,69 @@ def test_minilm_12_to_4_heads_keeps_embeddings():
     enc = lambda texts: tok(texts, return_tensors="pt", truncation=True, max_length=128, padding=True)  # noqa: E731
     rep = compress.compress_kv_heads(model, [enc(cal[:16])], kv_heads=4, evaluation=[enc(ev[:8])], progress=False)
     assert rep.quality["embedding_cosine_mean"] > 0.9
+
+
+# ---------------------------------------------------------------------------- recovery and the CLI
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_recover_trains_lora_and_merges_back(teacher):
+    import copy
+
+    model = _decoder("llama")
+    original = copy.deepcopy(model)
+    compress.compress_kv_heads(model, _tokens(seed=2), kv_heads=1, progress=False)
+    ids = _tokens(4, 24, seed=9)
+    before = compress.perplexity(model, ids)
+    out = compress.recover(model, list(ids.split(2)), steps=12, r=4, lr=1e-2, teacher=original if teacher else None,
+                           progress=False)
+    assert out["steps"] == 12 and out["loss_last"] < out["loss_first"]
+    # merged back: plain nn.Linear modules, the architecture and state-dict keys unchanged
+    attn = model.model.layers[0].self_attn
+    assert type(attn.q_proj) is torch.nn.Linear and type(model.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert set(model.state_dict()) == set(original.state_dict())
+    assert all(p.requires_grad for p in model.parameters())
+    assert compress.perplexity(model, ids) < before
+
+
+def test_recover_bad_arguments():
+    model = _decoder("llama")
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        compress.recover(model, _tokens(), steps=0)
+    with pytest.raises(ValueError, match="data is empty"):
+        compress.recover(model, [], steps=1)
+    with pytest.raises(ValueError, match="targets"):
+        compress.recover(model, _tokens(), steps=1, targets="everything")
+    with pytest.raises(ValueError, match="teacher"):
+        compress.recover(_bert(), _tokens(), steps=1)
+
+
+def test_cli_help():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lrkernels.compress", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--kv-heads" in r.stdout
+
+
+def test_cli_compresses_a_checkpoint(tmp_path):
+    """A small BERT with the real MiniLM tokenizer (skipped without its package), through the CLI."""
+    from lrkernels.compress.__main__ import main
+    from lrkernels.integrations import models
+
+    try:
+        path = models.minilm_path()
+    except models.ModelUnavailable as e:
+        pytest.skip(str(e))
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=48, num_hidden_layers=1,
+                                  num_attention_heads=6, intermediate_size=64)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "in")
+    tok.save_pretrained(tmp_path / "in")
+    text = tmp_path / "cal.txt"
+    text.write_text("A few words of calibration text for the command line test. " * 20)
+    assert main([str(tmp_path / "in"), str(tmp_path / "out"), "--kv-heads", "2", "--calibration", str(text),
+                 "--seq-len", "32", "--quiet"]) == 0
+    again = compress.load_compressed(tmp_path / "out")
+    assert again.config.num_key_value_heads == 2
+    assert (tmp_path / "out" / "compress_report.json").is_file()

@@ -11,6 +11,7 @@ from ._report import CompressionReport, LayerReport
 from ._bert import GQABertSelfAttention
 from ._io import load_compressed
 from .quality import perplexity, sentence_embeddings
+from .recover import recover
 
 __all__ = ["compress_kv_heads", "CompressionReport", "LayerReport", "GQABertSelfAttention", "load_compressed",
-           "perplexity", "sentence_embeddings"]
+           "perplexity", "sentence_embeddings", "recover"]
