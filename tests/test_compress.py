@@ -61,7 +61,7 @@ def _close(got, want, tol=1e-9):
 
 DECODERS = [("llama", {}), ("mistral", {"sliding_window": 8}), ("qwen2", {}), ("llama", {"attention_bias": True}),
             ("llama", {"num_key_value_heads": 8, "head_dim": 16})]
-OPTIONS = [dict(method="mean"), dict(method="svd-a"),
+OPTIONS = [dict(method="mean"), dict(method="svd-a"), dict(method="svd-a", key_objective="attention"),
            dict(method="svd-a", key_objective="plain", value_objective="plain", refit_output=False, sequential=False)]
 
 
@@ -155,6 +155,64 @@ def test_rope_key_merge_commutes_with_rope_at_every_position(weighted):
     e = torch.linalg.eigvalsh(C)
     if not weighted:
         assert abs(merge.kept - float(e[:, -1].sum() / e.sum())) < 1e-12
+
+
+def test_attention_moments_match_a_direct_sum():
+    """RopeAttentionMoments against the defining sums, one query and key at a time."""
+    from lrkernels.compress._collect import RopeAttentionMoments, _rotate
+
+    B, S, H, Hkv, d = 2, 7, 4, 2, 6
+    h = d // 2
+    q = torch.randn(B, S, H * d, dtype=torch.float64)
+    k = torch.randn(B, S, Hkv * d, dtype=torch.float64)
+    theta = torch.rand(h, dtype=torch.float64)
+    ang = torch.arange(S, dtype=torch.float64)[:, None] * theta
+    cos = torch.cat([ang.cos(), ang.cos()], -1).expand(B, S, d)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).expand(B, S, d)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, 5:] = False
+    mom = RopeAttentionMoments(H, Hkv, d, scale=0.3, causal=True)
+    mom.cos_sin = (cos, sin)
+    mom.add(q, k, mask)
+    qr = _rotate(q.view(B, S, H, d), cos, sin)
+    kr = _rotate(k.view(B, S, Hkv, d), cos, sin)
+    want = torch.zeros_like(mom.N)
+    for b in range(B):
+        for hh in range(H):
+            j = hh // (H // Hkv)
+            for t in range(S):
+                if not mask[b, t]:
+                    continue
+                keys = [s_ for s_ in range(t + 1) if mask[b, s_]]
+                sc = torch.stack([qr[b, t, hh] @ kr[b, s_, j] * 0.3 for s_ in keys])
+                a = torch.softmax(sc, 0)
+                for i in range(h):
+                    zq = complex(q[b, t, hh * d + i], q[b, t, hh * d + i + h])
+                    z = [torch.complex(k[b, s_].view(Hkv, d)[:, i], k[b, s_].view(Hkv, d)[:, i + h]) for s_ in keys]
+                    zeta = sum(a[n] * z[n] * complex(cos[b, s_, i], sin[b, s_, i]) for n, s_ in enumerate(keys))
+                    M = sum(a[n] * torch.outer(z[n], z[n].conj()) for n in range(len(keys)))
+                    want[hh, i] += abs(zq) ** 2 * (M - torch.outer(zeta, zeta.conj()))
+    _close(mom.N, want, 1e-12)
+
+
+def test_attention_key_merge_improves_on_its_start():
+    """The alternating solve lowers Σ_j r_j N_j r_jᴴ from the query-weighted PCA it starts from, and
+    where N_j = w_j C (what the query-weighted PCA assumes) that start is already optimal."""
+    m, d = 3, 8
+    h = d // 2
+    X = torch.randn(5 * m * d, m * d, dtype=torch.float64)
+    Sk = X.T @ X / X.shape[0]
+    C = _solve.complex_pair_moments(Sk, m, d)                             # (h, m, m)
+    w = torch.rand(m, h, dtype=torch.float64) + 0.2
+    init = _solve.rope_key_merge(Sk, m, d, pair_weight=w)
+    N = w[:, :, None, None] * C[None]                                     # (m, h, m, m)
+    same = _solve.rope_key_merge_attention(N, init)
+    assert abs(same.kept - init.kept) < 1e-9
+    G = torch.randn(m, h, m, m, dtype=torch.complex128)
+    N2 = N + 0.5 * G @ G.conj().transpose(-1, -2)
+    start = _solve.rope_key_merge_attention(N2, init, iters=0)
+    better = _solve.rope_key_merge_attention(N2, init)
+    assert better.kept > start.kept + 1e-4
 
 
 def test_complex_pair_moments_match_complex_samples():

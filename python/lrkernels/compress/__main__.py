@@ -16,7 +16,7 @@ def _parser():
     p.add_argument("output", help="directory to write the compressed checkpoint to")
     p.add_argument("--kv-heads", type=int, required=True, help="KV heads per layer after compression")
     p.add_argument("--method", default="svd-a", choices=("mean", "svd-a"))
-    p.add_argument("--key-objective", default="query", choices=("plain", "query"))
+    p.add_argument("--key-objective", default="query", choices=("plain", "query", "attention"))
     p.add_argument("--value-objective", default="output", choices=("plain", "output"))
     p.add_argument("--grouping", default="similarity", choices=("contiguous", "similarity"))
     p.add_argument("--no-refit-output", action="store_true", help="do not refit o_proj by least squares")

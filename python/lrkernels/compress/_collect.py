@@ -106,7 +106,7 @@ class LayerMoments:
     head; its diagonal only when ``full_query`` is False), over the valid tokens."""
 
     def __init__(self, parts, num_heads, num_kv, head_dim, *, full_query: bool, keep_o_inputs: bool,
-                 stop_at_o: bool):
+                 stop_at_o: bool, attention_keys=None):
         self.H, self.Hkv, self.d = num_heads, num_kv, head_dim
         D = num_kv * head_dim
         f64 = torch.float64
@@ -122,6 +122,12 @@ class LayerMoments:
         self._handles = [parts.q.register_forward_hook(self._on_q), parts.k.register_forward_hook(self._on_k),
                          parts.v.register_forward_hook(self._on_v)]
         self.stop_at_o = stop_at_o
+        self.attention = None
+        if attention_keys is not None:
+            # key objective "attention": per query head the moments of what the softmax sees
+            self.attention = RopeAttentionMoments(num_heads, num_kv, head_dim, scale=attention_keys["scale"],
+                                                  causal=attention_keys["causal"])
+            self._handles.append(parts.module.register_forward_pre_hook(self._on_attn, with_kwargs=True))
         if keep_o_inputs or stop_at_o:
             self._handles.append(parts.o.register_forward_pre_hook(self._on_o))
 
@@ -129,7 +135,16 @@ class LayerMoments:
         t = t.reshape(-1, t.shape[-1]) if self.mask is None else t[self.mask]
         return t.detach().to("cpu", torch.float64)
 
+    def _on_attn(self, mod, args, kwargs):
+        pe = kwargs.get("position_embeddings")
+        if pe is None:
+            raise ValueError("compress_kv_heads: key_objective='attention' needs the layer's position_embeddings "
+                             "(cos, sin)")
+        self.attention.cos_sin = pe
+
     def _on_q(self, mod, inp, out):
+        if self.attention is not None:
+            self.attention.q = out.detach()
         q = self._rows(out).reshape(-1, self.H, self.d)
         if self.full_query:
             self.Sq += torch.einsum("nhd,nhe->hde", q, q)
@@ -137,6 +152,8 @@ class LayerMoments:
             self.Sq += (q * q).sum(0)
 
     def _on_k(self, mod, inp, out):
+        if self.attention is not None:
+            self.attention.add(self.attention.q, out.detach(), self.mask)
         k = self._rows(out)
         self.Sk += k.T @ k
         self.mk += k.sum(0)
@@ -160,9 +177,67 @@ class LayerMoments:
         self._handles = []
 
     def normalized(self):
-        """(E[kkᵀ], E[k], E[vvᵀ], E[v], E[qqᵀ] or E[q²]) over the tokens seen."""
+        """(E[kkᵀ], E[k], E[vvᵀ], E[v], E[qqᵀ] or E[q²], the attention moments or None) over the
+        tokens seen."""
         n = max(self.n, 1)
-        return self.Sk / n, self.mk / n, self.Sv / n, self.mv / n, self.Sq / n
+        N = None if self.attention is None else self.attention.per_kv_head() / n
+        return self.Sk / n, self.mk / n, self.Sv / n, self.mv / n, self.Sq / n, N
+
+
+def _rotate(x, cos, sin):
+    """Rotate-half RoPE of x (B, S, heads, d) with cos/sin (B, S, d)."""
+    h = x.shape[-1] // 2
+    rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+    return x * cos[:, :, None] + rot * sin[:, :, None]
+
+
+class RopeAttentionMoments:
+    """For the key objective "attention" under RoPE, per query head h and frequency pair i:
+
+        N_h = Σ_t |q_{h,t,i}|² ( Σ_s a_{h,ts} z_s z_sᴴ − ζ_t ζ_tᴴ ),  ζ_t = Σ_s a_{h,ts} e^{iθ_i s} z_s,
+
+    z_s ∈ C^{Hkv} the pair-i keys of all KV heads before RoPE, a the layer's attention weights.
+    A key error e_s shifts query t's score at pair i by δ_s = Re(conj(q_t) e_s e^{iθ(s−t)}); what
+    the softmax feels is the variance of δ under a_t (a shift common to all keys cancels), whose
+    mean over q's phase is ½|q_t|² (Σ_s a_ts |e_s|² − |Σ_s a_ts e^{iθ s} e_s|²); with e = R z that
+    is ½ r N rᴴ. So keys the queries attend to count, and a key offset that barely rotates within
+    the attended span (low frequencies) counts little.
+    """
+
+    def __init__(self, num_heads, num_kv, head_dim, *, scale, causal):
+        self.H, self.Hkv, self.d = num_heads, num_kv, head_dim
+        self.scale, self.causal = scale, causal
+        self.N = torch.zeros(num_heads, head_dim // 2, num_kv, num_kv, dtype=torch.complex128)
+        self.q = self.cos_sin = None
+
+    def add(self, q, k, mask):
+        B, S = q.shape[:2]
+        H, Hkv, d, h = self.H, self.Hkv, self.d, self.d // 2
+        q = q.to("cpu", torch.float64).reshape(B, S, H, d)
+        k = k.to("cpu", torch.float64).reshape(B, S, Hkv, d)
+        cos, sin = (t.to("cpu", torch.float64).expand(B, S, d) for t in self.cos_sin)
+        qr, kr = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        n = H // Hkv
+        scores = torch.einsum("bthd,bshd->bhts", qr, kr.repeat_interleave(n, dim=2)) * self.scale
+        allowed = torch.ones(B, 1, S, S, dtype=torch.bool)
+        if self.causal:
+            allowed = allowed & torch.ones(S, S, dtype=torch.bool).tril()
+        valid = torch.ones(B, S, dtype=torch.bool) if mask is None else mask.cpu()
+        allowed = allowed & valid[:, None, None, :]
+        a = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        zq = torch.complex(q[..., :h], q[..., h:])                             # (B, S, H, h)
+        wq = (zq.real ** 2 + zq.imag ** 2) * valid[:, :, None, None]          # |q_t|², valid queries only
+        zk = torch.complex(k[..., :h], k[..., h:])                             # (B, S, Hkv, h)
+        zr = torch.complex(kr[..., :h], kr[..., h:])
+        w1 = torch.einsum("bthi,bhts->bhsi", wq, a).to(torch.complex128)
+        self.N += torch.einsum("bhsi,bsai,bsci->hiac", w1, zk, zk.conj())
+        zeta = torch.einsum("bhts,bsai->bhtia", a.to(torch.complex128), zr)
+        self.N -= torch.einsum("bthi,bhtia,bhtic->hiac", wq.to(torch.complex128), zeta, zeta.conj())
+
+    def per_kv_head(self):
+        """(Hkv, d/2, Hkv, Hkv): N summed over the query heads of each KV head."""
+        n = self.H // self.Hkv
+        return self.N.reshape(self.Hkv, n, *self.N.shape[1:]).sum(1)
 
 
 class OutputMoments:

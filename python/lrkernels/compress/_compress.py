@@ -17,7 +17,7 @@ from ._collect import (LayerMoments, OutputMoments, _Stop, as_batches, first_lay
 from ._report import CompressionReport, LayerReport
 
 METHODS = ("mean", "svd-a")
-KEY_OBJECTIVES = ("plain", "query")
+KEY_OBJECTIVES = ("plain", "query", "attention")
 VALUE_OBJECTIVES = ("plain", "output")
 GROUPINGS = ("contiguous", "similarity")
 _EXHAUSTIVE_GROUPINGS = 5000
@@ -54,7 +54,7 @@ def _idx(heads: Sequence[int], d: int) -> torch.Tensor:
 
 def _group_merges(group, stats, fam, method, key_objective, value_objective, o_weight, center_values):
     """(key merge, value merge) of one group of old KV heads."""
-    Sk, mk, Sv, mv, Sq = stats
+    Sk, mk, Sv, mv, Sq, Natt = stats
     d, m = fam.head_dim, len(group)
     n = fam.num_heads // fam.num_kv_heads
     if method == "mean":
@@ -64,13 +64,16 @@ def _group_merges(group, stats, fam, method, key_objective, value_objective, o_w
     qsum = torch.stack([Sq[j * n:(j + 1) * n].sum(0) for j in group])  # (m, d) or (m, d, d)
     if fam.rope:
         w = None
-        if key_objective == "query":
+        if key_objective in ("query", "attention"):
             h = d // 2
             w = qsum[:, :h] + qsum[:, h:]
         km = _solve.rope_key_merge(Sk[ix][:, ix], m, d, pair_weight=w)
+        if key_objective == "attention" and m > 1:
+            g = list(group)
+            km = _solve.rope_key_merge_attention(Natt[g][:, :, g][:, :, :, g], km)
     else:
         km = _solve.pca_merge(Sk[ix][:, ix], m, d, mean=mk[ix], keep_offset=False,
-                              weight=qsum if key_objective == "query" else None)
+                              weight=qsum if key_objective != "plain" else None)
     vw = o_weight[list(group)] if value_objective == "output" else None
     vm = _solve.pca_merge(Sv[ix][:, ix], m, d, mean=mv[ix] if center_values else None, weight=vw)
     return km, vm
@@ -250,8 +253,11 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             calibration activations, arXiv 2406.07056: values by a PCA folded into o_proj; keys
             under RoPE by a complex-scalar combination per frequency pair, which commutes with
             the rotation and folds into q_proj; keys without RoPE by a PCA folded into q_proj).
-        key_objective: ``"plain"`` (key reconstruction error) or ``"query"`` (the error weighted by
-            the queries' second moment: the error of the attention scores).
+        key_objective: ``"plain"`` (key reconstruction error), ``"query"`` (the error weighted by
+            the queries' second moment: the error of the attention scores) or ``"attention"``
+            (under RoPE: the variance of the score error under the layer's attention weights,
+            which is what the softmax feels; see _collect.RopeAttentionMoments. Without RoPE it is
+            ``"query"``, whose centred keys already drop the offset the softmax ignores).
         value_objective: ``"plain"`` or ``"output"`` (the error as o_proj maps it).
         grouping: ``"contiguous"`` (heads ``g·m … g·m+m−1`` merge) or ``"similarity"`` (the
             partition losing the least energy; query heads and o_proj columns are permuted to
@@ -292,8 +298,11 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
         inputs = first_layer_inputs(model, layers[0], batches, fam.forward_kwargs(), dev)
         for li, layer in enumerate(layers):
             parts = fam.attention(layer)
+            attn_keys = None
+            if fam.rope and key_objective == "attention" and method != "mean":
+                attn_keys = {"scale": float(getattr(parts.module, "scaling", d ** -0.5)), "causal": fam.causal}
             mom = LayerMoments(parts, H, Hkv, d, full_query=not fam.rope, keep_o_inputs=refit_output,
-                               stop_at_o=sequential)
+                               stop_at_o=sequential, attention_keys=attn_keys)
             try:
                 outs = _run_layer(layer, inputs, [mom])
             finally:

@@ -140,5 +140,56 @@ def rope_key_merge(S: torch.Tensor, m: int, d: int, *, pair_weight: Optional[tor
     return HeadMerge(A=torch.cat(A.unbind(0), dim=1), B=_complex_to_real_blocks(u.T), c=None, kept=min(kept, 1.0))
 
 
+def rope_key_merge_attention(N: torch.Tensor, init: HeadMerge, *, iters: int = 20) -> HeadMerge:
+    """Keys under RoPE for the objective Σ_j r_j N_j r_jᴴ per frequency pair, r_j = e_jᵀ − u_j cᵀ
+    the error of old head j (new pair z' = cᵀ z, head j read back as u_j z'), N_j (Hermitian PSD)
+    the moment its query heads weigh the error with (see _collect.RopeAttentionMoments).
+
+    The N_j differ per head, so this is no eigenproblem: alternate the two exact least-squares
+    steps u_j = (N_j b)_j / (bᴴ N_j b) and b = (Σ_j |u_j|² N_j)⁻¹ Σ_j u_j N_j e_j (b = conj(c)),
+    starting from ``init`` (the query-weighted PCA). Each step lowers the objective.
+
+    N: (m, d/2, m, m), N[j] restricted to the group's heads. Returns the merge with ``kept`` =
+    1 − objective / objective of a zero reconstruction.
+    """
+    m, h = N.shape[0], N.shape[1]
+    d = 2 * h
+    Nt = N.permute(1, 0, 2, 3).to(torch.complex128)                    # (h, m, m, m): [i, j]
+    Nt = (Nt + Nt.conj().transpose(-1, -2)) / 2
+    idx = torch.arange(m)
+    A0 = init.A.reshape(d, m, d)
+    pair = torch.arange(h)
+    # the complex coefficients of the initial merge, read off its real 2x2 blocks
+    c = torch.complex(A0[pair, :, pair], A0[pair + h, :, pair])         # (h, m)
+    u = torch.complex(init.B[:, pair, pair], init.B[:, pair + h, pair]).T  # (h, m)
+    b = c.conj()
+
+    def objective(b, u):
+        r = -u[:, :, None] * b.conj()[:, None, :]                       # (h, j, m): r_j = e_j − u_j cᵀ
+        r[:, idx, idx] += 1
+        return torch.einsum("ijm,ijmn,ijn->i", r.conj(), Nt.transpose(-1, -2), r).real  # r N rᴴ (N Hermitian)
+
+    f = objective(b, u)
+    eye = torch.eye(m, dtype=torch.complex128)
+    for _ in range(iters):
+        Nb = torch.einsum("ijmn,in->ijm", Nt, b)                       # (h, j, m): N_j b
+        den = torch.einsum("im,ijm->ij", b.conj(), Nb).real.clamp_min(1e-300)
+        u_new = Nb[:, idx, idx] / den
+        M = torch.einsum("ij,ijmn->imn", (u_new.abs() ** 2).to(Nt.dtype), Nt)
+        cols = Nt[:, idx, :, idx].permute(1, 0, 2)                      # (h, j, m): column j of N_j
+        rhs = torch.einsum("ij,ijm->im", u_new, cols)                   # Σ_j u_j N_j[:, j]
+        M = M + eye * (M.diagonal(dim1=-2, dim2=-1).real.mean(-1, keepdim=True)[..., None] * 1e-12 + 1e-300)
+        b_new = torch.linalg.solve(M, rhs)
+        f_new = objective(b_new, u_new)
+        better = f_new <= f                                             # per pair: keep only improvements
+        b = torch.where(better[:, None], b_new, b)
+        u = torch.where(better[:, None], u_new, u)
+        f = torch.minimum(f, f_new)
+    total = float(Nt[:, idx, idx, idx].real.sum())
+    kept = 1.0 - float(f.clamp_min(0).sum()) / total if total > 0 else 1.0
+    A = _complex_to_real_blocks(b.conj().T)
+    return HeadMerge(A=torch.cat(A.unbind(0), dim=1), B=_complex_to_real_blocks(u.T), c=None, kept=min(kept, 1.0))
+
+
 def energy_lost(merge: HeadMerge) -> float:
     return 0.0 if merge.kept != merge.kept else 1.0 - merge.kept  # NaN (mean) counts as 0
