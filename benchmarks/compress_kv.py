@@ -30,11 +30,13 @@ SMOL_VARIANTS = [
                                    refit_output=False, sequential=False)),
     ("+ o_proj-weighted values", dict(key_objective="query", value_objective="output", grouping="contiguous",
                                       refit_output=False, sequential=False)),
-    ("+ attention-variance keys", dict(key_objective="attention", value_objective="output", grouping="contiguous",
-                                       refit_output=False, sequential=False)),
-    ("+ o_proj least-squares refit", dict(key_objective="attention", value_objective="output",
-                                          grouping="contiguous", refit_output=True, sequential=False)),
+    ("+ o_proj least-squares refit", dict(key_objective="query", value_objective="output", grouping="contiguous",
+                                          refit_output=True, sequential=False)),
     ("+ sequential calibration (default)", dict()),
+    ("attention-variance keys instead of query-weighted, no refit",
+     dict(key_objective="attention", value_objective="output", grouping="contiguous", refit_output=False,
+          sequential=False)),
+    ("attention-variance keys + refit + sequential", dict(key_objective="attention")),
 ]
 
 MINILM_VARIANTS = [

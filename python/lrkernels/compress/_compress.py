@@ -1,6 +1,7 @@
 """compress_kv_heads: a trained MHA/GQA model into one with fewer KV heads, in place."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import sys
@@ -39,6 +40,19 @@ class _Progress:
         if self.enabled:
             print(f"compress_kv_heads: layer {i + 1}/{self.total} {msg} [{time.perf_counter() - self.t0:.1f} s]",
                   file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The decompositions are many small (≤ a few hundred wide) eigh / matmul calls, which run
+    several times faster on one thread than split over the pool (and far faster on a busy
+    machine, where every parallel region waits for its threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------- the merges of one layer
@@ -308,7 +322,8 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             finally:
                 mom.remove()
             stats = mom.normalized()
-            plan = _plan_layer(stats, fam, parts, kv_heads, method, key_objective, value_objective, grouping)
+            with _one_thread():
+                plan = _plan_layer(stats, fam, parts, kv_heads, method, key_objective, value_objective, grouping)
             W_orig = parts.o.weight.detach().to("cpu", torch.float64)
             if parts.o.bias is not None:
                 W_orig = torch.cat([W_orig, parts.o.bias.detach().to("cpu", torch.float64)[:, None]], 1)
