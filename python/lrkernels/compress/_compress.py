@@ -1,0 +1,375 @@
+"""compress_kv_heads: a trained MHA/GQA model into one with fewer KV heads, in place."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import _solve
+from ._arch import family_of
+from ._collect import (LayerMoments, OutputMoments, _Stop, as_batches, first_layer_inputs, hidden_of,
+                       token_count, with_hidden)
+from ._report import CompressionReport, LayerReport
+
+METHODS = ("mean", "svd-a")
+KEY_OBJECTIVES = ("plain", "query", "attention")
+VALUE_OBJECTIVES = ("plain", "output")
+GROUPINGS = ("contiguous", "similarity")
+_EXHAUSTIVE_GROUPINGS = 5000
+
+
+def _check_options(method, key_objective, value_objective, grouping):
+    for name, val, allowed in (("method", method, METHODS), ("key_objective", key_objective, KEY_OBJECTIVES),
+                               ("value_objective", value_objective, VALUE_OBJECTIVES),
+                               ("grouping", grouping, GROUPINGS)):
+        if val not in allowed:
+            raise ValueError(f"compress_kv_heads: {name} must be one of {', '.join(map(repr, allowed))}, got {val!r}")
+
+
+class _Progress:
+    def __init__(self, enabled, total):
+        self.enabled, self.total, self.t0 = enabled, total, time.perf_counter()
+
+    def __call__(self, i, msg):
+        if self.enabled:
+            print(f"compress_kv_heads: layer {i + 1}/{self.total} {msg} [{time.perf_counter() - self.t0:.1f} s]",
+                  file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The decompositions are many small (≤ a few hundred wide) eigh / matmul calls, which run
+    several times faster on one thread than split over the pool (and far faster on a busy
+    machine, where every parallel region waits for its threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------- the merges of one layer
+
+class _LayerPlan:
+    def __init__(self, groups, kmerges, vmerges):
+        self.groups, self.kmerges, self.vmerges = groups, kmerges, vmerges
+
+
+def _idx(heads: Sequence[int], d: int) -> torch.Tensor:
+    return torch.cat([torch.arange(j * d, (j + 1) * d) for j in heads])
+
+
+def _group_merges(group, stats, fam, method, key_objective, value_objective, o_weight, center_values):
+    """(key merge, value merge) of one group of old KV heads."""
+    Sk, mk, Sv, mv, Sq, Natt = stats
+    d, m = fam.head_dim, len(group)
+    n = fam.num_heads // fam.num_kv_heads
+    if method == "mean":
+        return _solve.mean_merge(m, d), _solve.mean_merge(m, d)
+    ix = _idx(group, d)
+    # query heads h of old KV head j: h in [j·n, (j+1)·n)
+    qsum = torch.stack([Sq[j * n:(j + 1) * n].sum(0) for j in group])  # (m, d) or (m, d, d)
+    if fam.rope:
+        w = None
+        if key_objective in ("query", "attention"):
+            h = d // 2
+            w = qsum[:, :h] + qsum[:, h:]
+        km = _solve.rope_key_merge(Sk[ix][:, ix], m, d, pair_weight=w)
+        if key_objective == "attention" and m > 1:
+            g = list(group)
+            km = _solve.rope_key_merge_attention(Natt[g][:, :, g][:, :, :, g], km)
+    else:
+        km = _solve.pca_merge(Sk[ix][:, ix], m, d, mean=mk[ix], keep_offset=False,
+                              weight=qsum if key_objective != "plain" else None)
+    vw = o_weight[list(group)] if value_objective == "output" else None
+    vm = _solve.pca_merge(Sv[ix][:, ix], m, d, mean=mv[ix] if center_values else None, weight=vw)
+    return km, vm
+
+
+def _choose_groups(stats, fam, kv_heads, grouping, cost):
+    Hkv = fam.num_kv_heads
+    m = Hkv // kv_heads
+    if grouping == "contiguous" or m == 1 or kv_heads == 1:
+        return [list(range(g * m, (g + 1) * m)) for g in range(kv_heads)]
+    if math.comb(Hkv, m) <= _EXHAUSTIVE_GROUPINGS:
+        # every candidate group's cost, then the cheapest disjoint ones first (the last group left
+        # over is always a candidate, so this covers every head)
+        scored = sorted((cost(c), c) for c in itertools.combinations(range(Hkv), m))
+        used, groups = set(), []
+        for _, c in scored:
+            if used.isdisjoint(c):
+                groups.append(list(c))
+                used.update(c)
+    else:
+        # grow each group from the lowest free head by the head that adds the least cost
+        free, groups = list(range(Hkv)), []
+        while free:
+            g = [free.pop(0)]
+            while len(g) < m:
+                best = min(free, key=lambda j: cost(tuple(g + [j])))
+                free.remove(best)
+                g.append(best)
+            groups.append(sorted(g))
+    return sorted(groups)
+
+
+def _plan_layer(stats, fam, parts, kv_heads, method, key_objective, value_objective, grouping):
+    d, Hkv = fam.head_dim, fam.num_kv_heads
+    n = fam.num_heads // Hkv
+    center_values = parts.o.bias is not None
+    o_weight = None
+    if value_objective == "output" and method != "mean":
+        Wo = parts.o.weight.detach().to("cpu", torch.float64)
+        # Σ over the query heads of KV head j of W_o[:, h]ᵀ W_o[:, h]: the value error as o_proj sees it
+        blocks = Wo.reshape(Wo.shape[0], fam.num_heads, d)
+        G = torch.einsum("ohd,ohe->hde", blocks, blocks)
+        o_weight = G.reshape(Hkv, n, d, d).sum(1)
+    cache = {}
+
+    def merges(group):
+        key = tuple(group)
+        if key not in cache:
+            cache[key] = _group_merges(group, stats, fam, method, key_objective, value_objective, o_weight,
+                                       center_values)
+        return cache[key]
+
+    def cost(group):
+        km, vm = merges(group)
+        return _solve.energy_lost(km) + _solve.energy_lost(vm)
+
+    groups = _choose_groups(stats, fam, kv_heads, grouping if method != "mean" else "contiguous", cost)
+    km, vm = zip(*(merges(g) for g in groups))
+    return _LayerPlan(groups, list(km), list(vm))
+
+
+def _set_linear(lin: nn.Linear, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    dt, dev = lin.weight.dtype, lin.weight.device
+    rg = lin.weight.requires_grad
+    lin.weight = nn.Parameter(weight.to(dev, dt), requires_grad=rg)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.to(dev, dt), requires_grad=lin.bias.requires_grad if lin.bias is not None else rg)
+    lin.out_features, lin.in_features = weight.shape
+
+
+@torch.no_grad()
+def _apply_plan(parts, plan, fam):
+    d, Hkv = fam.head_dim, fam.num_kv_heads
+    n = fam.num_heads // Hkv
+    f64 = torch.float64
+
+    def w_b(lin):
+        return lin.weight.detach().to("cpu", f64), (None if lin.bias is None else lin.bias.detach().to("cpu", f64))
+
+    Wq, bq = w_b(parts.q)
+    Wk, bk = w_b(parts.k)
+    Wv, bv = w_b(parts.v)
+    Wo, bo = w_b(parts.o)
+    new_k, new_v, new_bk, new_bv = [], [], [], []
+    q_rows, q_bias, o_cols = [], [], []
+    bo_new = None if bo is None else bo.clone()
+    for group, km, vm in zip(plan.groups, plan.kmerges, plan.vmerges):
+        ix = _idx(group, d)
+        new_k.append(km.A @ Wk[ix])
+        new_v.append(vm.A @ Wv[ix])
+        if bk is not None:
+            new_bk.append(km.A @ bk[ix])
+        if bv is not None:
+            new_bv.append(vm.A @ bv[ix])
+        for gi, j in enumerate(group):
+            for h in range(j * n, (j + 1) * n):
+                hs = slice(h * d, (h + 1) * d)
+                T = km.B[gi].T
+                q_rows.append(T @ Wq[hs])
+                if bq is not None:
+                    q_bias.append(T @ bq[hs])
+                o_cols.append(Wo[:, hs] @ vm.B[gi])
+                if vm.c is not None and bo_new is not None:
+                    bo_new += Wo[:, hs] @ vm.c[gi]
+    _set_linear(parts.k, torch.cat(new_k), torch.cat(new_bk) if new_bk else None)
+    _set_linear(parts.v, torch.cat(new_v), torch.cat(new_bv) if new_bv else None)
+    _set_linear(parts.q, torch.cat(q_rows), torch.cat(q_bias) if q_bias else None)
+    _set_linear(parts.o, torch.cat(o_cols, dim=1), bo_new)
+
+
+@torch.no_grad()
+def _refit_output(parts, moments: OutputMoments, ridge: float):
+    """o_proj by least squares: the compressed heads' outputs onto the original layer's attention
+    output, ridge-pulled towards the folded o_proj. Returns error after / before on calibration."""
+    o = parts.o
+    W0 = o.weight.detach().to("cpu", torch.float64)
+    b0 = None if o.bias is None else o.bias.detach().to("cpu", torch.float64)
+    Wf = torch.cat([W0, b0[:, None]], 1) if moments.bias else W0
+    # the target y = W_orig h_orig (+ b) was recorded through o_proj's original weights
+    Worig = moments.W_orig
+    Ccc, Coc = moments.Ccc, moments.Coc
+    lam = ridge * float(Ccc.diagonal().mean())
+    rhs = Worig @ Coc + lam * Wf
+    Wn = torch.linalg.solve(Ccc + lam * torch.eye(Ccc.shape[0], dtype=Ccc.dtype), rhs.T).T
+
+    def err(W):  # Σ ||W_orig h_o − W h_c||² up to the constant Σ ||W_orig h_o||²
+        return float(-2 * (W * (Worig @ Coc)).sum() + (W @ Ccc * W).sum())
+
+    yy = float((Worig @ moments.Coo * Worig).sum())
+    before, after = yy + err(Wf), yy + err(Wn)
+    if after > before:  # never make it worse
+        return 1.0
+    if moments.bias:
+        _set_linear(o, Wn[:, :-1].contiguous(), Wn[:, -1].contiguous())
+    else:
+        _set_linear(o, Wn.contiguous(), None)
+    return after / before if before > 0 else 1.0
+
+
+def _run_layer(layer, inputs, hooks=()):
+    """Run ``layer`` on every batch's captured inputs; the list of outputs (None where a hook
+    stopped the pass)."""
+    outs = []
+    for args, kwargs, mask in inputs:
+        for h in hooks:
+            h.mask = mask
+        try:
+            y = layer(*args, **kwargs)
+        except _Stop:
+            outs.append(None)
+            continue
+        outs.append(y[0] if isinstance(y, tuple) else y)
+    return outs
+
+
+# ---------------------------------------------------------------------------- public entry
+
+def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: str = "svd-a",
+                      key_objective: str = "query", value_objective: str = "output",
+                      grouping: str = "similarity", refit_output: bool = True, sequential: bool = True,
+                      ridge: float = 1e-3, evaluation=None, progress: bool = True) -> CompressionReport:
+    """Turn ``model`` (a transformers Llama / Mistral / Qwen2 decoder or a BERT encoder) into one
+    with ``kv_heads`` key/value heads per layer, in place, and report what was kept.
+
+    Args:
+        model: the model, changed in place: k_proj / v_proj get ``kv_heads · head_dim`` rows, q_proj
+            and o_proj absorb the merges, ``config.num_key_value_heads = kv_heads``. Decoders stay
+            standard transformers GQA models (``save_pretrained`` → ``from_pretrained``); BERT's
+            self-attention becomes :class:`GQABertSelfAttention` (load with
+            :func:`lrkernels.compress.load_compressed`).
+        calibration: token ids ``(B, S)``, a dict of model inputs (``input_ids``, optional
+            ``attention_mask``; padded tokens are left out of the statistics), or an iterable of
+            either. Statistics are float64 second moments; the hidden states of all calibration
+            tokens at one layer boundary are held at a time (tokens × hidden in the model's dtype).
+        kv_heads: the new KV-head count; must divide the current one.
+        method: ``"mean"`` (mean-pooling each group, arXiv 2305.13245) or ``"svd-a"`` (PCA of the
+            calibration activations, arXiv 2406.07056: values by a PCA folded into o_proj; keys
+            under RoPE by a complex-scalar combination per frequency pair, which commutes with
+            the rotation and folds into q_proj; keys without RoPE by a PCA folded into q_proj).
+        key_objective: ``"plain"`` (key reconstruction error), ``"query"`` (the error weighted by
+            the queries' second moment: the error of the attention scores) or ``"attention"``
+            (under RoPE: the variance of the score error under the layer's attention weights,
+            which is what the softmax feels; see _collect.RopeAttentionMoments. Without RoPE it is
+            ``"query"``, whose centred keys already drop the offset the softmax ignores).
+        value_objective: ``"plain"`` or ``"output"`` (the error as o_proj maps it).
+        grouping: ``"contiguous"`` (heads ``g·m … g·m+m−1`` merge) or ``"similarity"`` (the
+            partition losing the least energy; query heads and o_proj columns are permuted to
+            match, which changes nothing in the outputs).
+        refit_output: after the merge, refit o_proj by least squares on the calibration tokens so
+            the compressed attention's output matches the original layer's (ridge ``ridge``).
+        sequential: calibrate layer l on the outputs of the already compressed layers < l (True),
+            or on the original model's (False).
+        evaluation: optional data (as ``calibration``) for the quality figures of the report:
+            perplexity before / after for decoders, mean cosine similarity of mean-pooled
+            embeddings for encoders.
+        progress: print one line per layer to stderr.
+    """
+    _check_options(method, key_objective, value_objective, grouping)
+    fam = family_of(model)
+    Hkv, H, d = fam.num_kv_heads, fam.num_heads, fam.head_dim
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or Hkv % kv_heads:
+        raise ValueError(f"compress_kv_heads: kv_heads must be a positive divisor of the model's KV-head count "
+                         f"({Hkv}), got {kv_heads!r}")
+    batches = as_batches(calibration)
+    t0 = time.perf_counter()
+    quality = {}
+    reference = None
+    if evaluation is not None:
+        from . import quality as _quality
+
+        eval_batches = as_batches(evaluation, arg="evaluation")
+        reference = _quality.evaluate(model, fam, eval_batches)
+    layers = fam.layers()
+    param = next(model.parameters())
+    dev = param.device
+    elem = param.element_size()
+    was_training = model.training
+    model.eval()
+    prog = _Progress(progress, len(layers))
+    reports = []
+    with torch.no_grad():
+        inputs = first_layer_inputs(model, layers[0], batches, fam.forward_kwargs(), dev)
+        for li, layer in enumerate(layers):
+            parts = fam.attention(layer)
+            attn_keys = None
+            if fam.rope and key_objective == "attention" and method != "mean":
+                attn_keys = {"scale": float(getattr(parts.module, "scaling", d ** -0.5)), "causal": fam.causal}
+            mom = LayerMoments(parts, H, Hkv, d, full_query=not fam.rope, keep_o_inputs=refit_output,
+                               stop_at_o=sequential, attention_keys=attn_keys)
+            try:
+                outs = _run_layer(layer, inputs, [mom])
+            finally:
+                mom.remove()
+            stats = mom.normalized()
+            with _one_thread():
+                plan = _plan_layer(stats, fam, parts, kv_heads, method, key_objective, value_objective, grouping)
+            W_orig = parts.o.weight.detach().to("cpu", torch.float64)
+            if parts.o.bias is not None:
+                W_orig = torch.cat([W_orig, parts.o.bias.detach().to("cpu", torch.float64)[:, None]], 1)
+            _apply_plan(parts, plan, fam)
+            fam.set_kv_heads(layer, kv_heads)
+            parts = fam.attention(layer)
+            gain = None
+            if refit_output:
+                # the original inputs of o_proj, in the order of the new query heads
+                perm = torch.cat([_idx(range(j * (H // Hkv), (j + 1) * (H // Hkv)), d)
+                                  for g in plan.groups for j in g])
+                originals = [x[:, perm] for x in mom.o_inputs]
+                om = OutputMoments(parts.o, originals, bias=parts.o.bias is not None)
+                if parts.o.bias is None:
+                    om.W_orig = W_orig[:, perm]
+                else:
+                    om.W_orig = torch.cat([W_orig[:, :-1][:, perm], W_orig[:, -1:]], 1)
+                om.Coo = sum(om._aug(x).T @ om._aug(x) for x in originals)
+                try:
+                    _run_layer(layer, inputs, [om])
+                finally:
+                    om.remove()
+                gain = _refit_output(parts, om, ridge)
+                del originals, om
+            if sequential:
+                outs = _run_layer(layer, inputs)
+            for slot, y in zip(inputs, outs):
+                slot[0], slot[1] = with_hidden(slot[0], slot[1], y)
+            ke = [km.kept for km in plan.kmerges]
+            ve = [vm.kept for vm in plan.vmerges]
+            rep = LayerReport(index=li, groups=plan.groups, key_energy_kept=float(sum(ke) / len(ke)),
+                              value_energy_kept=float(sum(ve) / len(ve)), output_refit_gain=gain)
+            reports.append(rep)
+            prog(li, f"energy kept keys {rep.key_energy_kept:.3f} values {rep.value_energy_kept:.3f}"
+                     + (f", o_proj refit error x{gain:.3f}" if gain is not None else ""))
+        del inputs
+    fam.set_config_kv_heads(kv_heads)
+    model.train(was_training)
+    seconds = time.perf_counter() - t0
+    if reference is not None:
+        quality = _quality.compare(model, fam, eval_batches, reference)
+    return CompressionReport(
+        architecture=type(model).__name__, method=method,
+        options=dict(key_objective=key_objective, value_objective=value_objective, grouping=grouping,
+                     refit_output=refit_output, sequential=sequential, ridge=ridge),
+        kv_heads_before=Hkv, kv_heads_after=kv_heads, num_layers=len(layers), head_dim=d,
+        kv_cache_bytes_per_token_before=2 * len(layers) * Hkv * d * elem,
+        kv_cache_bytes_per_token_after=2 * len(layers) * kv_heads * d * elem,
+        calibration_tokens=token_count(batches), seconds=seconds, layers=reports, quality=quality)
