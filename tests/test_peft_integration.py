@@ -195,7 +195,7 @@ def test_accelerated_forward_runs_lrkernels(monkeypatch):
 
 
 def test_merge_unmerge_and_merge_and_unload():
-    model = _lora_model(lora_bias=True)
+    model = _lora_model(lora_bias=True, target_modules=["up"])  # "down" has no bias to merge one into
     ref, acc, _ = _pair(model)
     x = torch.randn(4, 16)
     for m in (ref, acc):
@@ -252,20 +252,24 @@ def test_lora_dropout_equals_peft_with_the_same_mask():
         torch.testing.assert_close(pa.grad, pr.grad, **TOL[torch.float32], msg=lambda m: f"{n}: {m}")
 
 
-def test_lora_dropout_statistics():
-    """Inverted dropout: the mean over many training-mode calls is the eval output; eval mode
-    draws nothing."""
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_dropout_statistics(use_dora):
+    """Inverted dropout on one layer: the mean over many training-mode calls is the eval
+    output (the layer is linear in its dropped input), the spread is not zero; eval mode draws
+    nothing."""
     pi = _pi()
-    model = _lora_model(lora_dropout=0.5)
+    model = _lora_model(lora_dropout=0.5, use_dora=use_dora, target_modules=["up"])
     pi.accelerate(model)
+    layer = model.base_model.model.up
     x = torch.randn(2, 16)
     model.eval()
-    y_eval = model(x).detach()
-    torch.testing.assert_close(model(x), y_eval)
-    model.train()
-    ys = torch.stack([model(x).detach() for _ in range(3000)])
+    with torch.no_grad():
+        y_eval = layer(x)
+        torch.testing.assert_close(layer(x), y_eval)
+        model.train()
+        ys = torch.stack([layer(x) for _ in range(2000)])
     assert not torch.allclose(ys[0], ys[1])
-    torch.testing.assert_close(ys.mean(0), y_eval, rtol=0, atol=0.05 * y_eval.abs().max().item())
+    torch.testing.assert_close(ys.mean(0), y_eval, rtol=0, atol=4 * ys.std(0).max().item() / 2000 ** 0.5)
 
 
 # ---------------------------------------------------------------------------- mixed batches
@@ -284,7 +288,7 @@ def _three_adapters(**extra):
 @pytest.mark.parametrize("lora_bias", [False, True])
 def test_mixed_batch_matches_peft(lora_bias):
     model = _three_adapters(lora_bias=lora_bias)
-    ref, acc, _ = _pair(model)
+    ref, acc, report = _pair(model)
     ref.eval(), acc.eval()
     x = torch.randn(5, 3, 16)
     names = ["a8", "__base__", "default", "a2", "a8"]
@@ -299,6 +303,7 @@ def test_mixed_batch_matches_peft(lora_bias):
     y_ref = ref(x, adapter_names=names)
     torch.testing.assert_close(y_acc, y_ref, **TOL[torch.float32])
     assert calls  # the multi-LoRA kernels ran
+    assert not report.fallbacks(), report.fallbacks()
     with pytest.raises(ValueError, match="Length of `adapter_names`"):
         acc(x, adapter_names=names[:2])
 
@@ -322,6 +327,7 @@ def test_generate_with_adapter_names():
     model.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                            init_lora_weights=False))
     ref, acc, report = _pair(model)
+    ref.eval(), acc.eval()
     assert len(report.accelerated) == 2 * 7
     ids = torch.randint(3, 64, (3, 6))
     names = ["b", "__base__", "default"]
@@ -331,6 +337,35 @@ def test_generate_with_adapter_names():
     assert torch.equal(out_acc, out_ref)
     torch.testing.assert_close(acc(input_ids=ids, adapter_names=names).logits,
                                ref(input_ids=ids, adapter_names=names).logits, **TOL[torch.float32])
+    assert not report.fallbacks(), report.fallbacks()
+
+
+def test_hf_gradient_checkpointing():
+    """transformers' gradient checkpointing (non-reentrant) on an accelerated PeftModel, with
+    adapter dropout: same loss and gradients as without it (the recomputation regenerates the
+    kernels' masks from the same seeds)."""
+    peft = _peft()
+    pi = _pi()
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2,
+                                                              target_modules=_LLAMA_TARGETS, init_lora_weights=False))
+    pi.accelerate(model)
+    model.train()
+    ids = torch.randint(3, 64, (2, 10))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in _trainable(model).items()}
+
+    loss0, g0 = run()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.base_model.model.model.gradient_checkpointing
+    loss1, g1 = run()
+    torch.testing.assert_close(loss1, loss0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], msg=lambda m: f"{n}: {m}")
 
 
 # ---------------------------------------------------------------------------- what is not supported
@@ -538,11 +573,37 @@ def test_vera_matches_peft():
 
 
 def test_c3a_matches_peft():
+    # Only the first layer: PEFT's C3A backward (BlockCircularConvolution, peft 0.21) returns a
+    # wrong input gradient (off by O(1) against the dense product's in float64), so a C3A layer
+    # below another one gets wrong kernel gradients in PEFT; the next test checks both layers
+    # against a float64 oracle instead.
     peft = _peft()
     torch.manual_seed(0)
-    model = peft.get_peft_model(_Tiny(), peft.C3AConfig(block_size=8, target_modules=["up", "down"]))
+    model = peft.get_peft_model(_Tiny(), peft.C3AConfig(block_size=8, target_modules=["up"]))
     x = torch.randn(3, 5, 16)
     _check_all(model, x, kind="c3a")
+
+
+def test_c3a_two_layers_match_float64_oracle():
+    from lrkernels.reference.c3a import c3a_linear as c3a_ref
+    peft = _peft()
+    pi = _pi()
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_Tiny(), peft.C3AConfig(block_size=8, target_modules=["up", "down"]))
+    pi.accelerate(model)
+    inner = model.base_model.model
+    x = torch.randn(3, 5, 16)
+    y = inner(x)
+    y.square().mean().backward()
+    ks = [inner.up.c3a_kernel["default"], inner.down.c3a_kernel["default"]]
+    k64 = [k.detach().double().requires_grad_() for k in ks]
+    up, down = inner.up.base_layer, inner.down.base_layer
+    h = torch.tanh(c3a_ref(x, up.weight, up.bias, k64[0], scale=1 / 16))
+    y64 = c3a_ref(h, down.weight, None, k64[1], scale=1 / 24)
+    y64.square().mean().backward()
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    for k, k_ref in zip(ks, k64):
+        torch.testing.assert_close(k.grad.double(), k_ref.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("init", [True, "mini", "bat"], ids=["balance", "mini", "bat"])

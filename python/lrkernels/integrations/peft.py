@@ -112,13 +112,15 @@ _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOW = (torch.float16, torch.bfloat16)
 
 
-def _compute_dtype(x):
-    """The dtype the base linear computes in: the autocast dtype when autocast is on for x's
-    device (float64 excepted, as autocast leaves it), else x's."""
+def _autocast_on(x):
+    """Whether autocast is on for x's device and applies to x (it leaves float64 alone)."""
     dev = x.device.type
-    if dev in ("cpu", "cuda") and x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
+    return dev in ("cpu", "cuda") and x.dtype != torch.float64 and torch.is_autocast_enabled(dev)
+
+
+def _compute_dtype(x):
+    """The dtype the base linear computes in: the autocast dtype under autocast, else x's."""
+    return torch.get_autocast_dtype(x.device.type) if _autocast_on(x) else x.dtype
 
 
 def _inputs_ok(x, base, adapter_tensors):
@@ -129,11 +131,11 @@ def _inputs_ok(x, base, adapter_tensors):
         return "input is not a floating tensor"
     dev = x.device.type
     allowed = _CPU_DTYPES if dev == "cpu" else _CUDA_DTYPES if dev == "cuda" else ()
-    cd = _compute_dtype(x)
+    autocast = _autocast_on(x)
+    cd = torch.get_autocast_dtype(dev) if autocast else x.dtype
     if cd not in allowed:
         return f"the {dev} kernels do not take {cd}"
     w = base.weight
-    autocast = cd != x.dtype
     if not autocast and (w.dtype != x.dtype or (base.bias is not None and base.bias.dtype != x.dtype)):
         return "input and base layer dtypes differ"
     if autocast and w.dtype not in allowed:
