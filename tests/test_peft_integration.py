@@ -441,21 +441,44 @@ def test_save_and_reload_round_trip(tmp_path):
     assert sd_a.keys() == sd_b.keys()
 
 
-def test_torch_compile_fullgraph():
+def _compile_model(kind):
+    peft = _peft()
+    torch.manual_seed(0)
+    if kind == "lora":
+        return _lora_model(lora_dropout=0.1, lora_bias=True)
+    if kind == "dora":
+        return _lora_model(lora_dropout=0.1, use_dora=True)
+    if kind == "vera":
+        return peft.get_peft_model(_Tiny(d=16, h=16), peft.VeraConfig(r=4, vera_dropout=0.1,
+                                                                        target_modules=["up", "down"]))
+    return peft.get_peft_model(_Tiny(), peft.MissConfig(r=8, target_modules=["up", "down"]))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "vera", "miss"])
+def test_torch_compile_fullgraph(kind):
+    """The accelerated layers trace without graph breaks (fullgraph), eval and training mode."""
     pi = _pi()
-    model = _lora_model(lora_dropout=0.1, lora_bias=True)
+    model = _compile_model(kind)
     model.eval()
     pi.accelerate(model)
     inner = model.base_model.model
     x = torch.randn(3, 16)
     y_eager = inner(x)
     torch._dynamo.reset()
-    compiled = torch.compile(inner, fullgraph=True, backend="aot_eager")
+    graphs = []
+
+    def backend(gm, example_inputs):  # records each traced graph, then runs it as aot_eager would
+        graphs.append(gm.code)
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(inner, fullgraph=True, backend=backend)
     y = compiled(x)
     torch.testing.assert_close(y, y_eager)
     y.square().mean().backward()
     model.train()  # training mode with dropout: traced too
     compiled(x).sum().backward()
+    assert graphs and all("lrkernels" in g for g in graphs)  # our ops, not PEFT's forward, were traced
 
 
 def test_gradient_checkpointing_same_masks():
