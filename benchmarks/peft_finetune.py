@@ -42,6 +42,25 @@ def _wait_quiet():
         time.sleep(30)
 
 
+class _StopDetector:
+    """Notices when the process was stopped (SIGSTOP while another benchmark is measured) or
+    starved for over a second: a thread that wakes every 50 ms records any longer gap. A timed
+    step during which that happened is discarded and run again."""
+
+    def __init__(self, gap_s=1.0):
+        import threading
+
+        self.gap_s, self.hit = gap_s, False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            t = time.monotonic()
+            time.sleep(0.05)
+            if time.monotonic() - t > self.gap_s:
+                self.hit = True
+
+
 def _batch(tok, n_batches=1, offset=0):
     from lrkernels.integrations.models import pydoc_topics
 
@@ -164,13 +183,20 @@ def _time_group(fns, steps):
         _wait_quiet()
         fn()
     times = {k: [] for k in fns}
+    det = _StopDetector()
     for i in range(steps):
         order = list(fns.items()) if i % 2 == 0 else list(reversed(list(fns.items())))
         for name, fn in order:
-            _wait_quiet()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            for _attempt in range(6):
+                _wait_quiet()
+                det.hit = False
+                t0 = time.perf_counter()
+                fn()
+                took = time.perf_counter() - t0
+                if not det.hit:
+                    break
+                print(f"   ({name}: step interrupted, {took:.1f} s discarded)", flush=True)
+            times[name].append(took)
     return {k: statistics.median(v) for k, v in times.items()}, times
 
 

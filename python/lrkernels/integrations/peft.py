@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["accelerate", "restore", "AccelerateReport", "is_accelerated"]
+__all__ = ["accelerate", "restore", "AccelerateReport", "is_accelerated", "dora_weight_norm"]
 
 _STATE = "_lrkernels_peft"
 _BASE_NAME = "__base__"
@@ -389,9 +389,9 @@ def _unmerge(self, *args, **kwargs):
 
 # ---------------------------------------------------------------------------- VeRA, C3A, MiSS
 
-def _single_active(self, params):
-    names = [n for n in self.active_adapters if n in params]
-    return names
+def _active_in(self, params):
+    """The active adapters that this layer holds (PEFT skips the others)."""
+    return [n for n in self.active_adapters if n in params]
 
 
 def _common_prelude(self, x, args, kwargs):
@@ -412,7 +412,7 @@ def _vera_forward(self, x, *args, **kwargs):
     out = _common_prelude(self, x, args, kwargs)
     if out is not None:
         return out
-    names = _single_active(self, self.vera_lambda_d)
+    names = _active_in(self, self.vera_lambda_d)
     if not names:
         return type(self).forward(self, x)
     if len(names) > 1:
@@ -437,7 +437,7 @@ def _c3a_forward(self, x, *args, **kwargs):
     out = _common_prelude(self, x, args, kwargs)
     if out is not None:
         return out
-    names = _single_active(self, self.c3a_kernel)
+    names = _active_in(self, self.c3a_kernel)
     if not names:
         return type(self).forward(self, x)
     if len(names) > 1:  # PEFT feeds each adapter the previous one's output: kept as it is
@@ -456,7 +456,7 @@ def _miss_forward(self, x, *args, **kwargs):
     out = _common_prelude(self, x, args, kwargs)
     if out is not None:
         return out
-    names = _single_active(self, self.miss_block)
+    names = _active_in(self, self.miss_block)
     if not names:
         return type(self).forward(self, x)
     if len(names) > 1:
