@@ -120,8 +120,9 @@ def _floor_step(model, ids, autocast):
     return step
 
 
-def _group(name):
-    """{candidate: step fn} for a group, built fresh (each candidate its own model copy)."""
+def _group(name, only=None):
+    """{candidate: step fn} for a group, built fresh (each candidate its own model copy); `only`:
+    build just that candidate."""
     from lrkernels.integrations.peft import accelerate
 
     if name == "minilm":
@@ -129,13 +130,19 @@ def _group(name):
     base, tok = _smollm2()
     ids = _batch(tok)[0]
     autocast = name == "bf16"
-    dora = name == "dora"
-    peft_m = _peft_model(copy.deepcopy(base), 0.05, use_dora=dora)
-    acc = copy.deepcopy(peft_m)
-    report = accelerate(acc)
-    assert len(report.accelerated) == 7 * base.config.num_hidden_layers and not report.skipped, report
-    return {"floor": _floor_step(base, ids, autocast), "peft": _train_step(peft_m, ids, autocast),
-            "lrkernels": _train_step(acc, ids, autocast)}
+    out = {}
+    if only in (None, "peft", "lrkernels"):
+        peft_m = _peft_model(copy.deepcopy(base), 0.05, use_dora=name == "dora")
+        if only in (None, "lrkernels"):
+            acc = copy.deepcopy(peft_m) if only is None else peft_m
+            report = accelerate(acc)
+            assert len(report.accelerated) == 7 * base.config.num_hidden_layers and not report.skipped, report
+            out["lrkernels"] = _train_step(acc, ids, autocast)
+        if only in (None, "peft"):
+            out["peft"] = _train_step(peft_m, ids, autocast)
+    if only in (None, "floor"):
+        out["floor"] = _floor_step(base, ids, autocast)
+    return {k: out[k] for k in ("floor", "peft", "lrkernels") if k in out}
 
 
 def _minilm_group():
@@ -206,7 +213,7 @@ def _peak_child(group, candidate):
     import gc
 
     _release_frees_to_the_os()
-    fns = _group(group)
+    fns = _group(group, only=candidate)
     fn = fns[candidate]
     for other in list(fns):
         if other != candidate:
