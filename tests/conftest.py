@@ -119,3 +119,24 @@ def abs_inputs(inputs):
 
 def env_flag(name):
     return os.environ.get(name, "0") == "1"
+
+
+def tiny_decoder(arch, attn, *, seed=0, **config):
+    """A small random-weight float64 LLaMA-family decoder ("llama", "mistral" or "qwen2") with
+    attn_implementation `attn`; `config` overrides the config's fields (sizes included).
+    Needs transformers (callers importorskip it first)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.0, pad_token_id=0,
+                  eos_token_id=1, bos_token_id=2)
+    fields.update(config)
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
+    cfg = cfg_cls(**fields)
+    cfg._attn_implementation = attn
+    return model_cls(cfg).to(torch.float64).eval()

@@ -9,24 +9,15 @@ transformers = pytest.importorskip("transformers")
 
 from lrkernels import compress  # noqa: E402
 from lrkernels.compress import _solve  # noqa: E402
+from conftest import tiny_decoder  # noqa: E402
 
 VOCAB = 97
 
 
 def _decoder(arch, *, seed=0, **over):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
-                  attention_dropout=0.0, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    common.update(over)
-    cfg_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }[arch]
-    cfg = cfg_cls(**common)
-    cfg._attn_implementation = "sdpa"
-    model = model_cls(cfg).to(torch.float64).eval()
+    sizes = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=4,
+                 max_position_embeddings=256)
+    model = tiny_decoder(arch, "sdpa", seed=seed, **{**sizes, **over})
     if arch == "llama" and over.get("attention_bias"):
         with torch.no_grad():  # random biases (transformers initialises them to zero)
             for layer in model.model.layers:

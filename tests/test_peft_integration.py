@@ -233,16 +233,16 @@ def _pinned_dropout_reference(model, x, p, seed_rng):
     return ref
 
 
-def test_lora_dropout_equals_peft_with_the_same_mask():
+@pytest.mark.parametrize("use_dora, p, seed", [(False, 0.3, 123), (True, 0.25, 77)], ids=["lora", "dora"])
+def test_dropout_equals_peft_with_the_same_mask(use_dora, p, seed):
     pi = _pi()
-    p = 0.3
-    model = _lora_model(lora_dropout=p)
+    model = _lora_model(lora_dropout=p, use_dora=use_dora)
     model.train()
     x = torch.randn(3, 5, 16)
-    ref = _pinned_dropout_reference(model, x, p, 123)
+    ref = _pinned_dropout_reference(model, x, p, seed)
     acc = copy.deepcopy(model)
     pi.accelerate(acc)
-    torch.manual_seed(123)
+    torch.manual_seed(seed)
     y_acc = acc(x)
     y_acc.square().mean().backward()
     y_ref = ref(x)
@@ -536,25 +536,6 @@ def test_dora_fp32_adapters_on_bf16_base_and_autocast():
     _check_all(model, torch.randn(3, 5, 16, dtype=torch.bfloat16), dtype=torch.bfloat16)
     model = _lora_model(use_dora=True)
     _check_all(model, torch.randn(3, 5, 16), autocast=torch.bfloat16)
-
-
-def test_dora_dropout_equals_peft_with_the_same_mask():
-    pi = _pi()
-    p = 0.25
-    model = _lora_model(lora_dropout=p, use_dora=True)
-    model.train()
-    x = torch.randn(3, 5, 16)
-    ref = _pinned_dropout_reference(model, x, p, 77)
-    acc = copy.deepcopy(model)
-    pi.accelerate(acc)
-    torch.manual_seed(77)
-    y_acc = acc(x)
-    y_acc.square().mean().backward()
-    y_ref = ref(x)
-    y_ref.square().mean().backward()
-    torch.testing.assert_close(y_acc, y_ref, **TOL[torch.float32])
-    for (n, pa), (_, pr) in zip(_trainable(acc).items(), _trainable(ref).items()):
-        torch.testing.assert_close(pa.grad, pr.grad, **TOL[torch.float32], msg=lambda m: f"{n}: {m}")
 
 
 def test_dora_norm_cache_follows_merges():

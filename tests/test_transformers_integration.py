@@ -11,24 +11,13 @@ transformers = pytest.importorskip("transformers")
 
 import lrkernels.integrations.transformers as lt  # noqa: E402  (registers "lrkernels")
 from lrkernels.integrations import models  # noqa: E402
+from conftest import tiny_decoder  # noqa: E402
 
 VOCAB = 97
 
 
 def _decoder(arch, attn, *, seed=0, **over):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
-                  attention_dropout=0.0, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    common.update(over)
-    cfg_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }[arch]
-    cfg = cfg_cls(**common)
-    cfg._attn_implementation = attn
-    return model_cls(cfg).to(torch.float64).eval()
+    return tiny_decoder(arch, attn, seed=seed, vocab_size=VOCAB, **over)
 
 
 def _pair(arch, **over):
