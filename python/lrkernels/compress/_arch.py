@@ -71,6 +71,10 @@ class Family:
     def forward_kwargs(self) -> dict:
         return {}
 
+    def attention_window(self, layer_index: int):
+        """The sliding-window length of layer ``layer_index``'s attention, or None (full)."""
+        return None
+
 
 class DecoderFamily(Family):
     rope = True
@@ -104,6 +108,18 @@ class DecoderFamily(Family):
 
     def forward_kwargs(self):
         return {"use_cache": False}
+
+    def attention_window(self, layer_index):
+        c = self.config
+        win = getattr(c, "sliding_window", None)
+        if not win:
+            return None
+        if c.model_type == "mistral":
+            return int(win)
+        types = getattr(c, "layer_types", None)
+        if getattr(c, "use_sliding_window", False) and types and types[layer_index] == "sliding_attention":
+            return int(win)
+        return None
 
 
 class EncoderFamily(Family):

@@ -3,6 +3,8 @@ with hooks (float64 sums; nothing of size tokens × tokens is kept)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -106,7 +108,7 @@ class LayerMoments:
     head; its diagonal only when ``full_query`` is False), over the valid tokens."""
 
     def __init__(self, parts, num_heads, num_kv, head_dim, *, full_query: bool, keep_o_inputs: bool,
-                 stop_at_o: bool, attention_keys=None):
+                 stop_at_o: bool, attention_keys=None, attention_values=None):
         self.H, self.Hkv, self.d = num_heads, num_kv, head_dim
         D = num_kv * head_dim
         f64 = torch.float64
@@ -123,10 +125,16 @@ class LayerMoments:
                          parts.v.register_forward_hook(self._on_v)]
         self.stop_at_o = stop_at_o
         self.attention = None
+        self.attention_values = None
+        self.q = self.k = self.cos_sin = None
         if attention_keys is not None:
             # key objective "attention": per query head the moments of what the softmax sees
             self.attention = RopeAttentionMoments(num_heads, num_kv, head_dim, scale=attention_keys["scale"],
                                                   causal=attention_keys["causal"])
+        if attention_values is not None:
+            # value objective "attention": the values as each query head's attention averages them
+            self.attention_values = AttendedValueMoments(num_heads, num_kv, head_dim, **attention_values)
+        if self.attention is not None or (attention_values is not None and attention_values.get("rope")):
             self._handles.append(parts.module.register_forward_pre_hook(self._on_attn, with_kwargs=True))
         if keep_o_inputs or stop_at_o:
             self._handles.append(parts.o.register_forward_pre_hook(self._on_o))
@@ -138,11 +146,14 @@ class LayerMoments:
     def _on_attn(self, mod, args, kwargs):
         pe = kwargs.get("position_embeddings")
         if pe is None:
-            raise ValueError("compress_kv_heads: key_objective='attention' needs the layer's position_embeddings "
+            raise ValueError("compress_kv_heads: the 'attention' objectives need the layer's position_embeddings "
                              "(cos, sin)")
-        self.attention.cos_sin = pe
+        self.cos_sin = pe
+        if self.attention is not None:
+            self.attention.cos_sin = pe
 
     def _on_q(self, mod, inp, out):
+        self.q = out.detach()
         if self.attention is not None:
             self.attention.q = out.detach()
         q = self._rows(out).reshape(-1, self.H, self.d)
@@ -152,6 +163,7 @@ class LayerMoments:
             self.Sq += (q * q).sum(0)
 
     def _on_k(self, mod, inp, out):
+        self.k = out.detach()
         if self.attention is not None:
             self.attention.add(self.attention.q, out.detach(), self.mask)
         k = self._rows(out)
@@ -160,6 +172,9 @@ class LayerMoments:
         self.n += k.shape[0]
 
     def _on_v(self, mod, inp, out):
+        if self.attention_values is not None:
+            self.attention_values.add(self.q, self.k, out.detach(), self.mask, self.cos_sin)
+        self.q = self.k = None
         v = self._rows(out)
         self.Sv += v.T @ v
         self.mv += v.sum(0)
@@ -177,11 +192,89 @@ class LayerMoments:
         self._handles = []
 
     def normalized(self):
-        """(E[kkᵀ], E[k], E[vvᵀ], E[v], E[qqᵀ] or E[q²], the attention moments or None) over the
-        tokens seen."""
+        """LayerStats over the tokens seen."""
         n = max(self.n, 1)
         N = None if self.attention is None else self.attention.per_kv_head() / n
-        return self.Sk / n, self.mk / n, self.Sv / n, self.mv / n, self.Sq / n, N
+        Pv = mu = None
+        if self.attention_values is not None:
+            Pv, mu = self.attention_values.normalized()
+        return LayerStats(self.Sk / n, self.mk / n, self.Sv / n, self.mv / n, self.Sq / n, N, Pv, mu)
+
+
+@dataclass
+class LayerStats:
+    """Per-layer calibration moments (float64, means over the valid tokens).
+
+    Sk, mk / Sv, mv: E[kkᵀ], E[k] / E[vvᵀ], E[v] of the stacked KV heads (Hkv·d); Sq: per query head
+    E[qqᵀ] (H, d, d) or E[q²] (H, d); Natt: the key-attention moments (RopeAttentionMoments) or None;
+    Pv, pv: AttendedValueMoments' per-KV-head E[ṽṽᵀ] (Hkv, Hkv·d, Hkv·d) and E[ṽ] (Hkv, Hkv·d) or None.
+    """
+    Sk: torch.Tensor
+    mk: torch.Tensor
+    Sv: torch.Tensor
+    mv: torch.Tensor
+    Sq: torch.Tensor
+    Natt: Optional[torch.Tensor] = None
+    Pv: Optional[torch.Tensor] = None
+    pv: Optional[torch.Tensor] = None
+
+
+def attention_weights(q, k, *, num_heads, num_kv, head_dim, scale, causal, mask, cos_sin=None, window=None):
+    """(B, H, S, S) float64 softmax weights of one layer from its q_proj / k_proj outputs (B, S, ·):
+    rotate-half RoPE with ``cos_sin`` when given, query head h on KV head h // (H / Hkv), keys
+    limited to the valid tokens ``mask`` (B, S) bool or None, causal and a sliding ``window`` when
+    given."""
+    B, S = q.shape[:2]
+    H, Hkv, d = num_heads, num_kv, head_dim
+    q = q.to("cpu", torch.float64).reshape(B, S, H, d)
+    k = k.to("cpu", torch.float64).reshape(B, S, Hkv, d)
+    if cos_sin is not None:
+        cos, sin = (t.to("cpu", torch.float64).expand(B, S, d) for t in cos_sin)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    scores = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(H // Hkv, dim=2)) * scale
+    allowed = torch.ones(B, 1, S, S, dtype=torch.bool)
+    if causal:
+        allowed = allowed & torch.ones(S, S, dtype=torch.bool).tril()
+    if window:
+        allowed = allowed & torch.ones(S, S, dtype=torch.bool).triu(-(int(window) - 1))
+    valid = torch.ones(B, S, dtype=torch.bool) if mask is None else mask.cpu()
+    allowed = allowed & valid[:, None, None, :]
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+
+
+class AttendedValueMoments:
+    """For the value objective "attention": what o_proj receives is, per query head h, the values
+    averaged by h's attention weights, ṽ_{h,t} = Σ_s a_{h,ts} v_s. A merge of a group's values is
+    read back by query head h from the group's stacked values averaged with h's weights, so the
+    error it makes is measured on those: per KV head j, P_j = Σ_{h on j} Σ_t ṽ_{h,t} ṽ_{h,t}ᵀ over
+    all Hkv·d stacked value dims (any group can be read off), and the mean of ṽ."""
+
+    def __init__(self, num_heads, num_kv, head_dim, *, scale, causal, rope=False, window=None):
+        self.H, self.Hkv, self.d = num_heads, num_kv, head_dim
+        self.scale, self.causal, self.rope, self.window = scale, causal, rope, window
+        D = num_kv * head_dim
+        self.P = torch.zeros(num_kv, D, D, dtype=torch.float64)
+        self.mu = torch.zeros(num_kv, D, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, q, k, v, mask, cos_sin):
+        if self.rope and cos_sin is None:
+            raise ValueError("compress_kv_heads: value_objective='attention' needs the layer's position_embeddings")
+        a = attention_weights(q, k, num_heads=self.H, num_kv=self.Hkv, head_dim=self.d, scale=self.scale,
+                              causal=self.causal, mask=mask, cos_sin=cos_sin if self.rope else None,
+                              window=self.window)
+        B, S = v.shape[:2]
+        vt = torch.einsum("bhts,bsD->bthD", a, v.to("cpu", torch.float64).reshape(B, S, -1))
+        vt = vt.reshape(B * S, self.H, -1) if mask is None else vt[mask.cpu()]        # valid queries
+        n = self.H // self.Hkv
+        vt = vt.reshape(vt.shape[0], self.Hkv, n, -1)
+        self.P += torch.einsum("tjnD,tjnE->jDE", vt, vt)
+        self.mu += vt.sum((0, 2))
+        self.n += vt.shape[0] * n
+
+    def normalized(self):
+        n = max(self.n, 1)  # tokens × query heads per KV head
+        return self.P / n, self.mu / n
 
 
 def _rotate(x, cos, sin):
@@ -217,14 +310,9 @@ class RopeAttentionMoments:
         k = k.to("cpu", torch.float64).reshape(B, S, Hkv, d)
         cos, sin = (t.to("cpu", torch.float64).expand(B, S, d) for t in self.cos_sin)
         qr, kr = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        n = H // Hkv
-        scores = torch.einsum("bthd,bshd->bhts", qr, kr.repeat_interleave(n, dim=2)) * self.scale
-        allowed = torch.ones(B, 1, S, S, dtype=torch.bool)
-        if self.causal:
-            allowed = allowed & torch.ones(S, S, dtype=torch.bool).tril()
         valid = torch.ones(B, S, dtype=torch.bool) if mask is None else mask.cpu()
-        allowed = allowed & valid[:, None, None, :]
-        a = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        a = attention_weights(qr, kr, num_heads=H, num_kv=Hkv, head_dim=d, scale=self.scale, causal=self.causal,
+                              mask=mask)
         zq = torch.complex(q[..., :h], q[..., h:])                             # (B, S, H, h)
         wq = (zq.real ** 2 + zq.imag ** 2) * valid[:, :, None, None]          # |q_t|², valid queries only
         zk = torch.complex(k[..., :h], k[..., h:])                             # (B, S, Hkv, h)

@@ -19,7 +19,7 @@ from ._report import CompressionReport, LayerReport
 
 METHODS = ("mean", "svd-a")
 KEY_OBJECTIVES = ("plain", "query", "attention")
-VALUE_OBJECTIVES = ("plain", "output")
+VALUE_OBJECTIVES = ("plain", "output", "attention")
 GROUPINGS = ("contiguous", "similarity")
 _EXHAUSTIVE_GROUPINGS = 5000
 
@@ -68,7 +68,7 @@ def _idx(heads: Sequence[int], d: int) -> torch.Tensor:
 
 def _group_merges(group, stats, fam, method, key_objective, value_objective, o_weight, center_values):
     """(key merge, value merge) of one group of old KV heads."""
-    Sk, mk, Sv, mv, Sq, Natt = stats
+    Sk, mk, Sv, mv, Sq, Natt = stats.Sk, stats.mk, stats.Sv, stats.mv, stats.Sq, stats.Natt
     d, m = fam.head_dim, len(group)
     n = fam.num_heads // fam.num_kv_heads
     if method == "mean":
@@ -88,8 +88,14 @@ def _group_merges(group, stats, fam, method, key_objective, value_objective, o_w
     else:
         km = _solve.pca_merge(Sk[ix][:, ix], m, d, mean=mk[ix], keep_offset=False,
                               weight=qsum if key_objective != "plain" else None)
-    vw = o_weight[list(group)] if value_objective == "output" else None
-    vm = _solve.pca_merge(Sv[ix][:, ix], m, d, mean=mv[ix] if center_values else None, weight=vw)
+    vw = o_weight[list(group)] if value_objective in ("output", "attention") else None
+    if value_objective == "attention":
+        # the group's stacked values as its query heads' attention averages them
+        Sv_g = stats.Pv[list(group)][:, ix][:, :, ix].mean(0)
+        mv_g = stats.pv[list(group)][:, ix].mean(0)
+    else:
+        Sv_g, mv_g = Sv[ix][:, ix], mv[ix]
+    vm = _solve.pca_merge(Sv_g, m, d, mean=mv_g if center_values else None, weight=vw)
     return km, vm
 
 
@@ -125,7 +131,7 @@ def _plan_layer(stats, fam, parts, kv_heads, method, key_objective, value_object
     n = fam.num_heads // Hkv
     center_values = parts.o.bias is not None
     o_weight = None
-    if value_objective == "output" and method != "mean":
+    if value_objective in ("output", "attention") and method != "mean":
         Wo = parts.o.weight.detach().to("cpu", torch.float64)
         # Σ over the query heads of KV head j of W_o[:, h]ᵀ W_o[:, h]: the value error as o_proj sees it
         blocks = Wo.reshape(Wo.shape[0], fam.num_heads, d)
@@ -315,8 +321,12 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             attn_keys = None
             if fam.rope and key_objective == "attention" and method != "mean":
                 attn_keys = {"scale": float(getattr(parts.module, "scaling", d ** -0.5)), "causal": fam.causal}
+            attn_values = None
+            if value_objective == "attention" and method != "mean":
+                attn_values = {"scale": float(getattr(parts.module, "scaling", d ** -0.5)), "causal": fam.causal,
+                               "rope": fam.rope, "window": fam.attention_window(li)}
             mom = LayerMoments(parts, H, Hkv, d, full_query=not fam.rope, keep_o_inputs=refit_output,
-                               stop_at_o=sequential, attention_keys=attn_keys)
+                               stop_at_o=sequential, attention_keys=attn_keys, attention_values=attn_values)
             try:
                 outs = _run_layer(layer, inputs, [mom])
             finally:
