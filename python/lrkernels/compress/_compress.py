@@ -278,7 +278,10 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             (under RoPE: the variance of the score error under the layer's attention weights,
             which is what the softmax feels; see _collect.RopeAttentionMoments. Without RoPE it is
             ``"query"``, whose centred keys already drop the offset the softmax ignores).
-        value_objective: ``"plain"`` or ``"output"`` (the error as o_proj maps it).
+        value_objective: ``"plain"``, ``"output"`` (the error as o_proj maps it) or
+            ``"attention"`` (the values as each query head's attention weights average them, then
+            as o_proj maps them; slower to collect; MiniLM 12→4: 0.936 mean cosine against the
+            default's 0.932, but a lower minimum, so not the default).
         grouping: ``"contiguous"`` (heads ``g·m … g·m+m−1`` merge) or ``"similarity"`` (the
             partition losing the least energy; query heads and o_proj columns are permuted to
             match, which changes nothing in the outputs).
