@@ -153,7 +153,8 @@ class LayerMoments:
             self.attention.cos_sin = pe
 
     def _on_q(self, mod, inp, out):
-        self.q = out.detach()
+        if self.attention_values is not None:  # kept only until this layer's v_proj has run
+            self.q = out.detach()
         if self.attention is not None:
             self.attention.q = out.detach()
         q = self._rows(out).reshape(-1, self.H, self.d)
@@ -163,7 +164,8 @@ class LayerMoments:
             self.Sq += (q * q).sum(0)
 
     def _on_k(self, mod, inp, out):
-        self.k = out.detach()
+        if self.attention_values is not None:
+            self.k = out.detach()
         if self.attention is not None:
             self.attention.add(self.attention.q, out.detach(), self.mask)
         k = self._rows(out)
@@ -258,8 +260,6 @@ class AttendedValueMoments:
         self.n = 0
 
     def add(self, q, k, v, mask, cos_sin):
-        if self.rope and cos_sin is None:
-            raise ValueError("compress_kv_heads: value_objective='attention' needs the layer's position_embeddings")
         a = attention_weights(q, k, num_heads=self.H, num_kv=self.Hkv, head_dim=self.d, scale=self.scale,
                               causal=self.causal, mask=mask, cos_sin=cos_sin if self.rope else None,
                               window=self.window)
