@@ -166,18 +166,17 @@ TORCH_LIBRARY(lrkernels, m) {
   //   [row_ptr (out+1) | csr_col (nnz) | csr_perm (nnz) | col_ptr (in+1) | csc_row (nnz) | csc_perm (nnz)],
   // csr_perm / csc_perm giving each entry's position in sparse_values.
   m.def("sparse_support_compress(Tensor indices, int out_features, int in_features) -> Tensor");
-  // Returns (y, hidden) with hidden = s·x Aᵀ (tokens, r) in float32 (float64 for float64 x),
-  // saved for the backward op.
   m.def(
       "sparse_lowrank_linear(Tensor x, Tensor lora_a, Tensor lora_b, Tensor sparse_values, Tensor sparse_support, "
-      "Tensor? bias, float scale) -> (Tensor, Tensor)");
-  // Gradients for (x, lora_a, lora_b, sparse_values, bias): dB = dyᵀ hidden, dA = s·(dy B)ᵀ x,
+      "Tensor? bias, float scale) -> Tensor");
+  // Gradients for (x, lora_a, lora_b, sparse_values, bias): dB = s·dyᵀ(x Aᵀ), dA = s·(dy B)ᵀ x,
   // dS = dyᵀx sampled on the support only (SDDMM), dx = s·(dy B) A + dy S (SpMM); output_mask
-  // says which. The bias gradient comes back in float32 (float64 for float64 x), the others
-  // in their tensor's dtype.
+  // says which. x Aᵀ is recomputed (the forward saves only its inputs), by chunks of tokens.
+  // The bias gradient comes back in float32 (float64 for float64 x), the others in their
+  // tensor's dtype.
   m.def(
       "sparse_lowrank_linear_backward(Tensor grad_out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor sparse_values, "
-      "Tensor sparse_support, Tensor hidden, float scale, bool[5] output_mask) "
+      "Tensor sparse_support, float scale, bool[5] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 
   // ---- gqa ---------------------------------------------------------------------------

@@ -118,18 +118,12 @@ inline SparseLowRankShapes check_sparse_lowrank_args(const char* op, const at::T
 }
 
 inline void check_sparse_lowrank_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
-                                      const at::Tensor& hidden, const SparseLowRankShapes& sh) {
+                                      const SparseLowRankShapes& sh) {
   TORCH_CHECK_VALUE(grad_out.device() == x.device(), "lrkernels.", op, ": grad_out is on ", grad_out.device(),
                     " but x is on ", x.device());
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "lrkernels.", op, ": grad_out has dtype ",
                    grad_out.scalar_type(), " but x has dtype ", x.scalar_type());
   check_shape(grad_out, with_last_dim(x, sh.out_features), op, "grad_out", "(..., out_features)");
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(hidden.device() == x.device(), "lrkernels.", op, ": hidden is on ", hidden.device(),
-                    " but x is on ", x.device());
-  TORCH_CHECK_TYPE(hidden.scalar_type() == acc, "lrkernels.", op, ": hidden must be ", acc,
-                   " (the forward's second output), got ", hidden.scalar_type());
-  check_shape(hidden, {sh.tokens, sh.rank}, op, "hidden", "(tokens, r) (the forward's second output)");
 }
 
 }  // namespace lrkernels

@@ -1,7 +1,9 @@
 // CPU kernels of the sparse-plus-low-rank linear layer (SLTrain, arXiv 2406.02214; LOST,
 // "Low-rank and Sparse Pre-training for LLMs"): y = x Wᵀ + b with W = s·B A + S, never building W in backward.
 //
-// Low-rank part: BLAS GEMMs through the factors (hidden = s·x Aᵀ is saved for backward). Sparse
+// Low-rank part: BLAS GEMMs through the factors; hidden = s·x Aᵀ is not saved but recomputed in
+// backward by chunks of tokens (saving it would cost more memory than the factored weight's
+// gradient saves over a dense layer's: T·r against in·out − r·(in + out) − nnz). Sparse
 // part: columns support (LOST) = a gather-GEMM on the n selected input channels; random support
 // (SLTrain) = the SpMM / SDDMM loops of sparse_lowrank_cpu_vec.cpp over compressed rows (CSR)
 // and columns (CSC), on tiles of tokens held feature-major, tiles spread over the threads with
@@ -141,6 +143,13 @@ at::Tensor random_support(const char* op, const at::Tensor& support, const Spars
 // paid per support entry and tile (the index and value loads; for the SDDMM, one horizontal
 // sum), narrower ones keep the transposed tiles in cache: `want` tokens, fewer when the
 // thread's transposed tiles (`features` rows) would pass ~2 MiB (L2 + its share of L3).
+// Tokens per chunk of the backward's low-rank products: each token-sized intermediate (tokens ×
+// r) stays ~512 KiB, small next to the gradients, and each GEMM still has >= 64 tokens.
+int64_t lowrank_chunk(const SparseLowRankShapes& sh, int64_t elem) {
+  const int64_t want = (512 * 1024) / std::max<int64_t>(1, sh.rank * elem);
+  return std::max<int64_t>(64, want);
+}
+
 int64_t tile_width(int64_t tokens, int64_t features, int64_t elem, int64_t want) {
   int64_t w = (2 * 1024 * 1024) / std::max<int64_t>(1, features * elem);
   w = std::clamp<int64_t>(std::min(w, want) / 16 * 16, 16, want);
@@ -267,7 +276,7 @@ at::Tensor sparse_support_compress_cpu(const at::Tensor& indices, int64_t out_fe
   return compress_support_cpu("sparse_support_compress", "indices", indices, out_features, in_features);
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& lora_a,
+at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& lora_a,
                                                              const at::Tensor& lora_b, const at::Tensor& sparse_values,
                                                              const at::Tensor& sparse_support,
                                                              const std::optional<at::Tensor>& bias, double scale) {
@@ -287,8 +296,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_lowrank_linear_cpu(const at::Tensor& x
   const at::Tensor as = lora_a.to(acc).mul(scale);
   const at::Tensor bc = lora_b.to(acc);
   const at::Tensor vals = sparse_values.to(acc).contiguous();
-  const at::Tensor hidden = at::mm(x2, as.t());
-  at::Tensor y2;
+  // y is allocated in x's leading shape and filled through a 2-D view, so the op returns a
+  // tensor of its own, not a view (autograd would copy a view's gradient, and so on)
+  const at::Tensor y = at::empty(with_last_dim(x, sh.out_features), x2.options());
+  at::Tensor y2 = y.view({sh.tokens, sh.out_features});
   if (use_dense_forward(sh)) {
     at::Tensor w = at::mm(bc, as);  // transient (out, in), never saved
     if (sh.kind == SupportKind::kColumns) {
@@ -298,9 +309,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_lowrank_linear_cpu(const at::Tensor& x
       if (acc == at::kDouble) scatter_support<double>(sv, vals, sh, w);
       else scatter_support<float>(sv, vals, sh, w);
     }
-    y2 = has_bias ? at::addmm(bias->to(acc), x2, w.t()) : at::mm(x2, w.t());
+    if (has_bias) at::addmm_out(y2, bias->to(acc), x2, w.t());
+    else at::mm_out(y2, x2, w.t());
   } else {
-    y2 = has_bias ? at::addmm(bias->to(acc), hidden, bc.t()) : at::mm(hidden, bc.t());
+    const at::Tensor hidden = at::mm(x2, as.t());  // transient: backward recomputes it
+    if (has_bias) at::addmm_out(y2, bias->to(acc), hidden, bc.t());
+    else at::mm_out(y2, hidden, bc.t());
     if (sh.kind == SupportKind::kColumns) {
       if (sh.nnz > 0) y2.addmm_(x2.index_select(1, sparse_support), vals.t());
     } else if (sh.nnz > 0 && sh.tokens > 0) {
@@ -309,20 +323,20 @@ std::tuple<at::Tensor, at::Tensor> sparse_lowrank_linear_cpu(const at::Tensor& x
       else sparse_forward<float>(x2, sv, vals, sh, y2);
     }
   }
-  return {y2.to(x.scalar_type()).view(with_last_dim(x, sh.out_features)), hidden};
+  return y.to(x.scalar_type());
 }
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
            std::optional<at::Tensor>>
 sparse_lowrank_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_a,
                                    const at::Tensor& lora_b, const at::Tensor& sparse_values,
-                                   const at::Tensor& sparse_support, const at::Tensor& hidden, double scale,
+                                   const at::Tensor& sparse_support, double scale,
                                    std::array<bool, 5> mask) {
   const char* op = "sparse_lowrank_linear_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const SparseLowRankShapes sh =
       check_sparse_lowrank_args(op, x, lora_a, lora_b, sparse_values, sparse_support, std::nullopt, scale);
-  check_sparse_lowrank_grad(op, grad_out, x, hidden, sh);
+  check_sparse_lowrank_grad(op, grad_out, x, sh);
   const auto [want_x, want_a, want_b, want_v, want_bias] = mask;
   const auto acc = acc_dtype(x);
   at::Tensor packed;
@@ -331,20 +345,22 @@ sparse_lowrank_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
     else packed = random_support(op, sparse_support, sh);
   }
   const at::Tensor dy2 = grad_out.reshape({sh.tokens, sh.out_features}).to(acc).contiguous();
-  const bool need_x2 = want_a || want_v;
-  const at::Tensor x2 = need_x2 ? x.reshape({sh.tokens, sh.in_features}).to(acc).contiguous() : at::Tensor();
+  const at::Tensor x2 = (want_a || want_b || want_v)
+                            ? x.reshape({sh.tokens, sh.in_features}).to(acc).contiguous()
+                            : at::Tensor();
   std::optional<at::Tensor> gx, ga, gb, gv, gbias;
-  // g = s·dy B (tokens, r): the gradient reaching s·x Aᵀ
-  at::Tensor g;
-  if (want_x || want_a) g = at::mm(dy2, lora_b.to(acc).mul(scale));  // s·B: out × r, small
-  if (want_b) gb = at::mm(dy2.t(), hidden).to(lora_b.scalar_type());
-  if (want_a) ga = at::mm(g.t(), x2).to(lora_a.scalar_type());
-  if (want_bias) gbias = dy2.sum(0);
-  at::Tensor gx2, gv_acc;
-  if (want_x) gx2 = at::mm(g, lora_a.to(acc));
-  const at::Tensor vals = (want_x && sh.nnz > 0) ? sparse_values.to(acc).contiguous() : at::Tensor();
+  // The sparse part first, so its scratch (tiles, per-thread dS partials) is gone before the
+  // low-rank gradients are allocated: dx = dy S (into zeros, the low-rank part adds to it) and
+  // dS = dyᵀx on the support.
+  const bool sparse_dx = want_x && sh.nnz > 0 && sh.tokens > 0;
+  at::Tensor gx_full, gx2, gv_acc;  // gx2: the (tokens, in) view of gx_full (x's shape, as y in forward)
+  if (want_x) {
+    gx_full = sparse_dx ? at::zeros(x.sizes(), dy2.options()) : at::empty(x.sizes(), dy2.options());
+    gx2 = gx_full.view({sh.tokens, sh.in_features});
+  }
+  const at::Tensor vals = sparse_dx ? sparse_values.to(acc).contiguous() : at::Tensor();
   if (sh.kind == SupportKind::kColumns) {
-    if (want_x && sh.nnz > 0) {
+    if (sparse_dx) {
       const at::Tensor dys = at::mm(dy2, vals);  // (tokens, n)
       if (acc == at::kDouble) add_columns<double>(dys, sparse_support, gx2);
       else add_columns<float>(dys, sparse_support, gx2);
@@ -362,7 +378,45 @@ sparse_lowrank_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
                                want_v ? gv_acc.data_ptr<float>() : nullptr);
     }
   }
-  if (want_x) gx = gx2.to(x.scalar_type()).view(x.sizes());
+  // The low-rank gradients by chunks of tokens, so every token-sized intermediate is one chunk:
+  // h = s·x Aᵀ (recomputed, not saved by the forward: it would outweigh what the factored
+  // weight's gradient saves over a dense one) and g = s·dy B (what reaches s·x Aᵀ).
+  // dB += dy_cᵀ h_c, dA += g_cᵀ x_c, dx_c (+)= g_c A.
+  if (want_x || want_a || want_b) {
+    const at::Tensor a_acc = lora_a.to(acc), b_acc = lora_b.to(acc);
+    at::Tensor ga_acc, gb_acc, g_buf, h_buf;
+    if (want_a) ga_acc = at::zeros({sh.rank, sh.in_features}, dy2.options());
+    if (want_b) gb_acc = at::zeros({sh.out_features, sh.rank}, dy2.options());
+    const int64_t chunk = lowrank_chunk(sh, c10::elementSize(acc));
+    const int64_t rows = std::min(chunk, sh.tokens);
+    if (want_x || want_a) g_buf = at::empty({rows, sh.rank}, dy2.options());
+    if (want_b) h_buf = at::empty({rows, sh.rank}, dy2.options());
+    for (int64_t t0 = 0; t0 < sh.tokens; t0 += chunk) {
+      const int64_t n = std::min(chunk, sh.tokens - t0);
+      const at::Tensor dy_c = dy2.narrow(0, t0, n);
+      if (want_b) {
+        at::Tensor h_c = h_buf.narrow(0, 0, n);
+        at::mm_out(h_c, x2.narrow(0, t0, n), a_acc.t());
+        h_c.mul_(scale);
+        gb_acc.addmm_(dy_c.t(), h_c);
+      }
+      if (want_x || want_a) {
+        at::Tensor g_c = g_buf.narrow(0, 0, n);
+        at::mm_out(g_c, dy_c, b_acc);
+        g_c.mul_(scale);
+        if (want_a) ga_acc.addmm_(g_c.t(), x2.narrow(0, t0, n));
+        if (want_x) {
+          at::Tensor gx_c = gx2.narrow(0, t0, n);
+          if (sparse_dx) gx_c.addmm_(g_c, a_acc);
+          else at::mm_out(gx_c, g_c, a_acc);
+        }
+      }
+    }
+    if (want_a) ga = ga_acc.to(lora_a.scalar_type());
+    if (want_b) gb = gb_acc.to(lora_b.scalar_type());
+  }
+  if (want_bias) gbias = dy2.sum(0);
+  if (want_x) gx = gx_full.to(x.scalar_type());
   if (want_v) gv = gv_acc.to(sparse_values.scalar_type());
   return {gx, ga, gb, gv, gbias};
 }

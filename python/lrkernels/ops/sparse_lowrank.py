@@ -1,9 +1,6 @@
 """Sparse plus low-rank linear layers (SLTrain, LOST): the support, fake kernels, autograd and
 public wrappers."""
 
-import functools
-import operator
-
 import torch
 
 from ._autocast import register_autocast
@@ -16,10 +13,6 @@ _bwd = torch.ops.lrkernels.sparse_lowrank_linear_backward.default
 
 def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _tokens(x):
-    return functools.reduce(operator.mul, x.shape[:-1], 1)
 
 
 class SparseSupport:
@@ -141,13 +134,11 @@ def _compress_fake(indices, out_features, in_features):
 @register_fake("sparse_lowrank_linear")
 def _fwd_fake(x, lora_a, lora_b, sparse_values, sparse_support, bias, scale):
     _check_shapes("sparse_lowrank_linear", x, lora_a, lora_b, sparse_values, sparse_support)
-    y = x.new_empty((*x.shape[:-1], lora_b.shape[0]))
-    hidden = x.new_empty((_tokens(x), lora_a.shape[0]), dtype=_acc_dtype(x))
-    return y, hidden
+    return x.new_empty((*x.shape[:-1], lora_b.shape[0]))
 
 
 @register_fake("sparse_lowrank_linear_backward")
-def _bwd_fake(grad_out, x, lora_a, lora_b, sparse_values, sparse_support, hidden, scale, output_mask):
+def _bwd_fake(grad_out, x, lora_a, lora_b, sparse_values, sparse_support, scale, output_mask):
     _check_shapes("sparse_lowrank_linear_backward", x, lora_a, lora_b, sparse_values, sparse_support)
     like = (x, lora_a, lora_b, sparse_values)
     out = [torch.empty_like(t, memory_format=torch.contiguous_format) if w else None
@@ -163,17 +154,16 @@ _GRAD_NAMES = ("x", "lora_a", "lora_b", "sparse_values", "bias")
 
 def _setup_context(ctx, inputs, output):
     a = bind(_fwd, inputs)
-    _, hidden = output
-    ctx.mark_non_differentiable(hidden)
-    ctx.save_for_backward(a["x"], a["lora_a"], a["lora_b"], a["sparse_values"], a["sparse_support"], hidden)
+    # only the inputs: backward recomputes s·x Aᵀ (see csrc/sparse_lowrank/sparse_lowrank_cpu.cpp)
+    ctx.save_for_backward(a["x"], a["lora_a"], a["lora_b"], a["sparse_values"], a["sparse_support"])
     ctx.scale = a["scale"]
     ctx.bias_dtype = a["bias"].dtype if a["bias"] is not None else None
     ctx.output_mask = [needs_grad(ctx, _fwd, n) for n in _GRAD_NAMES]
 
 
-def _backward(ctx, grad_y, grad_hidden):
-    x, lora_a, lora_b, values, support, hidden = ctx.saved_tensors
-    gx, ga, gb, gv, gbias = _bwd(grad_y.contiguous(), x, lora_a, lora_b, values, support, hidden, ctx.scale,
+def _backward(ctx, grad_y):
+    x, lora_a, lora_b, values, support = ctx.saved_tensors
+    gx, ga, gb, gv, gbias = _bwd(grad_y.contiguous(), x, lora_a, lora_b, values, support, ctx.scale,
                                  ctx.output_mask)
     if gbias is not None:
         gbias = gbias.to(ctx.bias_dtype)
@@ -209,8 +199,9 @@ def sparse_lowrank_linear(x, lora_a, lora_b, sparse_values, sparse_support, bias
     Forward path on CPU: factored (``s·(x Aᵀ) Bᵀ`` plus the sparse SpMM / gather-GEMM) unless
     building W transiently and running one GEMM costs fewer operations:
     ``out·in·(r + T) < T·r·(in + out) + sparse cost`` (many tokens and r close to the width;
-    never with few tokens). Backward is always factored.
+    never with few tokens). Backward is always factored, and saves memory rather than a GEMM:
+    the forward keeps only its inputs and backward recomputes ``s·x Aᵀ`` by chunks of tokens,
+    so a training step allocates less than a dense layer's (output, gradients and scratch).
     """
     with nvtx_range("lrkernels.sparse_lowrank_linear"):
-        y, _ = _fwd(x, lora_a, lora_b, sparse_values, _support_tensor(sparse_support), bias, float(scale))
-    return y
+        return _fwd(x, lora_a, lora_b, sparse_values, _support_tensor(sparse_support), bias, float(scale))
