@@ -152,6 +152,16 @@ TORCH_LIBRARY(lrkernels, m) {
       "miss_bat_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor miss_block, bool[4] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
 
+  // ---- dropout complement (DoRA with dropout, CPU) ----------------------------------
+  // y = (x ⊙ dropped) Wᵀ: the part of x Wᵀ that the inverted-dropout mask of (seed, dropout_p)
+  // removes (the same Philox mask as every fused dropout and dropout_mask), from the dropped
+  // entries only. With it x_d Wᵀ = keep_scale · (x Wᵀ − y), which DoRA with dropout needs next
+  // to x Wᵀ (PEFT's formula): a fraction p of a GEMM instead of a second one. x (..., in),
+  // weight (out, in), float32 / float64, CPU. The backward gives x's gradient only (dz W on
+  // the dropped entries, 0 elsewhere); weight must be frozen.
+  m.def("dropout_complement_linear(Tensor x, Tensor weight, Tensor seed, float dropout_p) -> Tensor");
+  m.def("dropout_complement_linear_backward(Tensor grad_out, Tensor weight, Tensor seed, float dropout_p) -> Tensor");
+
   // ---- sparse_lowrank ----------------------------------------------------------------
   // Sparse plus low-rank linear layer: y = x Wᵀ + b, W = s·B A + S, S with a fixed support whose
   // values train — SLTrain (arXiv 2406.02214; S on a random support) and LOST ("Low-rank

@@ -233,10 +233,24 @@ def _pinned_dropout_reference(model, x, p, seed_rng):
     return ref
 
 
-@pytest.mark.parametrize("use_dora, p, seed", [(False, 0.3, 123), (True, 0.25, 77)], ids=["lora", "dora"])
-def test_dropout_equals_peft_with_the_same_mask(use_dora, p, seed):
+@pytest.mark.parametrize("use_dora, p, seed, small_c", [(False, 0.3, 123, False), (True, 0.25, 77, False),
+                                                       (True, 0.25, 77, True)],
+                         ids=["lora", "dora", "dora-small-magnitude"])
+def test_dropout_equals_peft_with_the_same_mask(use_dora, p, seed, small_c, monkeypatch):
+    """DoRA on CPU float32 takes the dropout-complement path (x_d Wᵀ from x Wᵀ and the dropped
+    entries) in both layers; with magnitudes that make 1 + (c − 1)·keep_scale small in "up" that
+    layer keeps the two-GEMM formula. Both equal PEFT's with the same masks."""
+    import lrkernels.ops.dora as dora_ops
+
     pi = _pi()
     model = _lora_model(lora_dropout=p, use_dora=use_dora)
+    if small_c:
+        with torch.no_grad():
+            mag = model.base_model.model.up.lora_magnitude_vector["default"].weight
+            mag[::2] *= 0.2  # c ≈ 0.2: k = 1 + (c − 1)/(1 − p) ≈ −0.07
+    calls = []
+    real = dora_ops.dropout_complement_linear
+    monkeypatch.setattr(dora_ops, "dropout_complement_linear", lambda *a: calls.append(a[0].shape) or real(*a))
     model.train()
     x = torch.randn(3, 5, 16)
     ref = _pinned_dropout_reference(model, x, p, seed)
@@ -250,6 +264,7 @@ def test_dropout_equals_peft_with_the_same_mask(use_dora, p, seed):
     torch.testing.assert_close(y_acc, y_ref, **TOL[torch.float32])
     for (n, pa), (_, pr) in zip(_trainable(acc).items(), _trainable(ref).items()):
         torch.testing.assert_close(pa.grad, pr.grad, **TOL[torch.float32], msg=lambda m: f"{n}: {m}")
+    assert len(calls) == (0 if not use_dora else 1 if small_c else 2)
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])

@@ -22,7 +22,9 @@ Supported (PEFT's class, base layer an ``nn.Linear``):
   ``lora_dropout``, ``lora_bias``, float32 adapters on a bfloat16/float16 base, autocast,
   merged / disabled state (the base layer alone), mixed batches (``adapter_names=``, also in
   ``generate()``) through the multi-LoRA kernels, and DoRA (``use_dora=True``, one active
-  adapter) with the row norm ‖W + s·BA‖ computed without forming B·A.
+  adapter) with the row norm ‖W + s·BA‖ computed without forming B·A; with dropout on CPU
+  (float32/float64, frozen W) PEFT's second product x_d Wᵀ comes from x Wᵀ and the dropped
+  entries alone (:func:`lrkernels.ops.dora.dropout_complement_linear`), not a second GEMM.
 * VeRA ``vera.Linear``, C³A ``c3a.C3ALinear``, MiSS ``miss.MissLinear`` (balance, mini, bat):
   one active adapter.
 
@@ -356,13 +358,43 @@ def _dora_forward(self, x, base, name, args, kwargs):
         if base.bias is not None:
             y = y + base.bias
         return y.to(z.dtype)
-    # the adapter's dropout mask, drawn once: applied inside lora_linear and to x for x_d Wᵀ
     seed = new_seed(x.device)
+    y = _dora_dropout_complement(x, w, base.bias, a, b, s, c, p, seed)
+    if y is not None:
+        return y
+    # the adapter's dropout mask, drawn once: applied inside lora_linear and to x for x_d Wᵀ
     y1, _ = torch.ops.lrkernels.lora_linear.default(x, w, base.bias, a, b, s, None, c, p, seed)
     cd = y1.dtype
     mask = dropout_mask(x.shape[:-1].numel(), x.shape[-1], p, seed, device=x.device, dtype=cd)
     x_d = x.to(cd) * mask.reshape(x.shape)
     return (y1 + (c - 1) * F.linear(x_d, w.to(cd))).to(cd)
+
+
+def _dora_dropout_complement(x, w, bias, a, b, s, c, p, seed):
+    """DoRA with dropout without a second GEMM (CPU, float32/float64, frozen W), else None.
+
+    PEFT's y = x Wᵀ + b + (c − 1) ⊙ x_d Wᵀ + c ⊙ s·x_d Aᵀ Bᵀ, rewritten with
+    x_d Wᵀ = ks·(x Wᵀ − P), P = (x ⊙ dropped) Wᵀ (:func:`lrkernels.ops.dora.dropout_complement_linear`,
+    a fraction p of a GEMM), κ = (c − 1)·ks and k = 1 + κ:
+        Z = x Wᵀ + (c / k) ⊙ s·x_d Aᵀ Bᵀ   (one lora_linear, out_scale c / k)
+        y = Z + κ ⊙ (Z − P) + b             (= k ⊙ x Wᵀ − κ ⊙ P + c ⊙ s·x_d Aᵀ Bᵀ + b)
+    Same function, same gradients (c carries m's); one base GEMM forward and one backward, as
+    LoRA. Taken only while every |k| ≥ 0.1 (c ≥ about 0.15 at p = 0.05: DoRA's c starts at 1), so
+    dividing by k loses no precision; not under torch.compile (the check reads k)."""
+    from ..ops.common import dropout_keep_scale
+    from ..ops.dora import dropout_complement_linear
+
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or w.dtype != x.dtype
+            or w.requires_grad or _autocast_on(x) or torch.compiler.is_compiling()
+            or any(t.dtype != x.dtype for t in (a, b))):
+        return None
+    kappa = (c.to(x.dtype) - 1) * dropout_keep_scale(p)
+    k = 1 + kappa
+    if not bool((k.detach().abs() >= 0.1).all()):
+        return None
+    z, _ = torch.ops.lrkernels.lora_linear.default(x, w, None, a, b, s, None, c.to(x.dtype) / k, p, seed)
+    y = torch.addcmul(z, kappa, z - dropout_complement_linear(x, w, seed, p))
+    return y if bias is None else y + bias
 
 
 def _clear_dora_cache(self):

@@ -24,3 +24,11 @@ def dropout_mask(rows: int, cols: int, p: float, seed=None, *, device="cpu", dty
     elif not isinstance(seed, torch.Tensor):
         seed = seed_tensor(seed, device)
     return torch.ops.lrkernels.dropout_mask.default(seed, rows, cols, float(p), dtype)
+
+
+def dropout_keep_scale(p: float) -> float:
+    """The nonzero value of :func:`dropout_mask` (and of every fused dropout) for probability p:
+    ``1 / (1 - p_eff)`` with p_eff = p rounded to a multiple of 2**-16, as float32 holds it."""
+    t = min(max(int(float(p) * 65536.0 + 0.5), 0), 65535)
+    return float(torch.tensor(65536.0 / (65536.0 - t), dtype=torch.float32))
+
