@@ -2,6 +2,8 @@
 float64, where the math is exact (no merge needed, identical heads within a group, the RoPE
 commutation), the checkpoint round trip through plain transformers, and bad arguments; one test
 on the real all-MiniLM-L6-v2 (skipped without its package)."""
+import math
+
 import pytest
 import torch
 
@@ -369,6 +371,94 @@ def test_recover_trains_lora_and_merges_back(teacher):
     assert compress.perplexity(model, ids) < before
 
 
+def _fake_clock(monkeypatch, tick):
+    """recover's clock advanced by ``tick`` seconds at every reading (no real time in tests)."""
+    import importlib
+    import types
+
+    mod = importlib.import_module("lrkernels.compress.recover")
+    now = [0.0]
+
+    def perf_counter():
+        now[0] += tick
+        return now[0]
+
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=perf_counter))
+
+
+def test_recover_time_limited_run_with_huge_steps_trains(monkeypatch):
+    """steps=10**6 with a time limit: the schedule follows the elapsed fraction of the time, so the
+    LR warms up within the run and the model learns (a schedule by steps keeps the LR ~0)."""
+    import copy
+
+    model = _decoder("llama")
+    original = copy.deepcopy(model)
+    compress.compress_kv_heads(model, _tokens(seed=2), kv_heads=1, progress=False)
+    ids = _tokens(4, 24, seed=9)
+    before = compress.perplexity(model, ids)
+    _fake_clock(monkeypatch, 1.0)
+    lr = 1e-2
+    out = compress.recover(model, list(ids.split(2)), steps=10 ** 6, r=4, lr=lr, teacher=original,
+                           time_limit_s=20, progress=False)
+    assert 5 <= out["steps"] <= 25
+    assert compress.perplexity(model, ids) < 0.9 * before
+    lrs = out["lrs"]
+    assert max(lrs) > 0.5 * lr
+    top = lrs.index(max(lrs))
+    assert top <= len(lrs) // 4  # warm-up over the first ~10% of the time
+    assert all(a >= b for a, b in zip(lrs[top:], lrs[top + 1:])) and lrs[-1] < 0.2 * lr
+
+
+def test_recover_lr_warms_up_then_decays():
+    model = _decoder("llama")
+    compress.compress_kv_heads(model, _tokens(seed=2), kv_heads=1, progress=False)
+    lr, steps = 1e-3, 20
+    out = compress.recover(model, _tokens(2, 16, seed=9), steps=steps, r=2, lr=lr, progress=False)
+    lrs = out["lrs"]
+    assert len(lrs) == steps
+    # warm-up over the first 10% of the steps (2 here), rising; then a cosine decay towards 0
+    assert 0 < lrs[0] < lrs[1] <= lr
+    assert max(lrs) == pytest.approx(lrs[2], rel=0.05) and max(lrs) > 0.95 * lr
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lrs[steps // 2] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * (0.525 - 0.1) / 0.9)), rel=1e-6)
+    assert lrs[-1] < 0.01 * lr
+
+
+def test_recover_reports_progress_through_callback_and_evaluation():
+    import copy
+
+    model = _decoder("llama")
+    original = copy.deepcopy(model)
+    compress.compress_kv_heads(model, _tokens(seed=2), kv_heads=1, progress=False)
+    ids = _tokens(4, 24, seed=9)
+    ev = ids[:2]  # random tokens: only the training text's perplexity is sure to fall in 6 steps
+    seen = []
+    out = compress.recover(model, list(ids.split(2)), steps=6, r=4, lr=1e-2, teacher=original, progress=False,
+                           evaluation=ev, eval_every=3, callback=seen.append)
+    assert [r["step"] for r in seen] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "lr", "seconds"} <= set(r) for r in seen)
+    assert "perplexity" in seen[2] and "perplexity" in seen[5] and "perplexity" not in seen[0]
+    evals = out["evaluations"]
+    assert [e["step"] for e in evals] == [0, 3, 6]
+    # the last figure is the merged model's
+    assert evals[-1]["perplexity"] == pytest.approx(compress.perplexity(model, ev), rel=1e-9)
+    assert evals[-1]["perplexity"] < evals[0]["perplexity"]
+
+
+def test_recover_encoder_evaluation_is_the_embedding_cosine():
+    import copy
+
+    model = _bert()
+    original = copy.deepcopy(model)
+    compress.compress_kv_heads(model, _tokens(seed=2), kv_heads=2, progress=False)
+    out = compress.recover(model, _tokens(4, 16, seed=9), steps=4, r=2, lr=1e-2, teacher=original, progress=False,
+                           evaluation=_tokens(2, 16, seed=11), eval_every=2)
+    evals = out["evaluations"]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert all(0 < e["embedding_cosine_mean"] <= 1 + 1e-9 and e["embedding_cosine_min"] <= e["embedding_cosine_mean"]
+               for e in evals)
+
+
 def test_recover_bad_arguments():
     model = _decoder("llama")
     with pytest.raises(ValueError, match="steps must be a positive int"):
@@ -379,6 +469,14 @@ def test_recover_bad_arguments():
         compress.recover(model, _tokens(), steps=1, targets="everything")
     with pytest.raises(ValueError, match="teacher"):
         compress.recover(_bert(), _tokens(), steps=1)
+    with pytest.raises(ValueError, match="time_limit_s must be positive"):
+        compress.recover(model, _tokens(), steps=1, time_limit_s=0)
+    with pytest.raises(ValueError, match="warmup must be in"):
+        compress.recover(model, _tokens(), steps=1, warmup=1.0)
+    with pytest.raises(ValueError, match="eval_every must be a non-negative int"):
+        compress.recover(model, _tokens(), steps=1, evaluation=_tokens(), eval_every=-1)
+    with pytest.raises(ValueError, match="evaluation is empty"):
+        compress.recover(model, _tokens(), steps=1, evaluation=[])
 
 
 def test_cli_help():
