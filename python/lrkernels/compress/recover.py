@@ -122,7 +122,8 @@ def recover(model: nn.Module, data, *, steps: int, r: int = 16, alpha: Optional[
     Args:
         data: token ids ``(B, S)``, a dict of model inputs, or an iterable of them; cycled over.
         steps: at most this many optimizer steps (AdamW, peak learning rate ``lr``).
-        time_limit_s: stop once the fine-tune has run this long (the steps done are reported).
+        time_limit_s: stop after the first step that ends this long after the start (the time
+            of the evaluations below counts; the steps done are reported).
         warmup: the learning-rate schedule follows the run's progress
             ``p = max(step / steps, elapsed / time_limit_s)``, taken at the middle of each step
             (``(i + ½) / steps`` for step ``i``; the time term only with a time limit): linear
