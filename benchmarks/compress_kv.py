@@ -55,6 +55,7 @@ MINILM_VARIANTS = [
                                                            grouping="similarity", refit_output=False,
                                                            sequential=False)),
     ("+ o_proj refit, sequential (default)", dict()),
+    ("o_proj refit against the original model's residual stream", dict(refit_target="original")),
 ]
 
 

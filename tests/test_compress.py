@@ -55,7 +55,7 @@ def _close(got, want, tol=1e-9):
 DECODERS = [("llama", {}), ("mistral", {"sliding_window": 8}), ("qwen2", {}), ("llama", {"attention_bias": True}),
             ("llama", {"num_key_value_heads": 8, "head_dim": 16})]
 OPTIONS = [dict(method="mean"), dict(method="svd-a"), dict(method="svd-a", key_objective="attention"),
-           dict(method="svd-a", value_objective="attention"),
+           dict(method="svd-a", value_objective="attention"), dict(method="svd-a", refit_target="original"),
            dict(method="svd-a", key_objective="plain", value_objective="plain", refit_output=False, sequential=False)]
 
 
