@@ -42,6 +42,7 @@ SMOL_VARIANTS = [
      dict(key_objective="attention", value_objective="output", grouping="contiguous", refit_output=False,
           sequential=False)),
     ("attention-variance keys + refit + sequential", dict(key_objective="attention")),
+    ("default + MLP output refit against the original model's layer output", dict(refit_mlp=True)),
 ]
 
 MINILM_VARIANTS = [
@@ -56,6 +57,7 @@ MINILM_VARIANTS = [
                                                            sequential=False)),
     ("+ o_proj refit, sequential (default)", dict()),
     ("o_proj refit against the original model's residual stream", dict(refit_target="original")),
+    ("default + MLP output refit against the original model's layer output", dict(refit_mlp=True)),
 ]
 
 

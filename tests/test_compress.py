@@ -56,6 +56,7 @@ DECODERS = [("llama", {}), ("mistral", {"sliding_window": 8}), ("qwen2", {}), ("
             ("llama", {"num_key_value_heads": 8, "head_dim": 16})]
 OPTIONS = [dict(method="mean"), dict(method="svd-a"), dict(method="svd-a", key_objective="attention"),
            dict(method="svd-a", value_objective="attention"), dict(method="svd-a", refit_target="original"),
+           dict(method="svd-a", refit_target="original", refit_mlp=True),
            dict(method="svd-a", key_objective="plain", value_objective="plain", refit_output=False, sequential=False)]
 
 
@@ -309,6 +310,10 @@ def test_bad_arguments_raise_clear_errors():
         compress.compress_kv_heads(model, ids[:0], kv_heads=2)
     with pytest.raises(ValueError, match="method must be one of"):
         compress.compress_kv_heads(model, ids, kv_heads=2, method="svd")
+    with pytest.raises(ValueError, match="refit_target must be one of"):
+        compress.compress_kv_heads(model, ids, kv_heads=2, refit_target="model")
+    with pytest.raises(ValueError, match="refit_mlp needs sequential=True"):
+        compress.compress_kv_heads(model, ids, kv_heads=2, refit_mlp=True, sequential=False)
     with pytest.raises(TypeError, match="calibration"):
         compress.compress_kv_heads(model, "some text", kv_heads=2)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB))

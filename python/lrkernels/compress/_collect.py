@@ -371,16 +371,20 @@ class OutputMoments:
 
 
 class InputsOf:
-    """The input rows (valid tokens) of a linear at every forward, kept on the CPU."""
+    """The rows (valid tokens) of a module's positional input ``arg`` at every forward, kept on the
+    CPU; with ``stop`` the forward ends there."""
 
-    def __init__(self, lin: torch.nn.Linear):
+    def __init__(self, mod: torch.nn.Module, arg: int = 0, stop: bool = False):
         self.rows = []
         self.mask = None
-        self._h = lin.register_forward_pre_hook(self._on)
+        self.arg, self.stop = arg, stop
+        self._h = mod.register_forward_pre_hook(self._on)
 
     def _on(self, mod, args):
-        x = args[0]
+        x = args[self.arg]
         self.rows.append((x.reshape(-1, x.shape[-1]) if self.mask is None else x[self.mask]).detach().cpu())
+        if self.stop:
+            raise _Stop
 
     def remove(self):
         self._h.remove()

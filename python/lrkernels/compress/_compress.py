@@ -206,10 +206,9 @@ def _apply_plan(parts, plan, fam):
 
 
 @torch.no_grad()
-def _refit_output(parts, moments: OutputMoments, ridge: float):
-    """o_proj by least squares: the compressed heads' outputs onto the original layer's attention
-    output, ridge-pulled towards the folded o_proj. Returns error after / before on calibration."""
-    o = parts.o
+def _refit_output(o: nn.Linear, moments: OutputMoments, ridge: float):
+    """``o`` (o_proj, or the MLP's output linear) by least squares onto the moments' target, ridge-
+    pulled towards its current weights. Returns error after / before on calibration."""
     W0 = o.weight.detach().to("cpu", torch.float64)
     b0 = None if o.bias is None else o.bias.detach().to("cpu", torch.float64)
     Wf = torch.cat([W0, b0[:, None]], 1) if moments.bias else W0
@@ -238,6 +237,29 @@ def _refit_output(parts, moments: OutputMoments, ridge: float):
     return after / before if before > 0 else 1.0
 
 
+@torch.no_grad()
+def _refit_mlp(layer, fam, inputs, orig_f, orig_r, ridge):
+    """The MLP's output linear by least squares: its output plus the compressed model's residual
+    onto the original model's (orig_f: the linear's inputs there, orig_r: the residual)."""
+    down, rmod, rarg = fam.mlp_output(layer)
+    grab = InputsOf(rmod, rarg, stop=True)
+    try:
+        _run_layer(layer, inputs, [grab])
+    finally:
+        grab.remove()
+    offsets = [ro.to(torch.float64) - rc.to(torch.float64) for ro, rc in zip(orig_r, grab.rows)]
+    del grab
+    om = OutputMoments(down, orig_f, bias=down.bias is not None, offsets=offsets)
+    W = down.weight.detach().to("cpu", torch.float64)
+    om.W_orig = W if down.bias is None else torch.cat([W, down.bias.detach().to("cpu", torch.float64)[:, None]], 1)
+    om.Coo = sum(om._aug(x).T @ om._aug(x) for x in orig_f)
+    try:
+        _run_layer(layer, inputs, [om])
+    finally:
+        om.remove()
+    return _refit_output(down, om, ridge)
+
+
 def _run_layer(layer, inputs, hooks=()):
     """Run ``layer`` on every batch's captured inputs; the list of outputs (None where a hook
     stopped the pass)."""
@@ -259,7 +281,7 @@ def _run_layer(layer, inputs, hooks=()):
 def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: str = "svd-a",
                       key_objective: str = "query", value_objective: str = "output",
                       grouping: str = "similarity", refit_output: bool = True, refit_target: str = "layer",
-                      sequential: bool = True, ridge: float = 1e-3, evaluation=None, progress: bool = True) -> CompressionReport:
+                      refit_mlp: bool = False, sequential: bool = True, ridge: float = 1e-3, evaluation=None, progress: bool = True) -> CompressionReport:
     """Turn ``model`` (a transformers Llama / Mistral / Qwen2 decoder or a BERT encoder) into one
     with ``kv_heads`` key/value heads per layer, in place, and report what was kept.
 
@@ -298,6 +320,9 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             through the compressed model's ``W h_c + x_c``, so each o_proj also makes up for the
             drift of the layers before it (x: the layer's input; h: o_proj's input; o / c: the
             original / compressed model; one more pass of the original layer per layer).
+        refit_mlp: (needs ``sequential``) also refit the MLP's output linear (``down_proj``;
+            BERT's ``output.dense``) by least squares so the layer's output matches the original
+            model's at that layer (before BERT's LayerNorm), ridge ``ridge``.
         sequential: calibrate layer l on the outputs of the already compressed layers < l (True),
             or on the original model's (False).
         evaluation: optional data (as ``calibration``) for the quality figures of the report:
@@ -306,6 +331,9 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
         progress: print one line per layer to stderr.
     """
     _check_options(method, key_objective, value_objective, grouping, refit_target)
+    if refit_mlp and not sequential:
+        raise ValueError("compress_kv_heads: refit_mlp needs sequential=True (it matches the original model's "
+                         "stream at each layer's output)")
     fam = family_of(model)
     Hkv, H, d = fam.num_kv_heads, fam.num_heads, fam.head_dim
     if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or Hkv % kv_heads:
@@ -331,24 +359,32 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
     with torch.no_grad():
         inputs = first_layer_inputs(model, layers[0], batches, fam.forward_kwargs(), dev)
         # the original model's stream, run alongside the compressed one
-        track = refit_output and refit_target == "original" and sequential
+        orig_target = refit_output and refit_target == "original" and sequential
+        track = orig_target or refit_mlp
         orig_inputs = [[a, k, m] for a, k, m in inputs] if track else None
         for li, layer in enumerate(layers):
             parts = fam.attention(layer)
-            offsets = orig_o = None
+            offsets = orig_o = orig_f = orig_r = None
             if track:
                 # the original layer on the original stream: o_proj's inputs and the residual's gap
-                grab = InputsOf(parts.o)
+                grabs = [InputsOf(parts.o)]
+                if refit_mlp:
+                    down, rmod, rarg = fam.mlp_output(layer)
+                    grabs += [InputsOf(down), InputsOf(rmod, rarg)]
                 try:
-                    orig_outs = _run_layer(layer, orig_inputs, [grab])
+                    orig_outs = _run_layer(layer, orig_inputs, grabs)
                 finally:
-                    grab.remove()
-                orig_o = grab.rows
-                offsets = [hidden_rows(a, k, m).to(torch.float64) - hidden_rows(ac, kc, m).to(torch.float64)
-                           for (a, k, m), (ac, kc, _) in zip(orig_inputs, inputs)]
+                    for g in grabs:
+                        g.remove()
+                if orig_target:
+                    orig_o = grabs[0].rows
+                    offsets = [hidden_rows(a, k, m).to(torch.float64) - hidden_rows(ac, kc, m).to(torch.float64)
+                               for (a, k, m), (ac, kc, _) in zip(orig_inputs, inputs)]
+                if refit_mlp:
+                    orig_f, orig_r = grabs[1].rows, grabs[2].rows
                 for slot, y in zip(orig_inputs, orig_outs):
                     slot[0], slot[1] = with_hidden(slot[0], slot[1], y)
-                del grab, orig_outs
+                del grabs, orig_outs
             attn_keys = None
             if fam.rope and key_objective == "attention" and method != "mean":
                 attn_keys = {"scale": float(getattr(parts.module, "scaling", d ** -0.5)), "causal": fam.causal}
@@ -356,7 +392,7 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             if value_objective == "attention" and method != "mean":
                 attn_values = {"scale": float(getattr(parts.module, "scaling", d ** -0.5)), "causal": fam.causal,
                                "rope": fam.rope, "window": fam.attention_window(li)}
-            mom = LayerMoments(parts, H, Hkv, d, full_query=not fam.rope, keep_o_inputs=refit_output and not track,
+            mom = LayerMoments(parts, H, Hkv, d, full_query=not fam.rope, keep_o_inputs=refit_output and not orig_target,
                                stop_at_o=sequential, attention_keys=attn_keys, attention_values=attn_values)
             try:
                 outs = _run_layer(layer, inputs, [mom])
@@ -387,8 +423,12 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
                     _run_layer(layer, inputs, [om])
                 finally:
                     om.remove()
-                gain = _refit_output(parts, om, ridge)
+                gain = _refit_output(parts.o, om, ridge)
                 del originals, om, offsets, orig_o
+            mlp_gain = None
+            if refit_mlp:
+                mlp_gain = _refit_mlp(layer, fam, inputs, orig_f, orig_r, ridge)
+                del orig_f, orig_r
             if sequential:
                 outs = _run_layer(layer, inputs)
             for slot, y in zip(inputs, outs):
@@ -396,10 +436,12 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             ke = [km.kept for km in plan.kmerges]
             ve = [vm.kept for vm in plan.vmerges]
             rep = LayerReport(index=li, groups=plan.groups, key_energy_kept=float(sum(ke) / len(ke)),
-                              value_energy_kept=float(sum(ve) / len(ve)), output_refit_gain=gain)
+                              value_energy_kept=float(sum(ve) / len(ve)), output_refit_gain=gain,
+                              mlp_refit_gain=mlp_gain)
             reports.append(rep)
             prog(li, f"energy kept keys {rep.key_energy_kept:.3f} values {rep.value_energy_kept:.3f}"
-                     + (f", o_proj refit error x{gain:.3f}" if gain is not None else ""))
+                     + (f", o_proj refit error x{gain:.3f}" if gain is not None else "")
+                     + (f", MLP output refit error x{mlp_gain:.3f}" if mlp_gain is not None else ""))
         del inputs, orig_inputs
     fam.set_config_kv_heads(kv_heads)
     model.train(was_training)
@@ -409,7 +451,8 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
     return CompressionReport(
         architecture=type(model).__name__, method=method,
         options=dict(key_objective=key_objective, value_objective=value_objective, grouping=grouping,
-                     refit_output=refit_output, refit_target=refit_target, sequential=sequential, ridge=ridge),
+                     refit_output=refit_output, refit_target=refit_target, refit_mlp=refit_mlp,
+                     sequential=sequential, ridge=ridge),
         kv_heads_before=Hkv, kv_heads_after=kv_heads, num_layers=len(layers), head_dim=d,
         kv_cache_bytes_per_token_before=2 * len(layers) * Hkv * d * elem,
         kv_cache_bytes_per_token_after=2 * len(layers) * kv_heads * d * elem,
