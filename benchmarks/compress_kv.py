@@ -43,6 +43,7 @@ SMOL_VARIANTS = [
           sequential=False)),
     ("attention-variance keys + refit + sequential", dict(key_objective="attention")),
     ("default + MLP output refit against the original model's layer output", dict(refit_mlp=True)),
+    ("default + MLP output refit, ridge 3e-2", dict(refit_mlp=True, ridge=3e-2)),
 ]
 
 MINILM_VARIANTS = [

@@ -297,6 +297,37 @@ def test_bert_checkpoint_round_trip_runs_on_gqa_attention(tmp_path, monkeypatch)
 
 # ---------------------------------------------------------------------------- bad arguments
 
+def test_mlp_refit_is_the_least_squares_fit_to_the_original_models_layer_outputs():
+    """refit_mlp (ridge ~0): every layer's down_proj is the least-squares map of the compressed
+    model's MLP hidden states onto the original model's layer output minus the compressed
+    model's residual (a direct solve on the collected activations)."""
+    import copy
+
+    model = _decoder("llama")
+    original = copy.deepcopy(model)
+    ids = _tokens(6, 24, seed=4)
+    compress.compress_kv_heads(model, ids, kv_heads=1, refit_mlp=True, ridge=1e-12, progress=False)
+
+    def grab(m):
+        got, hs = {}, []
+        for li, layer in enumerate(m.model.layers):
+            for name, mod in (("r", layer.post_attention_layernorm), ("f", layer.mlp.down_proj)):
+                hs.append(mod.register_forward_pre_hook(
+                    lambda mod, a, key=(name, li): got.__setitem__(key, a[0].reshape(-1, a[0].shape[-1]))))
+        with torch.no_grad():
+            m(input_ids=ids)
+        for h in hs:
+            h.remove()
+        return got
+
+    o, c = grab(original), grab(model)
+    for li in range(len(model.model.layers)):
+        W2 = original.model.layers[li].mlp.down_proj.weight
+        y = o["f", li] @ W2.T + o["r", li] - c["r", li]
+        want = torch.linalg.lstsq(c["f", li], y).solution.T
+        _close(model.model.layers[li].mlp.down_proj.weight, want, 1e-6)
+
+
 def test_bad_arguments_raise_clear_errors():
     model = _decoder("llama")
     ids = _tokens()

@@ -320,9 +320,14 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             through the compressed model's ``W h_c + x_c``, so each o_proj also makes up for the
             drift of the layers before it (x: the layer's input; h: o_proj's input; o / c: the
             original / compressed model; one more pass of the original layer per layer).
+            MiniLM 12→4 (512 sentences): 0.9436 mean / 0.758 min cosine against the default's
+            0.9453 / 0.746, so not the default.
         refit_mlp: (needs ``sequential``) also refit the MLP's output linear (``down_proj``;
             BERT's ``output.dense``) by least squares so the layer's output matches the original
-            model's at that layer (before BERT's LayerNorm), ridge ``ridge``.
+            model's at that layer (before BERT's LayerNorm), ridge ``ridge``. MiniLM 12→4 (512
+            sentences): 0.9479 mean cosine (0.9511 with ridge 3e-2) against the default's 0.9453;
+            SmolLM2 3→1 (32 windows): perplexity 41.97 against 39.91, and ~4x the time (the
+            refit is ``intermediate_size`` wide), so not the default.
         sequential: calibrate layer l on the outputs of the already compressed layers < l (True),
             or on the original model's (False).
         evaluation: optional data (as ``calibration``) for the quality figures of the report:
