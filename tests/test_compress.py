@@ -541,7 +541,11 @@ def test_cli_compresses_a_checkpoint(tmp_path):
     text = tmp_path / "cal.txt"
     text.write_text("A few words of calibration text for the command line test. " * 20)
     assert main([str(tmp_path / "in"), str(tmp_path / "out"), "--kv-heads", "2", "--calibration", str(text),
-                 "--seq-len", "32", "--quiet"]) == 0
+                 "--seq-len", "32", "--refit-target", "original", "--refit-mlp", "--ridge", "1e-2", "--quiet"]) == 0
     again = compress.load_compressed(tmp_path / "out")
     assert again.config.num_key_value_heads == 2
     assert (tmp_path / "out" / "compress_report.json").is_file()
+    import json
+
+    opts = json.loads((tmp_path / "out" / "compress_report.json").read_text())["options"]
+    assert opts["refit_target"] == "original" and opts["refit_mlp"] is True and opts["ridge"] == 1e-2
