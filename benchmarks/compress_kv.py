@@ -43,7 +43,7 @@ SMOL_VARIANTS = [
           sequential=False)),
     ("attention-variance keys + refit + sequential", dict(key_objective="attention")),
     ("default + MLP output refit against the original model's layer output", dict(refit_mlp=True)),
-    ("default + MLP output refit, ridge 3e-2", dict(refit_mlp=True, ridge=3e-2)),
+    ("default, ridge 1e-2", dict(ridge=1e-2)),
 ]
 
 MINILM_VARIANTS = [
@@ -59,6 +59,7 @@ MINILM_VARIANTS = [
     ("+ o_proj refit, sequential (default)", dict()),
     ("o_proj refit against the original model's residual stream", dict(refit_target="original")),
     ("default + MLP output refit against the original model's layer output", dict(refit_mlp=True)),
+    ("default + MLP output refit, ridge 3e-2", dict(refit_mlp=True, ridge=3e-2)),
 ]
 
 
