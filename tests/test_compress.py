@@ -2,6 +2,8 @@
 float64, where the math is exact (no merge needed, identical heads within a group, the RoPE
 commutation), the checkpoint round trip through plain transformers, and bad arguments; one test
 on the real all-MiniLM-L6-v2 (skipped without its package)."""
+import math
+
 import pytest
 import torch
 
@@ -53,7 +55,8 @@ def _close(got, want, tol=1e-9):
 DECODERS = [("llama", {}), ("mistral", {"sliding_window": 8}), ("qwen2", {}), ("llama", {"attention_bias": True}),
             ("llama", {"num_key_value_heads": 8, "head_dim": 16})]
 OPTIONS = [dict(method="mean"), dict(method="svd-a"), dict(method="svd-a", key_objective="attention"),
-           dict(method="svd-a", value_objective="attention"),
+           dict(method="svd-a", value_objective="attention"), dict(method="svd-a", refit_target="original"),
+           dict(method="svd-a", refit_target="original", refit_mlp=True),
            dict(method="svd-a", key_objective="plain", value_objective="plain", refit_output=False, sequential=False)]
 
 
@@ -294,6 +297,37 @@ def test_bert_checkpoint_round_trip_runs_on_gqa_attention(tmp_path, monkeypatch)
 
 # ---------------------------------------------------------------------------- bad arguments
 
+def test_mlp_refit_is_the_least_squares_fit_to_the_original_models_layer_outputs():
+    """refit_mlp (ridge ~0): every layer's down_proj is the least-squares map of the compressed
+    model's MLP hidden states onto the original model's layer output minus the compressed
+    model's residual (a direct solve on the collected activations)."""
+    import copy
+
+    model = _decoder("llama")
+    original = copy.deepcopy(model)
+    ids = _tokens(6, 24, seed=4)
+    compress.compress_kv_heads(model, ids, kv_heads=1, refit_mlp=True, ridge=1e-12, progress=False)
+
+    def grab(m):
+        got, hs = {}, []
+        for li, layer in enumerate(m.model.layers):
+            for name, mod in (("r", layer.post_attention_layernorm), ("f", layer.mlp.down_proj)):
+                hs.append(mod.register_forward_pre_hook(
+                    lambda mod, a, key=(name, li): got.__setitem__(key, a[0].reshape(-1, a[0].shape[-1]))))
+        with torch.no_grad():
+            m(input_ids=ids)
+        for h in hs:
+            h.remove()
+        return got
+
+    o, c = grab(original), grab(model)
+    for li in range(len(model.model.layers)):
+        W2 = original.model.layers[li].mlp.down_proj.weight
+        y = o["f", li] @ W2.T + o["r", li] - c["r", li]
+        want = torch.linalg.lstsq(c["f", li], y).solution.T
+        _close(model.model.layers[li].mlp.down_proj.weight, want, 1e-6)
+
+
 def test_bad_arguments_raise_clear_errors():
     model = _decoder("llama")
     ids = _tokens()
@@ -307,6 +341,10 @@ def test_bad_arguments_raise_clear_errors():
         compress.compress_kv_heads(model, ids[:0], kv_heads=2)
     with pytest.raises(ValueError, match="method must be one of"):
         compress.compress_kv_heads(model, ids, kv_heads=2, method="svd")
+    with pytest.raises(ValueError, match="refit_target must be one of"):
+        compress.compress_kv_heads(model, ids, kv_heads=2, refit_target="model")
+    with pytest.raises(ValueError, match="refit_mlp needs sequential=True"):
+        compress.compress_kv_heads(model, ids, kv_heads=2, refit_mlp=True, sequential=False)
     with pytest.raises(TypeError, match="calibration"):
         compress.compress_kv_heads(model, "some text", kv_heads=2)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB))
@@ -369,6 +407,94 @@ def test_recover_trains_lora_and_merges_back(teacher):
     assert compress.perplexity(model, ids) < before
 
 
+def _fake_clock(monkeypatch, tick):
+    """recover's clock advanced by ``tick`` seconds at every reading (no real time in tests)."""
+    import importlib
+    import types
+
+    mod = importlib.import_module("lrkernels.compress.recover")
+    now = [0.0]
+
+    def perf_counter():
+        now[0] += tick
+        return now[0]
+
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=perf_counter))
+
+
+def test_recover_time_limited_run_with_huge_steps_trains(monkeypatch):
+    """steps=10**6 with a time limit: the schedule follows the elapsed fraction of the time, so the
+    LR warms up within the run and the model learns (a schedule by steps keeps the LR ~0)."""
+    import copy
+
+    model = _decoder("llama")
+    original = copy.deepcopy(model)
+    compress.compress_kv_heads(model, _tokens(seed=2), kv_heads=1, progress=False)
+    ids = _tokens(4, 24, seed=9)
+    before = compress.perplexity(model, ids)
+    _fake_clock(monkeypatch, 1.0)
+    lr = 1e-2
+    out = compress.recover(model, list(ids.split(2)), steps=10 ** 6, r=4, lr=lr, teacher=original,
+                           time_limit_s=20, progress=False)
+    assert 5 <= out["steps"] <= 25
+    assert compress.perplexity(model, ids) < 0.9 * before
+    lrs = out["lrs"]
+    assert max(lrs) > 0.5 * lr
+    top = lrs.index(max(lrs))
+    assert top <= len(lrs) // 4  # warm-up over the first ~10% of the time
+    assert all(a >= b for a, b in zip(lrs[top:], lrs[top + 1:])) and lrs[-1] < 0.2 * lr
+
+
+def test_recover_lr_warms_up_then_decays():
+    model = _decoder("llama")
+    compress.compress_kv_heads(model, _tokens(seed=2), kv_heads=1, progress=False)
+    lr, steps = 1e-3, 20
+    out = compress.recover(model, _tokens(2, 16, seed=9), steps=steps, r=2, lr=lr, progress=False)
+    lrs = out["lrs"]
+    assert len(lrs) == steps
+    # warm-up over the first 10% of the steps (2 here), rising; then a cosine decay towards 0
+    assert 0 < lrs[0] < lrs[1] <= lr
+    assert max(lrs) == pytest.approx(lrs[2], rel=0.05) and max(lrs) > 0.95 * lr
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lrs[steps // 2] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * (0.525 - 0.1) / 0.9)), rel=1e-6)
+    assert lrs[-1] < 0.01 * lr
+
+
+def test_recover_reports_progress_through_callback_and_evaluation():
+    import copy
+
+    model = _decoder("llama")
+    original = copy.deepcopy(model)
+    compress.compress_kv_heads(model, _tokens(seed=2), kv_heads=1, progress=False)
+    ids = _tokens(4, 24, seed=9)
+    ev = ids[:2]  # random tokens: only the training text's perplexity is sure to fall in 6 steps
+    seen = []
+    out = compress.recover(model, list(ids.split(2)), steps=6, r=4, lr=1e-2, teacher=original, progress=False,
+                           evaluation=ev, eval_every=3, callback=seen.append)
+    assert [r["step"] for r in seen] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "lr", "seconds"} <= set(r) for r in seen)
+    assert "perplexity" in seen[2] and "perplexity" in seen[5] and "perplexity" not in seen[0]
+    evals = out["evaluations"]
+    assert [e["step"] for e in evals] == [0, 3, 6]
+    # the last figure is the merged model's
+    assert evals[-1]["perplexity"] == pytest.approx(compress.perplexity(model, ev), rel=1e-9)
+    assert evals[-1]["perplexity"] < evals[0]["perplexity"]
+
+
+def test_recover_encoder_evaluation_is_the_embedding_cosine():
+    import copy
+
+    model = _bert()
+    original = copy.deepcopy(model)
+    compress.compress_kv_heads(model, _tokens(seed=2), kv_heads=2, progress=False)
+    out = compress.recover(model, _tokens(4, 16, seed=9), steps=4, r=2, lr=1e-2, teacher=original, progress=False,
+                           evaluation=_tokens(2, 16, seed=11), eval_every=2)
+    evals = out["evaluations"]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert all(0 < e["embedding_cosine_mean"] <= 1 + 1e-9 and e["embedding_cosine_min"] <= e["embedding_cosine_mean"]
+               for e in evals)
+
+
 def test_recover_bad_arguments():
     model = _decoder("llama")
     with pytest.raises(ValueError, match="steps must be a positive int"):
@@ -379,6 +505,14 @@ def test_recover_bad_arguments():
         compress.recover(model, _tokens(), steps=1, targets="everything")
     with pytest.raises(ValueError, match="teacher"):
         compress.recover(_bert(), _tokens(), steps=1)
+    with pytest.raises(ValueError, match="time_limit_s must be positive"):
+        compress.recover(model, _tokens(), steps=1, time_limit_s=0)
+    with pytest.raises(ValueError, match="warmup must be in"):
+        compress.recover(model, _tokens(), steps=1, warmup=1.0)
+    with pytest.raises(ValueError, match="eval_every must be a non-negative int"):
+        compress.recover(model, _tokens(), steps=1, evaluation=_tokens(), eval_every=-1)
+    with pytest.raises(ValueError, match="evaluation is empty"):
+        compress.recover(model, _tokens(), steps=1, evaluation=[])
 
 
 def test_cli_help():
@@ -407,7 +541,11 @@ def test_cli_compresses_a_checkpoint(tmp_path):
     text = tmp_path / "cal.txt"
     text.write_text("A few words of calibration text for the command line test. " * 20)
     assert main([str(tmp_path / "in"), str(tmp_path / "out"), "--kv-heads", "2", "--calibration", str(text),
-                 "--seq-len", "32", "--quiet"]) == 0
+                 "--seq-len", "32", "--refit-target", "original", "--refit-mlp", "--ridge", "1e-2", "--quiet"]) == 0
     again = compress.load_compressed(tmp_path / "out")
     assert again.config.num_key_value_heads == 2
     assert (tmp_path / "out" / "compress_report.json").is_file()
+    import json
+
+    opts = json.loads((tmp_path / "out" / "compress_report.json").read_text())["options"]
+    assert opts["refit_target"] == "original" and opts["refit_mlp"] is True and opts["ridge"] == 1e-2

@@ -20,6 +20,12 @@ def _parser():
     p.add_argument("--value-objective", default="output", choices=("plain", "output"))
     p.add_argument("--grouping", default="similarity", choices=("contiguous", "similarity"))
     p.add_argument("--no-refit-output", action="store_true", help="do not refit o_proj by least squares")
+    p.add_argument("--refit-target", default="layer", choices=("layer", "original"),
+                   help="what the o_proj refit matches: the original layer's attention output on the same inputs, "
+                        "or the original model's residual stream (see compress_kv_heads)")
+    p.add_argument("--refit-mlp", action="store_true",
+                   help="also refit each MLP's output linear onto the original model's layer output")
+    p.add_argument("--ridge", type=float, default=1e-3, help="ridge of the least-squares refits (default 1e-3)")
     p.add_argument("--calibration", nargs="*", default=None,
                    help="text files to calibrate on (default: the even-indexed topics of CPython's reference "
                         "manual, pydoc_data.topics)")
@@ -81,7 +87,8 @@ def main(argv=None):
                       args.batch_size, encoder)
     rep = compress_kv_heads(model, cal, kv_heads=args.kv_heads, method=args.method,
                             key_objective=args.key_objective, value_objective=args.value_objective,
-                            grouping=args.grouping, refit_output=not args.no_refit_output, evaluation=ev,
+                            grouping=args.grouping, refit_output=not args.no_refit_output,
+                            refit_target=args.refit_target, refit_mlp=args.refit_mlp, ridge=args.ridge, evaluation=ev,
                             progress=not args.quiet)
     out = Path(args.output)
     model.save_pretrained(out)

@@ -61,6 +61,11 @@ class Family:
     def attention(self, layer: nn.Module) -> AttentionParts:
         raise NotImplementedError
 
+    def mlp_output(self, layer: nn.Module):
+        """(the MLP's output linear, the module whose input ``arg`` is the residual the MLP's output
+        is added to, ``arg``)."""
+        raise NotImplementedError
+
     def set_kv_heads(self, layer: nn.Module, kv_heads: int) -> None:
         """After the projections of ``layer`` were rewritten: make its module run them."""
         raise NotImplementedError
@@ -100,6 +105,10 @@ class DecoderFamily(Family):
         a = layer.self_attn
         return AttentionParts(a, a.q_proj, a.k_proj, a.v_proj, a.o_proj)
 
+    def mlp_output(self, layer):
+        # h = r + down(act(gate(LN(r))) * up(LN(r))), r the input of post_attention_layernorm
+        return layer.mlp.down_proj, layer.post_attention_layernorm, 0
+
     def set_kv_heads(self, layer, kv_heads):
         a = layer.self_attn
         a.num_key_value_groups = self.num_heads // kv_heads
@@ -135,6 +144,10 @@ class EncoderFamily(Family):
     def attention(self, layer):
         s = layer.attention.self
         return AttentionParts(s, s.query, s.key, s.value, layer.attention.output.dense)
+
+    def mlp_output(self, layer):
+        # BertOutput(f, r) = LayerNorm(dense(f) + r), r the attention block's output
+        return layer.output.dense, layer.output, 1
 
     def set_kv_heads(self, layer, kv_heads):
         from ._bert import GQABertSelfAttention

@@ -329,14 +329,21 @@ class RopeAttentionMoments:
 
 
 class OutputMoments:
-    """Sums for the least-squares refit of o_proj: Σ h̃ h̃ᵀ and Σ [h_orig; 1] h̃ᵀ, h̃ = [h_comp; 1]."""
+    """Sums for the least-squares refit of o_proj: Σ h̃ h̃ᵀ and Σ [h_orig; 1] h̃ᵀ, h̃ = [h_comp; 1];
+    with ``offsets`` (per batch, rows of the target added to ``W_orig h_orig``: the original
+    model's residual minus the compressed one's) also Σ δ h̃ᵀ, Σ h_orig δᵀ and Σ ||δ||²."""
 
-    def __init__(self, o: torch.nn.Linear, originals, bias: bool):
+    def __init__(self, o: torch.nn.Linear, originals, bias: bool, offsets=None):
         D = o.in_features + (1 if bias else 0)
         self.bias = bias
         self.Ccc = torch.zeros(D, D, dtype=torch.float64)
         self.Coc = torch.zeros(D, D, dtype=torch.float64)
         self.originals = originals
+        self.offsets = offsets
+        if offsets is not None:
+            self.Cdc = torch.zeros(o.out_features, D, dtype=torch.float64)
+            self.Cod = torch.zeros(D, o.out_features, dtype=torch.float64)
+            self.dd = 0.0
         self.i = 0
         self.mask = None
         self._h = o.register_forward_pre_hook(self._on_o)
@@ -349,6 +356,11 @@ class OutputMoments:
         x = args[0]
         hc = self._aug((x.reshape(-1, x.shape[-1]) if self.mask is None else x[self.mask]).detach().cpu())
         ho = self._aug(self.originals[self.i])
+        if self.offsets is not None:
+            d = self.offsets[self.i].to(torch.float64)
+            self.Cdc += d.T @ hc
+            self.Cod += ho.T @ d
+            self.dd += float((d * d).sum())
         self.i += 1
         self.Ccc += hc.T @ hc
         self.Coc += ho.T @ hc
@@ -356,3 +368,29 @@ class OutputMoments:
 
     def remove(self):
         self._h.remove()
+
+
+class InputsOf:
+    """The rows (valid tokens) of a module's positional input ``arg`` at every forward, kept on the
+    CPU; with ``stop`` the forward ends there."""
+
+    def __init__(self, mod: torch.nn.Module, arg: int = 0, stop: bool = False):
+        self.rows = []
+        self.mask = None
+        self.arg, self.stop = arg, stop
+        self._h = mod.register_forward_pre_hook(self._on)
+
+    def _on(self, mod, args):
+        x = args[self.arg]
+        self.rows.append((x.reshape(-1, x.shape[-1]) if self.mask is None else x[self.mask]).detach().cpu())
+        if self.stop:
+            raise _Stop
+
+    def remove(self):
+        self._h.remove()
+
+
+def hidden_rows(args, kwargs, mask):
+    """A layer input's hidden states at the valid tokens, (tokens, hidden), on the CPU."""
+    x = hidden_of(args, kwargs)
+    return (x.reshape(-1, x.shape[-1]) if mask is None else x[mask]).detach().cpu()

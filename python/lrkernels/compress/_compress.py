@@ -13,21 +13,22 @@ from torch import nn
 
 from . import _solve
 from ._arch import family_of
-from ._collect import (LayerMoments, OutputMoments, _Stop, as_batches, first_layer_inputs, hidden_of,
-                       token_count, with_hidden)
+from ._collect import (InputsOf, LayerMoments, OutputMoments, _Stop, as_batches, first_layer_inputs,
+                       hidden_rows, token_count, with_hidden)
 from ._report import CompressionReport, LayerReport
 
 METHODS = ("mean", "svd-a")
 KEY_OBJECTIVES = ("plain", "query", "attention")
 VALUE_OBJECTIVES = ("plain", "output", "attention")
 GROUPINGS = ("contiguous", "similarity")
+REFIT_TARGETS = ("layer", "original")
 _EXHAUSTIVE_GROUPINGS = 5000
 
 
-def _check_options(method, key_objective, value_objective, grouping):
+def _check_options(method, key_objective, value_objective, grouping, refit_target):
     for name, val, allowed in (("method", method, METHODS), ("key_objective", key_objective, KEY_OBJECTIVES),
                                ("value_objective", value_objective, VALUE_OBJECTIVES),
-                               ("grouping", grouping, GROUPINGS)):
+                               ("grouping", grouping, GROUPINGS), ("refit_target", refit_target, REFIT_TARGETS)):
         if val not in allowed:
             raise ValueError(f"compress_kv_heads: {name} must be one of {', '.join(map(repr, allowed))}, got {val!r}")
 
@@ -205,10 +206,9 @@ def _apply_plan(parts, plan, fam):
 
 
 @torch.no_grad()
-def _refit_output(parts, moments: OutputMoments, ridge: float):
-    """o_proj by least squares: the compressed heads' outputs onto the original layer's attention
-    output, ridge-pulled towards the folded o_proj. Returns error after / before on calibration."""
-    o = parts.o
+def _refit_output(o: nn.Linear, moments: OutputMoments, ridge: float):
+    """``o`` (o_proj, or the MLP's output linear) by least squares onto the moments' target, ridge-
+    pulled towards its current weights. Returns error after / before on calibration."""
     W0 = o.weight.detach().to("cpu", torch.float64)
     b0 = None if o.bias is None else o.bias.detach().to("cpu", torch.float64)
     Wf = torch.cat([W0, b0[:, None]], 1) if moments.bias else W0
@@ -216,13 +216,17 @@ def _refit_output(parts, moments: OutputMoments, ridge: float):
     Worig = moments.W_orig
     Ccc, Coc = moments.Ccc, moments.Coc
     lam = ridge * float(Ccc.diagonal().mean())
-    rhs = Worig @ Coc + lam * Wf
+    T = Worig @ Coc  # Σ y h_cᵀ for the target y = W_orig h_o (+ δ, the residual streams' difference)
+    yy = float((Worig @ moments.Coo * Worig).sum())
+    if moments.offsets is not None:
+        T = T + moments.Cdc
+        yy += 2 * float((Worig * moments.Cod.T).sum()) + moments.dd
+    rhs = T + lam * Wf
     Wn = torch.linalg.solve(Ccc + lam * torch.eye(Ccc.shape[0], dtype=Ccc.dtype), rhs.T).T
 
-    def err(W):  # Σ ||W_orig h_o − W h_c||² up to the constant Σ ||W_orig h_o||²
-        return float(-2 * (W * (Worig @ Coc)).sum() + (W @ Ccc * W).sum())
+    def err(W):  # Σ ||y − W h_c||² up to the constant Σ ||y||²
+        return float(-2 * (W * T).sum() + (W @ Ccc * W).sum())
 
-    yy = float((Worig @ moments.Coo * Worig).sum())
     before, after = yy + err(Wf), yy + err(Wn)
     if after > before:  # never make it worse
         return 1.0
@@ -231,6 +235,29 @@ def _refit_output(parts, moments: OutputMoments, ridge: float):
     else:
         _set_linear(o, Wn.contiguous(), None)
     return after / before if before > 0 else 1.0
+
+
+@torch.no_grad()
+def _refit_mlp(layer, fam, inputs, orig_f, orig_r, ridge):
+    """The MLP's output linear by least squares: its output plus the compressed model's residual
+    onto the original model's (orig_f: the linear's inputs there, orig_r: the residual)."""
+    down, rmod, rarg = fam.mlp_output(layer)
+    grab = InputsOf(rmod, rarg, stop=True)
+    try:
+        _run_layer(layer, inputs, [grab])
+    finally:
+        grab.remove()
+    offsets = [ro.to(torch.float64) - rc.to(torch.float64) for ro, rc in zip(orig_r, grab.rows)]
+    del grab
+    om = OutputMoments(down, orig_f, bias=down.bias is not None, offsets=offsets)
+    W = down.weight.detach().to("cpu", torch.float64)
+    om.W_orig = W if down.bias is None else torch.cat([W, down.bias.detach().to("cpu", torch.float64)[:, None]], 1)
+    om.Coo = sum(om._aug(x).T @ om._aug(x) for x in orig_f)
+    try:
+        _run_layer(layer, inputs, [om])
+    finally:
+        om.remove()
+    return _refit_output(down, om, ridge)
 
 
 def _run_layer(layer, inputs, hooks=()):
@@ -253,8 +280,8 @@ def _run_layer(layer, inputs, hooks=()):
 
 def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: str = "svd-a",
                       key_objective: str = "query", value_objective: str = "output",
-                      grouping: str = "similarity", refit_output: bool = True, sequential: bool = True,
-                      ridge: float = 1e-3, evaluation=None, progress: bool = True) -> CompressionReport:
+                      grouping: str = "similarity", refit_output: bool = True, refit_target: str = "layer",
+                      refit_mlp: bool = False, sequential: bool = True, ridge: float = 1e-3, evaluation=None, progress: bool = True) -> CompressionReport:
     """Turn ``model`` (a transformers Llama / Mistral / Qwen2 decoder or a BERT encoder) into one
     with ``kv_heads`` key/value heads per layer, in place, and report what was kept.
 
@@ -287,6 +314,20 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             match, which changes nothing in the outputs).
         refit_output: after the merge, refit o_proj by least squares on the calibration tokens so
             the compressed attention's output matches the original layer's (ridge ``ridge``).
+        refit_target: what the refit matches. ``"layer"``: the original layer's attention output
+            on the same inputs as the compressed layer. ``"original"`` (with ``sequential``): the
+            original *model's* residual stream after the attention block, ``W_o h_o + x_o``,
+            through the compressed model's ``W h_c + x_c``, so each o_proj also makes up for the
+            drift of the layers before it (x: the layer's input; h: o_proj's input; o / c: the
+            original / compressed model; one more pass of the original layer per layer).
+            MiniLM 12→4 (512 sentences): 0.9436 mean / 0.758 min cosine against the default's
+            0.9453 / 0.746, so not the default.
+        refit_mlp: (needs ``sequential``) also refit the MLP's output linear (``down_proj``;
+            BERT's ``output.dense``) by least squares so the layer's output matches the original
+            model's at that layer (before BERT's LayerNorm), ridge ``ridge``. MiniLM 12→4 (512
+            sentences): 0.9479 mean cosine (0.9511 with ridge 3e-2) against the default's 0.9453;
+            SmolLM2 3→1 (32 windows): perplexity 41.97 against 39.91, and ~4x the time (the
+            refit is ``intermediate_size`` wide), so not the default.
         sequential: calibrate layer l on the outputs of the already compressed layers < l (True),
             or on the original model's (False).
         evaluation: optional data (as ``calibration``) for the quality figures of the report:
@@ -294,7 +335,10 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             embeddings for encoders.
         progress: print one line per layer to stderr.
     """
-    _check_options(method, key_objective, value_objective, grouping)
+    _check_options(method, key_objective, value_objective, grouping, refit_target)
+    if refit_mlp and not sequential:
+        raise ValueError("compress_kv_heads: refit_mlp needs sequential=True (it matches the original model's "
+                         "stream at each layer's output)")
     fam = family_of(model)
     Hkv, H, d = fam.num_kv_heads, fam.num_heads, fam.head_dim
     if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or Hkv % kv_heads:
@@ -319,8 +363,33 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
     reports = []
     with torch.no_grad():
         inputs = first_layer_inputs(model, layers[0], batches, fam.forward_kwargs(), dev)
+        # the original model's stream, run alongside the compressed one
+        orig_target = refit_output and refit_target == "original" and sequential
+        track = orig_target or refit_mlp
+        orig_inputs = [[a, k, m] for a, k, m in inputs] if track else None
         for li, layer in enumerate(layers):
             parts = fam.attention(layer)
+            offsets = orig_o = orig_f = orig_r = None
+            if track:
+                # the original layer on the original stream: o_proj's inputs and the residual's gap
+                grabs = [InputsOf(parts.o)]
+                if refit_mlp:
+                    down, rmod, rarg = fam.mlp_output(layer)
+                    grabs += [InputsOf(down), InputsOf(rmod, rarg)]
+                try:
+                    orig_outs = _run_layer(layer, orig_inputs, grabs)
+                finally:
+                    for g in grabs:
+                        g.remove()
+                if orig_target:
+                    orig_o = grabs[0].rows
+                    offsets = [hidden_rows(a, k, m).to(torch.float64) - hidden_rows(ac, kc, m).to(torch.float64)
+                               for (a, k, m), (ac, kc, _) in zip(orig_inputs, inputs)]
+                if refit_mlp:
+                    orig_f, orig_r = grabs[1].rows, grabs[2].rows
+                for slot, y in zip(orig_inputs, orig_outs):
+                    slot[0], slot[1] = with_hidden(slot[0], slot[1], y)
+                del grabs, orig_outs
             attn_keys = None
             if fam.rope and key_objective == "attention" and method != "mean":
                 attn_keys = {"scale": float(getattr(parts.module, "scaling", d ** -0.5)), "causal": fam.causal}
@@ -328,7 +397,7 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             if value_objective == "attention" and method != "mean":
                 attn_values = {"scale": float(getattr(parts.module, "scaling", d ** -0.5)), "causal": fam.causal,
                                "rope": fam.rope, "window": fam.attention_window(li)}
-            mom = LayerMoments(parts, H, Hkv, d, full_query=not fam.rope, keep_o_inputs=refit_output,
+            mom = LayerMoments(parts, H, Hkv, d, full_query=not fam.rope, keep_o_inputs=refit_output and not orig_target,
                                stop_at_o=sequential, attention_keys=attn_keys, attention_values=attn_values)
             try:
                 outs = _run_layer(layer, inputs, [mom])
@@ -348,8 +417,8 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
                 # the original inputs of o_proj, in the order of the new query heads
                 perm = torch.cat([_idx(range(j * (H // Hkv), (j + 1) * (H // Hkv)), d)
                                   for g in plan.groups for j in g])
-                originals = [x[:, perm] for x in mom.o_inputs]
-                om = OutputMoments(parts.o, originals, bias=parts.o.bias is not None)
+                originals = [x[:, perm] for x in (mom.o_inputs if orig_o is None else orig_o)]
+                om = OutputMoments(parts.o, originals, bias=parts.o.bias is not None, offsets=offsets)
                 if parts.o.bias is None:
                     om.W_orig = W_orig[:, perm]
                 else:
@@ -359,8 +428,12 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
                     _run_layer(layer, inputs, [om])
                 finally:
                     om.remove()
-                gain = _refit_output(parts, om, ridge)
-                del originals, om
+                gain = _refit_output(parts.o, om, ridge)
+                del originals, om, offsets, orig_o
+            mlp_gain = None
+            if refit_mlp:
+                mlp_gain = _refit_mlp(layer, fam, inputs, orig_f, orig_r, ridge)
+                del orig_f, orig_r
             if sequential:
                 outs = _run_layer(layer, inputs)
             for slot, y in zip(inputs, outs):
@@ -368,11 +441,13 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             ke = [km.kept for km in plan.kmerges]
             ve = [vm.kept for vm in plan.vmerges]
             rep = LayerReport(index=li, groups=plan.groups, key_energy_kept=float(sum(ke) / len(ke)),
-                              value_energy_kept=float(sum(ve) / len(ve)), output_refit_gain=gain)
+                              value_energy_kept=float(sum(ve) / len(ve)), output_refit_gain=gain,
+                              mlp_refit_gain=mlp_gain)
             reports.append(rep)
             prog(li, f"energy kept keys {rep.key_energy_kept:.3f} values {rep.value_energy_kept:.3f}"
-                     + (f", o_proj refit error x{gain:.3f}" if gain is not None else ""))
-        del inputs
+                     + (f", o_proj refit error x{gain:.3f}" if gain is not None else "")
+                     + (f", MLP output refit error x{mlp_gain:.3f}" if mlp_gain is not None else ""))
+        del inputs, orig_inputs
     fam.set_config_kv_heads(kv_heads)
     model.train(was_training)
     seconds = time.perf_counter() - t0
@@ -381,7 +456,8 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
     return CompressionReport(
         architecture=type(model).__name__, method=method,
         options=dict(key_objective=key_objective, value_objective=value_objective, grouping=grouping,
-                     refit_output=refit_output, sequential=sequential, ridge=ridge),
+                     refit_output=refit_output, refit_target=refit_target, refit_mlp=refit_mlp,
+                     sequential=sequential, ridge=ridge),
         kv_heads_before=Hkv, kv_heads_after=kv_heads, num_layers=len(layers), head_dim=d,
         kv_cache_bytes_per_token_before=2 * len(layers) * Hkv * d * elem,
         kv_cache_bytes_per_token_after=2 * len(layers) * kv_heads * d * elem,

@@ -12,6 +12,7 @@ class LayerReport:
     key_energy_kept: float           # of the objective's matrix (NaN for "mean")
     value_energy_kept: float
     output_refit_gain: Optional[float] = None  # o_proj refit: calibration error after / before (≤ 1)
+    mlp_refit_gain: Optional[float] = None     # refit_mlp: the same for the MLP's output linear
 
 
 @dataclass
