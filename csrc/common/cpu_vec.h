@@ -60,4 +60,24 @@ inline void transpose_block(Vectorized<T>* v) {
   }
 }
 
+// Σ a[0:n]·b[0:n] with four vector accumulators (the SDDMM of sparse_lowrank, the dropout
+// complement's backward of dora).
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  V s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
+  int64_t j = 0;
+  for (; j + 4 * L <= n; j += 4 * L) {
+    s0 = at::vec::fmadd(V::loadu(a + j), V::loadu(b + j), s0);
+    s1 = at::vec::fmadd(V::loadu(a + j + L), V::loadu(b + j + L), s1);
+    s2 = at::vec::fmadd(V::loadu(a + j + 2 * L), V::loadu(b + j + 2 * L), s2);
+    s3 = at::vec::fmadd(V::loadu(a + j + 3 * L), V::loadu(b + j + 3 * L), s3);
+  }
+  for (; j + L <= n; j += L) s0 = at::vec::fmadd(V::loadu(a + j), V::loadu(b + j), s0);
+  T acc = at::vec::vec_reduce_all<T>([](const V& u, const V& v) { return u + v; }, (s0 + s1) + (s2 + s3));
+  for (; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
 }  // namespace lrkernels::LRK_ISA_NS

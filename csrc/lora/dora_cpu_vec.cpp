@@ -1,7 +1,7 @@
 // The row kernels of dropout_complement_linear over at::vec (see dora_cpu_vec.h), compiled once
 // per instruction set. Forward: the output row stays in registers / L1 while the dropped
 // entries' rows of Wᵀ stream past, four at a time (one load and store of y per four rows).
-// Backward: one dot product per dropped entry, four vector accumulators.
+// Backward: one dot product (common/cpu_vec.h) per dropped entry.
 #include "common/cpu_vec.h"
 
 #include <type_traits>
@@ -72,24 +72,8 @@ void row_forward(const T* x, int64_t cols, const uint32_t* bits, const T* wt, in
 
 template <typename T>
 void row_backward(const T* dz, int64_t n, const uint32_t* bits, const T* wt, int64_t cols, T* gx) {
-  using V = Vectorized<T>;
-  constexpr int64_t VS = V::size();
   for (int64_t i = 0; i < cols; ++i) gx[i] = T(0);
-  for_each_dropped(bits, cols, [&](int64_t i) {
-    const T* w = wt + i * n;
-    V s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
-    int64_t o = 0;
-    for (; o + 4 * VS <= n; o += 4 * VS) {
-      s0 = at::vec::fmadd(V::loadu(dz + o), V::loadu(w + o), s0);
-      s1 = at::vec::fmadd(V::loadu(dz + o + VS), V::loadu(w + o + VS), s1);
-      s2 = at::vec::fmadd(V::loadu(dz + o + 2 * VS), V::loadu(w + o + 2 * VS), s2);
-      s3 = at::vec::fmadd(V::loadu(dz + o + 3 * VS), V::loadu(w + o + 3 * VS), s3);
-    }
-    for (; o + VS <= n; o += VS) s0 = at::vec::fmadd(V::loadu(dz + o), V::loadu(w + o), s0);
-    T s = at::vec::vec_reduce_all<T>([](const V& l, const V& r) { return l + r; }, (s0 + s1) + (s2 + s3));
-    for (; o < n; ++o) s += dz[o] * w[o];
-    gx[i] = s;
-  });
+  for_each_dropped(bits, cols, [&](int64_t i) { gx[i] = dot(dz, wt + i * n, n); });
 }
 
 template <typename T>

@@ -50,24 +50,11 @@ void spmm_rows(const int32_t* ptr, const int32_t* idx, const T* val, const T* sr
 template <typename T>
 void sddmm_rows(const int32_t* ptr, const int32_t* idx, const T* aT, const T* bT, T* out, int64_t r0, int64_t r1,
                 int64_t w) {
-  using V = Vectorized<T>;
-  constexpr int64_t L = V::size();
   for (int64_t r = r0; r < r1; ++r) {
     const T* a = aT + r * w;
     for (int64_t p = ptr[r]; p < ptr[r + 1]; ++p) {
       const T* b = bT + static_cast<int64_t>(idx[p]) * w;
-      V s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
-      int64_t j = 0;
-      for (; j + 4 * L <= w; j += 4 * L) {
-        s0 = at::vec::fmadd(V::loadu(a + j), V::loadu(b + j), s0);
-        s1 = at::vec::fmadd(V::loadu(a + j + L), V::loadu(b + j + L), s1);
-        s2 = at::vec::fmadd(V::loadu(a + j + 2 * L), V::loadu(b + j + 2 * L), s2);
-        s3 = at::vec::fmadd(V::loadu(a + j + 3 * L), V::loadu(b + j + 3 * L), s3);
-      }
-      for (; j + L <= w; j += L) s0 = at::vec::fmadd(V::loadu(a + j), V::loadu(b + j), s0);
-      T acc = at::vec::vec_reduce_all<T>([](V& u, V& v) { return u + v; }, (s0 + s1) + (s2 + s3));
-      for (; j < w; ++j) acc += a[j] * b[j];
-      out[p] += acc;
+      out[p] += dot(a, b, w);
     }
   }
 }

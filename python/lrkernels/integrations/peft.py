@@ -388,11 +388,12 @@ def _dora_dropout_complement(x, w, bias, a, b, s, c, p, seed):
             or w.requires_grad or _autocast_on(x) or torch.compiler.is_compiling()
             or any(t.dtype != x.dtype for t in (a, b))):
         return None
-    kappa = (c.to(x.dtype) - 1) * dropout_keep_scale(p)
+    c = c.to(x.dtype)
+    kappa = (c - 1) * dropout_keep_scale(p)
     k = 1 + kappa
     if not bool((k.detach().abs() >= 0.1).all()):
         return None
-    z, _ = torch.ops.lrkernels.lora_linear.default(x, w, None, a, b, s, None, c.to(x.dtype) / k, p, seed)
+    z, _ = torch.ops.lrkernels.lora_linear.default(x, w, None, a, b, s, None, c / k, p, seed)
     y = torch.addcmul(z, kappa, z - dropout_complement_linear(x, w, seed, p))
     return y if bias is None else y + bias
 
