@@ -3,6 +3,7 @@ dense formula) for random and columns supports, every gradient, both forward pat
 opcheck on every op, torch.compile, equivalence with SLTrain's algorithm on its 60M shapes,
 edge densities and ranks, bad inputs, and the SparseLowRankLinear module and converter."""
 
+import itertools
 import pytest
 import torch
 from torch import nn
@@ -160,11 +161,12 @@ def test_grad_only_where_needed_and_output_mask(kind):
     y = OP(a["x"], a["lora_a"], a["lora_b"], a["sparse_values"], sup.tensor, a["bias"], 0.5)
     gy = torch.randn_like(y)
     full = BWD(gy, a["x"], a["lora_a"], a["lora_b"], a["sparse_values"], sup.tensor, 0.5, [True] * 5)
-    for i in range(5):
-        mask = [j == i for j in range(5)]
-        part = BWD(gy, a["x"], a["lora_a"], a["lora_b"], a["sparse_values"], sup.tensor, 0.5, mask)
+    # every subset: the backward shares buffers and GEMMs between gradients (h and g in one
+    # chunk buffer, [dB | dV] for the columns support), so each combination takes its own path
+    for mask in itertools.product([False, True], repeat=5):
+        part = BWD(gy, a["x"], a["lora_a"], a["lora_b"], a["sparse_values"], sup.tensor, 0.5, list(mask))
         for j in range(5):
-            if j == i:
+            if mask[j]:
                 torch.testing.assert_close(part[j], full[j])
             else:
                 assert part[j] is None

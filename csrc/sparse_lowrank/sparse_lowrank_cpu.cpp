@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <array>
 #include <climits>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -139,35 +140,56 @@ at::Tensor random_support(const char* op, const at::Tensor& support, const Spars
   return packed;
 }
 
+// Tokens per chunk of the backward's low-rank products: the chunk buffer (tokens × width, the
+// rank plus the columns support's channels) stays ~512 KiB, small next to the gradients, and
+// each GEMM still has >= 64 tokens.
+int64_t lowrank_chunk(int64_t width, int64_t elem) {
+  const int64_t want = (512 * 1024) / std::max<int64_t>(1, width * elem);
+  return std::max<int64_t>(64, want);
+}
+
+// m (rows, w) contiguous -> its first k columns as a contiguous (rows, k) tensor on m's own
+// storage, rows moved down in place (row i's destination ends before row i+1's source starts),
+// so splitting a [dB | dV] accumulator costs no second copy of dB.
+at::Tensor leading_columns_in_place(const at::Tensor& m, int64_t k) {
+  const int64_t rows = m.size(0), w = m.size(1);
+  if (w == k) return m;
+  const int64_t esz = static_cast<int64_t>(m.element_size());
+  char* p = static_cast<char*>(m.data_ptr());
+  for (int64_t i = 1; i < rows; ++i) std::memmove(p + i * k * esz, p + i * w * esz, static_cast<size_t>(k * esz));
+  return m.view({-1}).narrow(0, 0, rows * k).view({rows, k});
+}
+
 // Tokens per tile, a multiple of 16 (whole vectors on every ISA). Wider tiles amortise what is
 // paid per support entry and tile (the index and value loads; for the SDDMM, one horizontal
 // sum), narrower ones keep the transposed tiles in cache: `want` tokens, fewer when the
 // thread's transposed tiles (`features` rows) would pass ~2 MiB (L2 + its share of L3).
-// Tokens per chunk of the backward's low-rank products: each token-sized intermediate (tokens ×
-// r) stays ~512 KiB, small next to the gradients, and each GEMM still has >= 64 tokens.
-int64_t lowrank_chunk(const SparseLowRankShapes& sh, int64_t elem) {
-  const int64_t want = (512 * 1024) / std::max<int64_t>(1, sh.rank * elem);
-  return std::max<int64_t>(64, want);
-}
-
 int64_t tile_width(int64_t tokens, int64_t features, int64_t elem, int64_t want) {
   int64_t w = (2 * 1024 * 1024) / std::max<int64_t>(1, features * elem);
   w = std::clamp<int64_t>(std::min(w, want) / 16 * 16, 16, want);
   return std::min(w, std::max<int64_t>(16, (tokens + 15) / 16 * 16));
 }
 
-// gx2[t, cols[k]] += src[t, k]: the columns support's input gradient (index_add_ along dim 1
-// is a scatter per element; this is a plain loop over the tokens).
+// The columns support's gather and its transpose over `rows` tokens, on raw rows with leading
+// dimensions (so they read and write column blocks of the low-rank chunk buffers):
+//   gather: dst[t, k] = src[t, cols[k]];   scatter-add: dst[t, cols[k]] += src[t, k].
+// (index_select / index_add_ along dim 1 are a gather or scatter per element; these are plain
+// loops over the tokens.)
 template <typename T>
-void add_columns(const at::Tensor& src, const at::Tensor& cols, at::Tensor& gx2) {
-  const at::Tensor c = cols.contiguous();
-  const int64_t* cp = c.data_ptr<int64_t>();
-  const int64_t n = c.numel(), in = gx2.size(1);
-  const T* sp = src.data_ptr<T>();
-  T* gp = gx2.data_ptr<T>();
-  at::parallel_for(0, gx2.size(0), 256, [&](int64_t b, int64_t e) {
+void gather_columns(const T* src, int64_t ld_src, const int64_t* cols, int64_t n, int64_t rows, T* dst,
+                    int64_t ld_dst) {
+  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
-      for (int64_t k = 0; k < n; ++k) gp[t * in + cp[k]] += sp[t * n + k];
+      for (int64_t k = 0; k < n; ++k) dst[t * ld_dst + k] = src[t * ld_src + cols[k]];
+  });
+}
+
+template <typename T>
+void scatter_add_columns(const T* src, int64_t ld_src, const int64_t* cols, int64_t n, int64_t rows, T* dst,
+                         int64_t ld_dst) {
+  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      for (int64_t k = 0; k < n; ++k) dst[t * ld_dst + cols[k]] += src[t * ld_src + k];
   });
 }
 
@@ -196,13 +218,15 @@ void sparse_forward(const at::Tensor& x2, const SparseSupportView& sv, const at:
       const int64_t t0 = t * w, rows = std::min(w, T_ - t0);
       k.load_transposed(xp + t0 * in, in, rows, in, xt.data(), w);
       k.spmm_rows(sv.row_ptr, sv.csr_col, vcsr.data(), xt.data(), yt.data(), 0, out, w);
-      k.add_transposed(yt.data(), w, rows, out, yp + t0 * out, out);
+      k.put_transposed(yt.data(), w, rows, out, yp + t0 * out, out, /*add=*/true);
     }
   });
 }
 
-// dx (T, in) += dy S (when gx2 is given) and dv = (dyᵀ x) on the support (when gv is given, in
-// sparse_values' order), for the random support. One private dv accumulator per thread (nnz
+// dx (T, in) = dy S (when gx2 is given: stored, this is dx's first writer, so dx needs no zero
+// fill) and dv = (dyᵀ x) on the support (when gv is given, in sparse_values' order), for the
+// random support. A thread holds two transposed tiles: dy's, and one (in × w) that serves the
+// SpMM's output and then x's tile for the SDDMM. One private dv accumulator per thread (nnz
 // values each), summed in thread order.
 template <typename T>
 void sparse_backward(const at::Tensor& dy2, const at::Tensor& x2, const SparseSupportView& sv,
@@ -210,7 +234,8 @@ void sparse_backward(const at::Tensor& dy2, const at::Tensor& x2, const SparseSu
   const int64_t T_ = sh.tokens, in = sh.in_features, out = sh.out_features, nnz = sh.nnz;
   std::vector<T> vcsc;
   if (gx2) vcsc = permuted<T>(values_acc, sv.csc_perm, nnz);
-  const int64_t w = tile_width(T_, 2 * in + out, sizeof(T), 64);
+  // wider tiles than the forward's: the SDDMM pays one horizontal sum per entry and tile
+  const int64_t w = tile_width(T_, in + out, sizeof(T), 128);
   const int64_t ntiles = (T_ + w - 1) / w;
   const int64_t nthreads = at::get_num_threads();
   std::vector<T> partial(gv ? static_cast<size_t>(nthreads * nnz) : 0, T(0));
@@ -218,19 +243,18 @@ void sparse_backward(const at::Tensor& dy2, const at::Tensor& x2, const SparseSu
   const T* xp = gv ? x2.data_ptr<T>() : nullptr;
   const auto& k = sparse_lowrank_vec_fns<T>();
   at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> dyt(static_cast<size_t>(out * w)), xt(gv ? static_cast<size_t>(in * w) : 0),
-        dxt(gx2 ? static_cast<size_t>(in * w) : 0);
+    std::vector<T> dyt(static_cast<size_t>(out * w)), it(static_cast<size_t>(in * w));
     T* part = gv ? partial.data() + std::min<int64_t>(at::get_thread_num(), nthreads - 1) * nnz : nullptr;
     for (int64_t t = b; t < e; ++t) {
       const int64_t t0 = t * w, rows = std::min(w, T_ - t0);
       k.load_transposed(dyp + t0 * out, out, rows, out, dyt.data(), w);
       if (gx2) {
-        k.spmm_rows(sv.col_ptr, sv.csc_row, vcsc.data(), dyt.data(), dxt.data(), 0, in, w);
-        k.add_transposed(dxt.data(), w, rows, in, gx2 + t0 * in, in);
+        k.spmm_rows(sv.col_ptr, sv.csc_row, vcsc.data(), dyt.data(), it.data(), 0, in, w);
+        k.put_transposed(it.data(), w, rows, in, gx2 + t0 * in, in, /*add=*/false);
       }
       if (gv) {
-        k.load_transposed(xp + t0 * in, in, rows, in, xt.data(), w);
-        k.sddmm_rows(sv.row_ptr, sv.csr_col, dyt.data(), xt.data(), part, 0, out, w);
+        k.load_transposed(xp + t0 * in, in, rows, in, it.data(), w);
+        k.sddmm_rows(sv.row_ptr, sv.csr_col, dyt.data(), it.data(), part, 0, out, w);
       }
     }
   });
@@ -311,13 +335,26 @@ at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& lora
     }
     if (has_bias) at::addmm_out(y2, bias->to(acc), x2, w.t());
     else at::mm_out(y2, x2, w.t());
+  } else if (sh.kind == SupportKind::kColumns && sh.nnz > 0) {
+    // One GEMM for both parts: y = [s·x Aᵀ | x[:, cols]] [B | V]ᵀ (K = r + n), the gathered
+    // columns written beside the hidden state, instead of a second, n-thin GEMM.
+    const int64_t r = sh.rank, n = sparse_support.numel();
+    const at::Tensor hc = at::empty({sh.tokens, r + n}, x2.options());  // transient: backward recomputes it
+    at::Tensor h = hc.narrow(1, 0, r);
+    at::mm_out(h, x2, as.t());
+    const at::Tensor cols = sparse_support.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(acc, "sparse_lowrank_linear", [&] {
+      gather_columns<scalar_t>(x2.data_ptr<scalar_t>(), sh.in_features, cols.data_ptr<int64_t>(), n, sh.tokens,
+                               hc.data_ptr<scalar_t>() + r, r + n);
+    });
+    const at::Tensor bv = at::cat({bc, vals}, 1);  // (out, r + n)
+    if (has_bias) at::addmm_out(y2, bias->to(acc), hc, bv.t());
+    else at::mm_out(y2, hc, bv.t());
   } else {
     const at::Tensor hidden = at::mm(x2, as.t());  // transient: backward recomputes it
     if (has_bias) at::addmm_out(y2, bias->to(acc), hidden, bc.t());
     else at::mm_out(y2, hidden, bc.t());
-    if (sh.kind == SupportKind::kColumns) {
-      if (sh.nnz > 0) y2.addmm_(x2.index_select(1, sparse_support), vals.t());
-    } else if (sh.nnz > 0 && sh.tokens > 0) {
+    if (sh.kind != SupportKind::kColumns && sh.nnz > 0 && sh.tokens > 0) {
       const SparseSupportView sv = support_view(packed, sh.out_features, sh.in_features, sh.nnz);
       if (acc == at::kDouble) sparse_forward<double>(x2, sv, vals, sh, y2);
       else sparse_forward<float>(x2, sv, vals, sh, y2);
@@ -349,75 +386,107 @@ sparse_lowrank_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
                             ? x.reshape({sh.tokens, sh.in_features}).to(acc).contiguous()
                             : at::Tensor();
   std::optional<at::Tensor> gx, ga, gb, gv, gbias;
-  // The sparse part first, so its scratch (tiles, per-thread dS partials) is gone before the
-  // low-rank gradients are allocated: dx = dy S (into zeros, the low-rank part adds to it) and
-  // dS = dyᵀx on the support.
-  const bool sparse_dx = want_x && sh.nnz > 0 && sh.tokens > 0;
+  const bool columns = sh.kind == SupportKind::kColumns;
+  const int64_t r = sh.rank, in = sh.in_features, out = sh.out_features;
+  const int64_t n = columns ? sparse_support.numel() : 0;  // the columns support's channels
   at::Tensor gx_full, gx2, gv_acc;  // gx2: the (tokens, in) view of gx_full (x's shape, as y in forward)
   if (want_x) {
-    gx_full = sparse_dx ? at::zeros(x.sizes(), dy2.options()) : at::empty(x.sizes(), dy2.options());
-    gx2 = gx_full.view({sh.tokens, sh.in_features});
+    gx_full = at::empty(x.sizes(), dy2.options());
+    gx2 = gx_full.view({sh.tokens, in});
   }
-  const at::Tensor vals = sparse_dx ? sparse_values.to(acc).contiguous() : at::Tensor();
-  if (sh.kind == SupportKind::kColumns) {
-    if (sparse_dx) {
-      const at::Tensor dys = at::mm(dy2, vals);  // (tokens, n)
-      if (acc == at::kDouble) add_columns<double>(dys, sparse_support, gx2);
-      else add_columns<float>(dys, sparse_support, gx2);
-    }
-    if (want_v) gv_acc = at::mm(dy2.t(), x2.index_select(1, sparse_support));
-  } else {
-    if (want_v) gv_acc = at::zeros({sh.nnz}, dy2.options());
-    if ((want_x || want_v) && sh.nnz > 0 && sh.tokens > 0) {
-      const SparseSupportView sv = support_view(packed, sh.out_features, sh.in_features, sh.nnz);
-      if (acc == at::kDouble)
-        sparse_backward<double>(dy2, x2, sv, vals, sh, want_x ? gx2.data_ptr<double>() : nullptr,
-                                want_v ? gv_acc.data_ptr<double>() : nullptr);
-      else
-        sparse_backward<float>(dy2, x2, sv, vals, sh, want_x ? gx2.data_ptr<float>() : nullptr,
-                               want_v ? gv_acc.data_ptr<float>() : nullptr);
-    }
+  const at::Tensor vals = want_x && sh.nnz > 0 ? sparse_values.to(acc).contiguous() : at::Tensor();
+  // Random support: the sparse part first, dx's first writer (dx = dy S, stored; the low-rank
+  // part adds to it), its scratch (tiles, per-thread dS partials) gone before the low-rank
+  // gradients are allocated; dS = dyᵀx on the support.
+  bool gx_written = false;
+  if (!columns && (want_x || want_v) && sh.nnz > 0 && sh.tokens > 0) {
+    if (want_v) gv_acc = at::empty({sh.nnz}, dy2.options());
+    const SparseSupportView sv = support_view(packed, out, in, sh.nnz);
+    AT_DISPATCH_FLOATING_TYPES(acc, "sparse_lowrank_linear_backward", [&] {
+      sparse_backward<scalar_t>(dy2, x2, sv, vals, sh, want_x ? gx2.data_ptr<scalar_t>() : nullptr,
+                                want_v ? gv_acc.data_ptr<scalar_t>() : nullptr);
+    });
+    gx_written = want_x;
   }
-  // The low-rank gradients by chunks of tokens, so every token-sized intermediate is one chunk:
-  // h = s·x Aᵀ (recomputed, not saved by the forward: it would outweigh what the factored
-  // weight's gradient saves over a dense one) and g = s·dy B (what reaches s·x Aᵀ).
-  // dB += dy_cᵀ h_c, dA += g_cᵀ x_c, dx_c (+)= g_c A.
-  if (want_x || want_a || want_b) {
-    const at::Tensor a_acc = lora_a.to(acc), b_acc = lora_b.to(acc);
-    at::Tensor ga_acc, gb_acc, g_buf, h_buf;
-    if (want_a) ga_acc = at::zeros({sh.rank, sh.in_features}, dy2.options());
-    if (want_b) gb_acc = at::zeros({sh.out_features, sh.rank}, dy2.options());
-    const int64_t chunk = lowrank_chunk(sh, c10::elementSize(acc));
-    const int64_t rows = std::min(chunk, sh.tokens);
-    if (want_x || want_a) g_buf = at::empty({rows, sh.rank}, dy2.options());
-    if (want_b) h_buf = at::empty({rows, sh.rank}, dy2.options());
-    for (int64_t t0 = 0; t0 < sh.tokens; t0 += chunk) {
-      const int64_t n = std::min(chunk, sh.tokens - t0);
-      const at::Tensor dy_c = dy2.narrow(0, t0, n);
-      if (want_b) {
-        at::Tensor h_c = h_buf.narrow(0, 0, n);
-        at::mm_out(h_c, x2.narrow(0, t0, n), a_acc.t());
-        h_c.mul_(scale);
-        gb_acc.addmm_(dy_c.t(), h_c);
+  // The low-rank gradients by chunks of tokens, so every token-sized intermediate is one chunk
+  // of one buffer: h = s·x Aᵀ (recomputed, not saved by the forward: it would outweigh what the
+  // factored weight's gradient saves over a dense one), then in the same buffer g = s·dy B
+  // (what reaches s·x Aᵀ): dB += dy_cᵀ h_c, dA += g_cᵀ x_c, dx_c (+)= g_c A. The columns support
+  // rides in the same GEMMs, n columns beside the rank's: x_c[:, cols] beside h_c gives
+  // [dB | dV] = dy_cᵀ [h_c | x_c[:, cols]], and [B | V] beside s·B gives dy_c V, scattered into
+  // dx_c's columns.
+  const bool cols_h = columns && want_v && n > 0 && sh.tokens > 0;
+  const bool cols_g = columns && want_x && n > 0;
+  const int64_t h0 = want_b ? 0 : r, h1 = cols_h ? r + n : r;  // the buffer's columns the h phase fills
+  const bool g_phase = want_x || want_a;
+  const int64_t g1 = cols_g ? r + n : r;
+  if (h1 > h0 || g_phase) {
+    const at::Tensor a_acc = lora_a.to(acc);
+    const at::Tensor cols = columns ? sparse_support.contiguous() : at::Tensor();
+    // The scale goes onto the chunks (h_c, g_c), not into scaled copies of A and B: a copy of a
+    // factor is as large as its gradient. [s·B | V] for the columns support is one (out, r + n)
+    // buffer; the random support uses B itself.
+    at::Tensor bv, ga_acc, gbv;
+    if (g_phase) {
+      if (cols_g) {
+        bv = at::empty({out, r + n}, dy2.options());
+        at::Tensor bv_b = bv.narrow(1, 0, r), bv_v = bv.narrow(1, r, n);
+        at::mul_out(bv_b, lora_b.to(acc), scale);
+        bv_v.copy_(vals);
+      } else {
+        bv = lora_b.to(acc);
       }
-      if (want_x || want_a) {
-        at::Tensor g_c = g_buf.narrow(0, 0, n);
-        at::mm_out(g_c, dy_c, b_acc);
-        g_c.mul_(scale);
-        if (want_a) ga_acc.addmm_(g_c.t(), x2.narrow(0, t0, n));
+    }
+    if (want_a) ga_acc = at::zeros({r, in}, dy2.options());
+    if (h1 > h0) gbv = at::zeros({out, h1 - h0}, dy2.options());
+    const int64_t chunk = lowrank_chunk(r + n, c10::elementSize(acc));
+    const at::Tensor buf = at::empty({std::min(chunk, sh.tokens), r + n}, dy2.options());
+    for (int64_t t0 = 0; t0 < sh.tokens; t0 += chunk) {
+      const int64_t m = std::min(chunk, sh.tokens - t0);
+      const at::Tensor dy_c = dy2.narrow(0, t0, m);
+      const at::Tensor x_c = x2.defined() ? x2.narrow(0, t0, m) : at::Tensor();
+      const at::Tensor b_c = buf.narrow(0, 0, m);
+      if (h1 > h0) {
+        if (want_b) {
+          at::Tensor h_c = b_c.narrow(1, 0, r);
+          at::mm_out(h_c, x_c, a_acc.t());
+          h_c.mul_(scale);
+        }
+        if (cols_h)
+          AT_DISPATCH_FLOATING_TYPES(acc, "sparse_lowrank_linear_backward", [&] {
+            gather_columns<scalar_t>(x_c.data_ptr<scalar_t>(), in, cols.data_ptr<int64_t>(), n, m,
+                                     b_c.data_ptr<scalar_t>() + r, r + n);
+          });
+        gbv.addmm_(dy_c.t(), b_c.narrow(1, h0, h1 - h0));
+      }
+      if (g_phase) {
+        at::Tensor gg_c = b_c.narrow(1, 0, g1);
+        at::mm_out(gg_c, dy_c, bv);
+        at::Tensor g_c = gg_c.narrow(1, 0, r);
+        if (!cols_g) g_c.mul_(scale);
+        if (want_a) ga_acc.addmm_(g_c.t(), x_c);
         if (want_x) {
-          at::Tensor gx_c = gx2.narrow(0, t0, n);
-          if (sparse_dx) gx_c.addmm_(g_c, a_acc);
+          at::Tensor gx_c = gx2.narrow(0, t0, m);
+          if (gx_written) gx_c.addmm_(g_c, a_acc);
           else at::mm_out(gx_c, g_c, a_acc);
+          if (cols_g)
+            AT_DISPATCH_FLOATING_TYPES(acc, "sparse_lowrank_linear_backward", [&] {
+              scatter_add_columns<scalar_t>(b_c.data_ptr<scalar_t>() + r, r + n, cols.data_ptr<int64_t>(), n, m,
+                                            gx_c.data_ptr<scalar_t>(), in);
+            });
         }
       }
     }
     if (want_a) ga = ga_acc.to(lora_a.scalar_type());
-    if (want_b) gb = gb_acc.to(lora_b.scalar_type());
+    if (h1 > h0) {
+      if (cols_h) gv_acc = gbv.narrow(1, h1 - h0 - n, n).contiguous();
+      if (want_b) gb = leading_columns_in_place(gbv, r).to(lora_b.scalar_type());
+    }
   }
   if (want_bias) gbias = dy2.sum(0);
   if (want_x) gx = gx_full.to(x.scalar_type());
-  if (want_v) gv = gv_acc.to(sparse_values.scalar_type());
+  if (want_v) gv = (gv_acc.defined() ? gv_acc : at::zeros(sparse_values.sizes(), dy2.options()))
+                       .to(sparse_values.scalar_type());
   return {gx, ga, gb, gv, gbias};
 }
 

@@ -79,7 +79,7 @@ void load_transposed(const T* src, int64_t ld, int64_t rows, int64_t cols, T* ds
 }
 
 template <typename T>
-void add_transposed(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+void put_transposed(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst, int64_t ld, bool add) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const int64_t cf = cols / L * L, rf = rows / L * L;
@@ -90,19 +90,19 @@ void add_transposed(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst
       transpose_block<T>(v);
       for (int64_t k = 0; k < L; ++k) {
         T* d = dst + (j0 + k) * ld + c0;
-        (V::loadu(d) + v[k]).store(d);
+        (add ? V::loadu(d) + v[k] : v[k]).store(d);
       }
     }
     for (int64_t j = j0; j < j0 + L; ++j)
-      for (int64_t c = cf; c < cols; ++c) dst[j * ld + c] += srcT[c * w + j];
+      for (int64_t c = cf; c < cols; ++c) dst[j * ld + c] = (add ? dst[j * ld + c] : T(0)) + srcT[c * w + j];
   }
   for (int64_t j = rf; j < rows; ++j)
-    for (int64_t c = 0; c < cols; ++c) dst[j * ld + c] += srcT[c * w + j];
+    for (int64_t c = 0; c < cols; ++c) dst[j * ld + c] = (add ? dst[j * ld + c] : T(0)) + srcT[c * w + j];
 }
 
 template <typename T>
 SparseLowRankVecFns<T> fns() {
-  return {&spmm_rows<T>, &sddmm_rows<T>, &load_transposed<T>, &add_transposed<T>};
+  return {&spmm_rows<T>, &sddmm_rows<T>, &load_transposed<T>, &put_transposed<T>};
 }
 
 }  // namespace
