@@ -43,7 +43,7 @@ SMOL_VARIANTS = [
           sequential=False)),
     ("attention-variance keys + refit + sequential", dict(key_objective="attention")),
     ("default + MLP output refit against the original model's layer output", dict(refit_mlp=True)),
-    ("default, ridge 1e-2", dict(ridge=1e-2)),
+    ("default with ridge 1e-3 (the previous default)", dict(ridge=1e-3)),
 ]
 
 MINILM_VARIANTS = [
@@ -56,10 +56,13 @@ MINILM_VARIANTS = [
     ("+ query-weighted keys, o_proj-weighted values", dict(key_objective="query", value_objective="output",
                                                            grouping="similarity", refit_output=False,
                                                            sequential=False)),
-    ("+ o_proj refit, sequential (default)", dict()),
-    ("o_proj refit against the original model's residual stream", dict(refit_target="original")),
-    ("default + MLP output refit against the original model's layer output", dict(refit_mlp=True)),
-    ("default + MLP output refit, ridge 3e-2", dict(refit_mlp=True, ridge=3e-2)),
+    ("+ o_proj refit, sequential", dict(refit_mlp=False)),
+    ("+ MLP output refit against the original model's layer output (default)", dict()),
+    ("o_proj refit against the original model's residual stream, no MLP refit",
+     dict(refit_target="original", refit_mlp=False)),
+    ("default with MLP ridge 1e-2", dict(mlp_ridge=1e-2)),
+    ("default with MLP ridge 3e-2", dict(mlp_ridge=3e-2)),
+    ("ridge 1e-3, no MLP refit (the previous default)", dict(ridge=1e-3, refit_mlp=False)),
 ]
 
 

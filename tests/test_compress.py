@@ -298,7 +298,7 @@ def test_bert_checkpoint_round_trip_runs_on_gqa_attention(tmp_path, monkeypatch)
 # ---------------------------------------------------------------------------- bad arguments
 
 def test_mlp_refit_is_the_least_squares_fit_to_the_original_models_layer_outputs():
-    """refit_mlp (ridge ~0): every layer's down_proj is the least-squares map of the compressed
+    """refit_mlp (mlp_ridge ~0): every layer's down_proj is the least-squares map of the compressed
     model's MLP hidden states onto the original model's layer output minus the compressed
     model's residual (a direct solve on the collected activations)."""
     import copy
@@ -306,7 +306,8 @@ def test_mlp_refit_is_the_least_squares_fit_to_the_original_models_layer_outputs
     model = _decoder("llama")
     original = copy.deepcopy(model)
     ids = _tokens(6, 24, seed=4)
-    compress.compress_kv_heads(model, ids, kv_heads=1, refit_mlp=True, ridge=1e-12, progress=False)
+    compress.compress_kv_heads(model, ids, kv_heads=1, refit_mlp=True, ridge=1e-12, mlp_ridge=1e-12,
+                               progress=False)
 
     def grab(m):
         got, hs = {}, []
@@ -549,3 +550,18 @@ def test_cli_compresses_a_checkpoint(tmp_path):
 
     opts = json.loads((tmp_path / "out" / "compress_report.json").read_text())["options"]
     assert opts["refit_target"] == "original" and opts["refit_mlp"] is True and opts["ridge"] == 1e-2
+
+
+def test_mlp_refit_default_follows_the_family():
+    """refit_mlp=None: on for encoders (it measured better on MiniLM), off for decoders (worse on
+    SmolLM2); the report records what ran, and sequential=False turns the default off instead
+    of raising."""
+    ids = _tokens(4, 16, seed=5)
+    dec = compress.compress_kv_heads(_decoder("llama"), ids, kv_heads=1, progress=False)
+    assert dec.options["refit_mlp"] is False and dec.options["mlp_ridge"] == 1e-1
+    assert all(layer.mlp_refit_gain is None for layer in dec.layers)
+    enc = compress.compress_kv_heads(_bert(), _tokens(4, 16, seed=6), kv_heads=2, progress=False)
+    assert enc.options["refit_mlp"] is True
+    assert all(layer.mlp_refit_gain is not None for layer in enc.layers)
+    off = compress.compress_kv_heads(_bert(), _tokens(4, 16, seed=6), kv_heads=2, sequential=False, progress=False)
+    assert off.options["refit_mlp"] is False

@@ -23,9 +23,11 @@ def _parser():
     p.add_argument("--refit-target", default="layer", choices=("layer", "original"),
                    help="what the o_proj refit matches: the original layer's attention output on the same inputs, "
                         "or the original model's residual stream (see compress_kv_heads)")
-    p.add_argument("--refit-mlp", action="store_true",
-                   help="also refit each MLP's output linear onto the original model's layer output")
-    p.add_argument("--ridge", type=float, default=1e-3, help="ridge of the least-squares refits (default 1e-3)")
+    p.add_argument("--refit-mlp", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit each MLP's output linear onto the original model's layer output (default: on for "
+                        "encoders, off for decoders)")
+    p.add_argument("--ridge", type=float, default=1e-2, help="ridge of the o_proj refit (default 1e-2)")
+    p.add_argument("--mlp-ridge", type=float, default=1e-1, help="ridge of the MLP refit (default 1e-1)")
     p.add_argument("--calibration", nargs="*", default=None,
                    help="text files to calibrate on (default: the even-indexed topics of CPython's reference "
                         "manual, pydoc_data.topics)")
@@ -88,7 +90,8 @@ def main(argv=None):
     rep = compress_kv_heads(model, cal, kv_heads=args.kv_heads, method=args.method,
                             key_objective=args.key_objective, value_objective=args.value_objective,
                             grouping=args.grouping, refit_output=not args.no_refit_output,
-                            refit_target=args.refit_target, refit_mlp=args.refit_mlp, ridge=args.ridge, evaluation=ev,
+                            refit_target=args.refit_target, refit_mlp=args.refit_mlp, ridge=args.ridge,
+                            mlp_ridge=args.mlp_ridge, evaluation=ev,
                             progress=not args.quiet)
     out = Path(args.output)
     model.save_pretrained(out)

@@ -281,7 +281,9 @@ def _run_layer(layer, inputs, hooks=()):
 def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: str = "svd-a",
                       key_objective: str = "query", value_objective: str = "output",
                       grouping: str = "similarity", refit_output: bool = True, refit_target: str = "layer",
-                      refit_mlp: bool = False, sequential: bool = True, ridge: float = 1e-3, evaluation=None, progress: bool = True) -> CompressionReport:
+                      refit_mlp: Optional[bool] = None, sequential: bool = True, ridge: float = 1e-2,
+                      mlp_ridge: float = 1e-1,
+                      evaluation=None, progress: bool = True) -> CompressionReport:
     """Turn ``model`` (a transformers Llama / Mistral / Qwen2 decoder or a BERT encoder) into one
     with ``kv_heads`` key/value heads per layer, in place, and report what was kept.
 
@@ -324,10 +326,17 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
             0.9453 / 0.746, so not the default.
         refit_mlp: (needs ``sequential``) also refit the MLP's output linear (``down_proj``;
             BERT's ``output.dense``) by least squares so the layer's output matches the original
-            model's at that layer (before BERT's LayerNorm), ridge ``ridge``. MiniLM 12→4 (512
-            sentences): 0.9479 mean cosine (0.9511 with ridge 3e-2) against the default's 0.9453;
-            SmolLM2 3→1 (32 windows): perplexity 41.97 against 39.91, and ~4x the time (the
-            refit is ``intermediate_size`` wide), so not the default.
+            model's at that layer (before BERT's LayerNorm), ridge ``mlp_ridge``. None (the
+            default): on for encoders, off for decoders, as measured (benchmarks.compress_kv):
+            MiniLM 12→4 (512 sentences) 0.9510 mean cosine with it against 0.9458 without;
+            SmolLM2 3→1 (32 windows) perplexity 41.97 with it (ridge 3e-2) against 39.91 without,
+            at ~4x the time (the refit is ``intermediate_size`` wide).
+        ridge: the o_proj refit's ridge, relative to the mean diagonal of its input's second
+            moment. 1e-2 measured best of 1e-3 / 1e-2 / 3e-2 on both models (SmolLM2 39.32
+            against 39.91 at 1e-3; MiniLM 0.9458 against 0.9453).
+        mlp_ridge: the MLP refit's ridge, relative in the same way. The MLP's input is
+            ``intermediate_size`` wide and wants more: MiniLM 0.9498 / 0.9506 / 0.9510 at
+            1e-2 / 3e-2 / 1e-1.
         sequential: calibrate layer l on the outputs of the already compressed layers < l (True),
             or on the original model's (False).
         evaluation: optional data (as ``calibration``) for the quality figures of the report:
@@ -336,10 +345,12 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
         progress: print one line per layer to stderr.
     """
     _check_options(method, key_objective, value_objective, grouping, refit_target)
+    fam = family_of(model)
+    if refit_mlp is None:
+        refit_mlp = sequential and not fam.causal
     if refit_mlp and not sequential:
         raise ValueError("compress_kv_heads: refit_mlp needs sequential=True (it matches the original model's "
                          "stream at each layer's output)")
-    fam = family_of(model)
     Hkv, H, d = fam.num_kv_heads, fam.num_heads, fam.head_dim
     if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or Hkv % kv_heads:
         raise ValueError(f"compress_kv_heads: kv_heads must be a positive divisor of the model's KV-head count "
@@ -432,7 +443,7 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
                 del originals, om, offsets, orig_o
             mlp_gain = None
             if refit_mlp:
-                mlp_gain = _refit_mlp(layer, fam, inputs, orig_f, orig_r, ridge)
+                mlp_gain = _refit_mlp(layer, fam, inputs, orig_f, orig_r, mlp_ridge)
                 del orig_f, orig_r
             if sequential:
                 outs = _run_layer(layer, inputs)
@@ -457,7 +468,7 @@ def compress_kv_heads(model: nn.Module, calibration, *, kv_heads: int, method: s
         architecture=type(model).__name__, method=method,
         options=dict(key_objective=key_objective, value_objective=value_objective, grouping=grouping,
                      refit_output=refit_output, refit_target=refit_target, refit_mlp=refit_mlp,
-                     sequential=sequential, ridge=ridge),
+                     sequential=sequential, ridge=ridge, mlp_ridge=mlp_ridge),
         kv_heads_before=Hkv, kv_heads_after=kv_heads, num_layers=len(layers), head_dim=d,
         kv_cache_bytes_per_token_before=2 * len(layers) * Hkv * d * elem,
         kv_cache_bytes_per_token_after=2 * len(layers) * kv_heads * d * elem,
