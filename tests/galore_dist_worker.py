@@ -10,11 +10,13 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-STEPS, BATCH, WORLD = 8, 16, 2
+from dist_common import WORLD, full_params, spawn_ranks  # noqa: E402
+
+STEPS, BATCH = 8, 16
 CONFIGS = [("GaLoreAdamW", "svd"), ("FiraAdamW", "randomized")]
 
 
@@ -43,31 +45,9 @@ def train(model, opt, rank, world):
         opt.step()
 
 
-def full_params(model):
-    out = []
-    for p in model.parameters():
-        p = p.detach()
-        if hasattr(p, "full_tensor"):
-            p = p.full_tensor()
-        out.append(p.clone())
-    return out
-
-
-def rank_main(rank, port, outdir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        for mode in ("ddp", "fsdp"):
-            run_mode(rank, mode, outdir)
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
-    # Skip the interpreter's teardown: under load, a rank exiting normally was seen to abort
-    # ("terminate called without an active exception", a joinable thread destroyed by a static
-    # destructor) after all its work was done and saved.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+def rank_main(rank, outdir):
+    for mode in ("ddp", "fsdp"):
+        run_mode(rank, mode, outdir)
 
 
 def run_mode(rank, mode, outdir):
@@ -83,7 +63,7 @@ def run_mode(rank, mode, outdir):
             wrapped = fully_shard(model)
             assert all(hasattr(p, "placements") for p in model.parameters()), "expected DTensor parameters"
         train(wrapped, make_opt(model), rank, WORLD)
-        torch.save(full_params(model), os.path.join(outdir, f"{optim}-{method}.{mode}.rank{rank}.pt"))
+        torch.save(full_params(model.parameters()), os.path.join(outdir, f"{optim}-{method}.{mode}.rank{rank}.pt"))
 
 
 def main():
@@ -91,9 +71,8 @@ def main():
     for optim, method in CONFIGS:
         model, make_opt = build(optim, method)
         train(model, make_opt(model), 0, 1)
-        torch.save(full_params(model), os.path.join(outdir, f"{optim}-{method}.single.pt"))
-    import torch.multiprocessing as mp
-    mp.spawn(rank_main, args=(port, outdir), nprocs=WORLD, join=True)
+        torch.save(full_params(model.parameters()), os.path.join(outdir, f"{optim}-{method}.single.pt"))
+    spawn_ranks(rank_main, port, outdir)
 
 
 if __name__ == "__main__":

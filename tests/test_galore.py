@@ -6,9 +6,6 @@ kernels (cuda-marked)."""
 import importlib
 import importlib.util
 import io
-import os
-import socket
-import subprocess
 import sys
 import types
 import warnings
@@ -24,6 +21,7 @@ from lrkernels.optim.projector import captured_energy, projects_left, randomized
 from lrkernels.reference import galore as ref
 
 from conftest import assert_close_to_oracle
+from dist_common import run_worker
 
 MOMENTS = torch.ops.lrkernels.galore_adam_moments.default
 APPLY = torch.ops.lrkernels.galore_apply_update.default
@@ -712,12 +710,6 @@ def test_capturable_needs_prepare_step():
 
 # ---------------------------------------------------------------------------- distributed
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_matches_single_process(tmp_path):
     """DDP and FSDP2 fully_shard (DTensor parameters) on 2 gloo ranks on CPU, each rank on half
     the batch, against one process on the whole batch:
@@ -725,10 +717,7 @@ def test_distributed_matches_single_process(tmp_path):
     refresh, so both ranks draw the same sketch)."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "galore_dist_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, worker, str(_free_port()), str(tmp_path)], capture_output=True,
-                          text=True, timeout=240, env=env)
+    proc = run_worker("galore_dist_worker.py", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for config in ("GaLoreAdamW-svd.ddp", "FiraAdamW-randomized.ddp", "GaLoreAdamW-svd.fsdp",
                    "FiraAdamW-randomized.fsdp"):
