@@ -161,7 +161,7 @@ def smollm2(args, rows, rec):
         ppl = perplexity(default_model, ev_b)
         rows.append(dict(base, variant=f"default + recover (LoRA r{args.recover_r}, {out['steps']} steps of "
                                        f"{args.recover_batch}x256 tokens, distill {args.distill})",
-                         perplexity=ppl, recover_s=out["seconds"], ratio_to_original=ppl / ppl0,
+                         perplexity=ppl, recover_s=out["train_seconds"], ratio_to_original=ppl / ppl0,
                          loss_first=out["loss_first"], loss_last=out["loss_last"]))
         _say(rows[-1])
         _recovery_rows(rec, {"model": base["model"]}, out, ["perplexity"])
@@ -206,7 +206,7 @@ def minilm(args, rows, rec):
         cos = F.cosine_similarity(sentence_embeddings(default_model, ev_b), ref, dim=-1)
         rows.append(dict(base, variant=f"default + recover (LoRA r{args.recover_r}, {out['steps']} steps of "
                                        f"32 sentences, token-state MSE to the original)",
-                         cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), recover_s=out["seconds"],
+                         cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), recover_s=out["train_seconds"],
                          loss_first=out["loss_first"], loss_last=out["loss_last"]))
         _say(rows[-1])
         _recovery_rows(rec, {"model": base["model"]}, out,

@@ -565,3 +565,24 @@ def test_mlp_refit_default_follows_the_family():
     assert all(layer.mlp_refit_gain is not None for layer in enc.layers)
     off = compress.compress_kv_heads(_bert(), _tokens(4, 16, seed=6), kv_heads=2, sequential=False, progress=False)
     assert off.options["refit_mlp"] is False
+
+
+def test_recover_time_limit_is_not_overrun(monkeypatch):
+    """A clock that only the optimizer steps advance, by 3 s each: a 20 s limit runs 6 steps (a
+    seventh would end at 21 s), and the reported training time is 18 s."""
+    import importlib
+    import types
+
+    mod = importlib.import_module("lrkernels.compress.recover")
+    now = [0.0]
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        now[0] += 3.0
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = compress.recover(_decoder("llama"), _tokens(), steps=10 ** 6, r=2, time_limit_s=20, progress=False)
+    assert out["steps"] == 6
+    assert out["train_seconds"] == 18.0

@@ -122,8 +122,11 @@ def recover(model: nn.Module, data, *, steps: int, r: int = 16, alpha: Optional[
     Args:
         data: token ids ``(B, S)``, a dict of model inputs, or an iterable of them; cycled over.
         steps: at most this many optimizer steps (AdamW, peak learning rate ``lr``).
-        time_limit_s: stop after the first step that ends this long after the start (the time
-            of the evaluations below counts; the steps done are reported).
+        time_limit_s: the run ends by this many seconds after its start: no step starts that
+            would end past it (judged by the duration of the step before), and a step that did
+            end past it is the last. The time of the evaluations below counts, the final
+            evaluation of the merged model does not (``train_seconds`` in the result is the
+            run's time without it; ``seconds`` includes it).
         warmup: the learning-rate schedule follows the run's progress
             ``p = max(step / steps, elapsed / time_limit_s)``, taken at the middle of each step
             (``(i + ½) / steps`` for step ``i``; the time term only with a time limit): linear
@@ -143,8 +146,8 @@ def recover(model: nn.Module, data, *, steps: int, r: int = 16, alpha: Optional[
         callback: called after every step with a dict: ``step`` (1-based), ``loss``, ``lr``,
             ``seconds``, and the evaluation figures when the step was evaluated.
         progress: print a line per step (and per evaluation) to stderr.
-    Returns a dict: ``steps`` done, ``seconds``, ``loss_first`` / ``loss_last`` (means over the first
-    and last 10% of steps), ``losses``, ``lrs`` (the learning rate of each step) and
+    Returns a dict: ``steps`` done, ``seconds``, ``train_seconds`` (without the final
+    evaluation), ``loss_first`` / ``loss_last`` (means over the first and last 10% of steps), ``losses``, ``lrs`` (the learning rate of each step) and
     ``evaluations`` (a list of ``{"step", "seconds", figures...}``; empty without ``evaluation``).
     """
     from ..nn import LoRALinear
@@ -197,8 +200,11 @@ def recover(model: nn.Module, data, *, steps: int, r: int = 16, alpha: Optional[
     losses, lrs = [], []
     last_eval = 0
     try:
+        step_s = 0.0  # the last step's duration (without its evaluation)
         for i, b in zip(range(steps), itertools.cycle(batches)):
             el = time.perf_counter() - t0
+            if time_limit_s is not None and i > 0 and el + step_s > time_limit_s:
+                break
             p = (i + 0.5) / steps
             if time_limit_s is not None:
                 p = max(p, el / time_limit_s)
@@ -212,7 +218,8 @@ def recover(model: nn.Module, data, *, steps: int, r: int = 16, alpha: Optional[
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
             losses.append(float(loss.detach()))
-            el = time.perf_counter() - t0
+            end = time.perf_counter() - t0
+            step_s, el = end - el, end
             log(f"step {i + 1}/{steps} loss {losses[-1]:.4f} lr {lrs[-1]:.3g}")
             rec = {"step": i + 1, "loss": losses[-1], "lr": lrs[-1], "seconds": el}
             if evaluate is not None and eval_every and (i + 1) % eval_every == 0:
@@ -231,10 +238,12 @@ def recover(model: nn.Module, data, *, steps: int, r: int = 16, alpha: Optional[
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
+    train_s = time.perf_counter() - t0
     if evaluate is not None:
         if last_eval == len(losses):  # the figure of the merged model replaces the adapters' one
             evaluations.pop()
         run_eval(len(losses))
     k = max(1, len(losses) // 10)
-    return {"steps": len(losses), "seconds": time.perf_counter() - t0, "loss_first": sum(losses[:k]) / k,
+    return {"steps": len(losses), "seconds": time.perf_counter() - t0, "train_seconds": train_s,
+            "loss_first": sum(losses[:k]) / k,
             "loss_last": sum(losses[-k:]) / k, "losses": losses, "lrs": lrs, "evaluations": evaluations}
