@@ -42,8 +42,7 @@ def test_every_op_has_cuda_kernel_in_cuda_build():
 
 # Families whose CUDA kernels have not landed yet (README: "no CUDA binding yet" / "not yet"). On
 # a CUDA tensor they raise the dispatcher's clear "no kernel for CUDA" error.
-CPU_ONLY_OPS = {"sparse_support_compress", "sparse_lowrank_linear", "sparse_lowrank_linear_backward",
-                "dropout_complement_linear", "dropout_complement_linear_backward"}
+CPU_ONLY_OPS = {"dropout_complement_linear", "dropout_complement_linear_backward"}
 
 
 def test_cpu_capability_reporting_and_cap():

@@ -11,7 +11,7 @@ from torch import nn
 import lrkernels
 from lrkernels.reference import sparse_lowrank as ref
 
-from conftest import assert_close_to_oracle, cpu_dtypes
+from conftest import assert_close_to_oracle, cpu_dtypes, cuda_dtypes
 
 OP = torch.ops.lrkernels.sparse_lowrank_linear.default
 BWD = torch.ops.lrkernels.sparse_lowrank_linear_backward.default
@@ -495,3 +495,52 @@ def test_convert_model_reports_parameter_counts():
     rep2 = lrkernels.nn.convert_to_sparse_lowrank(Block(), 4, 0.05, target_modules=(r"mlp\.(up|down)_proj$",))
     assert sorted(rep2["replaced"]) == ["mlp.down_proj", "mlp.up_proj"]
     assert rep2["params_after"] < rep2["params_before"]
+
+
+# ---------------------------------------------------------------------------- CUDA (never run on a GPU yet)
+
+def _cuda(a, sup):
+    return {k: (None if v is None else v.cuda()) for k, v in a.items()}, sup.to("cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,din,dout,r,density", [(7, 16, 8, 4, 0.2), (300, 40, 24, 3, 0.05), (0, 8, 12, 2, 0.25),
+                                                  (1500, 24, 20, 200, 0.1), (9, 10, 10, 10, 0.0)])
+@pytest.mark.parametrize("dtype", cuda_dtypes())
+def test_cuda_forward_backward_match_oracle(dtype, T, din, dout, r, density, kind):
+    pd = torch.float32 if dtype != torch.float32 else None
+    a, sup = make_inputs(T, din, dout, r, density, kind, dtype, param_dtype=pd)
+    ac, supc = _cuda(a, sup)
+    y = call(ac, supc, 0.7)
+    assert y.is_cuda and y.dtype == dtype and y.shape == (T, dout)
+    assert_close_to_oracle(y.cpu(), run_oracle(a, sup, 0.7), run_oracle(a, sup, 0.7, dtype=dtype), "y",
+                           mag=run_oracle(a, sup, 0.7, absolute=True))
+    gy = torch.randn(T, dout, dtype=torch.float64).to(dtype)
+    got = grads_of(lambda v: call(v, supc, 0.7), ac, gy.cuda())
+    a64 = {k: (None if v is None else v.to(torch.float64)) for k, v in a.items()}
+    want = grads_of(lambda v: run_oracle(v, sup, 0.7), a64, gy.to(torch.float64))
+    low = grads_of(lambda v: run_oracle(v, sup, 0.7, dtype=dtype), a, gy)
+    absd = {k: (None if v is None else v.abs()) for k, v in a64.items()}
+    mag = grads_of(lambda v: run_oracle(v, sup, 0.7), absd, gy.to(torch.float64).abs())
+    for k in got:
+        assert got[k].is_cuda and got[k].dtype == a[k].dtype, k
+        assert_close_to_oracle(got[k].cpu(), want[k], low[k], f"grad {k}", mag=mag[k])
+
+
+@pytest.mark.cuda
+def test_cuda_compress_deterministic_sddmm_and_clear_errors():
+    a, sup = make_inputs(600, 16, 12, 4, 0.3, "random")
+    ac, supc = _cuda(a, sup)
+    packed = COMPRESS(sup.indices.cuda(), 12, 16)
+    assert packed.is_cuda and torch.equal(packed.cpu(), sup.tensor)
+    gy = torch.randn(600, 12, device="cuda")
+    g1 = BWD(gy, ac["x"], ac["lora_a"], ac["lora_b"], ac["sparse_values"], supc.tensor, 0.7, [True] * 5)
+    g2 = BWD(gy, ac["x"], ac["lora_a"], ac["lora_b"], ac["sparse_values"], supc.tensor, 0.7, [True] * 5)
+    assert all(torch.equal(u, v) for u, v in zip(g1, g2))  # no atomics
+    assert g1[4].dtype == torch.float32
+    with pytest.raises(ValueError, match="lrkernels.sparse_support"):
+        OP(ac["x"], ac["lora_a"], ac["lora_b"], ac["sparse_values"], sup.indices.cuda(), ac["bias"], 0.7)
+    d = {k: (None if v is None else v.double()) for k, v in ac.items()}
+    with pytest.raises(TypeError, match="float64"):
+        OP(d["x"], d["lora_a"], d["lora_b"], d["sparse_values"], supc.tensor, d["bias"], 0.7)

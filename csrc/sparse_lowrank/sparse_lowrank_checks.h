@@ -117,6 +117,19 @@ inline SparseLowRankShapes check_sparse_lowrank_args(const char* op, const at::T
   return sh;
 }
 
+// What the CUDA kernels take beyond the shared checks: float32 / float16 / bfloat16 x (float64
+// stays on the CPU kernels) and, for a random support, the compressed support (the plain flat
+// indices would have to be sorted and validated per call, and a duplicate or out-of-range
+// index could only be reported after a host synchronisation).
+inline void check_sparse_lowrank_cuda(const char* op, const at::Tensor& x, const SparseLowRankShapes& sh) {
+  TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, "lrkernels.", op,
+                   ": the CUDA kernels take float32, float16 or bfloat16 x, got float64 (run float64 on CPU)");
+  TORCH_CHECK_VALUE(sh.kind != SupportKind::kFlatIndices, "lrkernels.", op,
+                    ": on CUDA sparse_support must be the compressed support built once with "
+                    "lrkernels.sparse_support(out_features, in_features, indices=...), not int64 flat indices "
+                    "(validating those per call would synchronise the host)");
+}
+
 inline void check_sparse_lowrank_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
                                       const SparseLowRankShapes& sh) {
   TORCH_CHECK_VALUE(grad_out.device() == x.device(), "lrkernels.", op, ": grad_out is on ", grad_out.device(),
