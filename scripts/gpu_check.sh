@@ -30,7 +30,8 @@ if [ $build_rc -eq 0 ]; then
   # file cannot take the others' results with it; each file's summary line is kept.
   : > "$OUT/cuda-tests.log"
   test_rc=0
-  for spec in test_lora.py:75 test_multi_lora.py:70 test_galore.py:50 test_c3a.py:50 test_gqa.py:60; do
+  for spec in test_lora.py:75 test_multi_lora.py:70 test_galore.py:50 test_c3a.py:50 test_gqa.py:60 test_miss.py:40 \
+              test_sparse_lowrank.py:40; do
     f=${spec%%:*}; limit=${spec##*:}
     echo "== tests/$f (limit ${limit}s, at $(stamp))" >> "$OUT/cuda-tests.log"
     PYTHONPATH=python timeout "$limit" "$PY" -m pytest -q -m cuda -p no:cacheprovider -rfE --tb=short "tests/$f" \
