@@ -224,13 +224,14 @@ void sparse_forward(const at::Tensor& x2, const SparseSupportView& sv, const at:
 }
 
 // dx (T, in) = dy S (when gx2 is given: stored, this is dx's first writer, so dx needs no zero
-// fill) and dv = (dyᵀ x) on the support (when gv is given, in sparse_values' order), for the
-// random support. A thread holds two transposed tiles: dy's, and one (in × w) that serves the
-// SpMM's output and then x's tile for the SDDMM. One private dv accumulator per thread (nnz
-// values each), summed in thread order.
+// fill), dv = (dyᵀ x) on the support (when gv is given, in sparse_values' order) and the bias
+// gradient Σ_t dy (when gbias is given: from dy's tile, saving a pass over dy), for the random
+// support. A thread holds two transposed tiles: dy's, and one (in × w) that serves the SpMM's
+// output and then x's tile for the SDDMM. One private dv and bias accumulator per thread (nnz
+// and out values), summed in thread order.
 template <typename T>
 void sparse_backward(const at::Tensor& dy2, const at::Tensor& x2, const SparseSupportView& sv,
-                     const at::Tensor& values_acc, const SparseLowRankShapes& sh, T* gx2, T* gv) {
+                     const at::Tensor& values_acc, const SparseLowRankShapes& sh, T* gx2, T* gv, T* gbias) {
   const int64_t T_ = sh.tokens, in = sh.in_features, out = sh.out_features, nnz = sh.nnz;
   std::vector<T> vcsc;
   if (gx2) vcsc = permuted<T>(values_acc, sv.csc_perm, nnz);
@@ -239,15 +240,19 @@ void sparse_backward(const at::Tensor& dy2, const at::Tensor& x2, const SparseSu
   const int64_t ntiles = (T_ + w - 1) / w;
   const int64_t nthreads = at::get_num_threads();
   std::vector<T> partial(gv ? static_cast<size_t>(nthreads * nnz) : 0, T(0));
+  std::vector<T> partial_bias(gbias ? static_cast<size_t>(nthreads * out) : 0, T(0));
   const T* dyp = dy2.data_ptr<T>();
   const T* xp = gv ? x2.data_ptr<T>() : nullptr;
   const auto& k = sparse_lowrank_vec_fns<T>();
   at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) {
     std::vector<T> dyt(static_cast<size_t>(out * w)), it(static_cast<size_t>(in * w));
-    T* part = gv ? partial.data() + std::min<int64_t>(at::get_thread_num(), nthreads - 1) * nnz : nullptr;
+    const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
+    T* part = gv ? partial.data() + tid * nnz : nullptr;
+    T* part_bias = gbias ? partial_bias.data() + tid * out : nullptr;
     for (int64_t t = b; t < e; ++t) {
       const int64_t t0 = t * w, rows = std::min(w, T_ - t0);
       k.load_transposed(dyp + t0 * out, out, rows, out, dyt.data(), w);
+      if (gbias) k.row_sums(dyt.data(), out, w, part_bias);  // padding tokens are zero
       if (gx2) {
         k.spmm_rows(sv.col_ptr, sv.csc_row, vcsc.data(), dyt.data(), it.data(), 0, in, w);
         k.put_transposed(it.data(), w, rows, in, gx2 + t0 * in, in, /*add=*/false);
@@ -266,6 +271,13 @@ void sparse_backward(const at::Tensor& dy2, const at::Tensor& x2, const SparseSu
         gv[sv.csr_perm[p]] = s;
       }
     });
+  }
+  if (gbias) {
+    for (int64_t o = 0; o < out; ++o) {
+      T s = 0;
+      for (int64_t c = 0; c < nthreads; ++c) s += partial_bias[c * out + o];
+      gbias[o] = s;
+    }
   }
 }
 
@@ -401,10 +413,12 @@ sparse_lowrank_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
   bool gx_written = false;
   if (!columns && (want_x || want_v) && sh.nnz > 0 && sh.tokens > 0) {
     if (want_v) gv_acc = at::empty({sh.nnz}, dy2.options());
+    if (want_bias) gbias = at::empty({out}, dy2.options());
     const SparseSupportView sv = support_view(packed, out, in, sh.nnz);
     AT_DISPATCH_FLOATING_TYPES(acc, "sparse_lowrank_linear_backward", [&] {
       sparse_backward<scalar_t>(dy2, x2, sv, vals, sh, want_x ? gx2.data_ptr<scalar_t>() : nullptr,
-                                want_v ? gv_acc.data_ptr<scalar_t>() : nullptr);
+                                want_v ? gv_acc.data_ptr<scalar_t>() : nullptr,
+                                want_bias ? gbias->data_ptr<scalar_t>() : nullptr);
     });
     gx_written = want_x;
   }
@@ -483,7 +497,7 @@ sparse_lowrank_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
       if (want_b) gb = leading_columns_in_place(gbv, r).to(lora_b.scalar_type());
     }
   }
-  if (want_bias) gbias = dy2.sum(0);
+  if (want_bias && !gbias) gbias = dy2.sum(0);
   if (want_x) gx = gx_full.to(x.scalar_type());
   if (want_v) gv = (gv_acc.defined() ? gv_acc : at::zeros(sparse_values.sizes(), dy2.options()))
                        .to(sparse_values.scalar_type());

@@ -52,10 +52,12 @@ void sddmm_rows(const int32_t* ptr, const int32_t* idx, const T* aT, const T* bT
                 int64_t w) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* a = aT + r * w;
-    for (int64_t p = ptr[r]; p < ptr[r + 1]; ++p) {
-      const T* b = bT + static_cast<int64_t>(idx[p]) * w;
-      out[p] += dot(a, b, w);
-    }
+    const int64_t p1 = ptr[r + 1];
+    int64_t p = ptr[r];
+    for (; p + 2 <= p1; p += 2)
+      dot2(a, bT + static_cast<int64_t>(idx[p]) * w, bT + static_cast<int64_t>(idx[p + 1]) * w, w, out + p,
+           out + p + 1);
+    if (p < p1) out[p] += dot(a, bT + static_cast<int64_t>(idx[p]) * w, w);
   }
 }
 
@@ -101,8 +103,27 @@ void put_transposed(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst
 }
 
 template <typename T>
+void row_sums(const T* srcT, int64_t features, int64_t w, T* out) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  for (int64_t f = 0; f < features; ++f) {
+    const T* s = srcT + f * w;
+    V a0(T(0)), a1(T(0));
+    int64_t j = 0;
+    for (; j + 2 * L <= w; j += 2 * L) {
+      a0 = a0 + V::loadu(s + j);
+      a1 = a1 + V::loadu(s + j + L);
+    }
+    for (; j + L <= w; j += L) a0 = a0 + V::loadu(s + j);
+    T acc = at::vec::vec_reduce_all<T>([](const V& u, const V& v) { return u + v; }, a0 + a1);
+    for (; j < w; ++j) acc += s[j];
+    out[f] += acc;
+  }
+}
+
+template <typename T>
 SparseLowRankVecFns<T> fns() {
-  return {&spmm_rows<T>, &sddmm_rows<T>, &load_transposed<T>, &put_transposed<T>};
+  return {&spmm_rows<T>, &sddmm_rows<T>, &load_transposed<T>, &put_transposed<T>, &row_sums<T>};
 }
 
 }  // namespace

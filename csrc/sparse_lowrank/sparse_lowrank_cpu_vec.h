@@ -25,6 +25,9 @@ struct SparseLowRankVecFns {
   // dst[j·ld + c] (+)= srcT[c, j] for j < rows, c < cols: added with add, stored without (so the
   // first writer of an output needs no zero fill before it).
   void (*put_transposed)(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst, int64_t ld, bool add);
+  // out[f] += Σ_j srcT[f, j] for f < features (a transposed tile's token sums: the bias gradient
+  // from dy's tile while it is in cache).
+  void (*row_sums)(const T* srcT, int64_t features, int64_t w, T* out);
 };
 
 struct SparseLowRankVecKernels {
