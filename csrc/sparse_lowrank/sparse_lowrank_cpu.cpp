@@ -201,10 +201,12 @@ std::vector<T> permuted(const at::Tensor& values_acc, const int32_t* perm, int64
   return out;
 }
 
-// y (T, out) += x Sᵀ for the random support.
+// y (T, out) = x Sᵀ (+ b when bias is given) for the random support: y's first writer, stored
+// (no zero fill, no bias broadcast), so the low-rank GEMM after it accumulates onto y in its
+// one pass over it.
 template <typename T>
 void sparse_forward(const at::Tensor& x2, const SparseSupportView& sv, const at::Tensor& values_acc,
-                    const SparseLowRankShapes& sh, at::Tensor& y2) {
+                    const T* bias, const SparseLowRankShapes& sh, at::Tensor& y2) {
   const int64_t T_ = sh.tokens, in = sh.in_features, out = sh.out_features;
   const std::vector<T> vcsr = permuted<T>(values_acc, sv.csr_perm, sh.nnz);
   const int64_t w = tile_width(T_, in + out, sizeof(T), 64);
@@ -217,8 +219,8 @@ void sparse_forward(const at::Tensor& x2, const SparseSupportView& sv, const at:
     for (int64_t t = b; t < e; ++t) {
       const int64_t t0 = t * w, rows = std::min(w, T_ - t0);
       k.load_transposed(xp + t0 * in, in, rows, in, xt.data(), w);
-      k.spmm_rows(sv.row_ptr, sv.csr_col, vcsr.data(), xt.data(), yt.data(), 0, out, w);
-      k.put_transposed(yt.data(), w, rows, out, yp + t0 * out, out, /*add=*/true);
+      k.spmm_rows(sv.row_ptr, sv.csr_col, vcsr.data(), bias, xt.data(), yt.data(), 0, out, w);
+      k.put_transposed(yt.data(), w, rows, out, yp + t0 * out, out, /*add=*/false);
     }
   });
 }
@@ -254,7 +256,7 @@ void sparse_backward(const at::Tensor& dy2, const at::Tensor& x2, const SparseSu
       k.load_transposed(dyp + t0 * out, out, rows, out, dyt.data(), w);
       if (gbias) k.row_sums(dyt.data(), out, w, part_bias);  // padding tokens are zero
       if (gx2) {
-        k.spmm_rows(sv.col_ptr, sv.csc_row, vcsc.data(), dyt.data(), it.data(), 0, in, w);
+        k.spmm_rows(sv.col_ptr, sv.csc_row, vcsc.data(), nullptr, dyt.data(), it.data(), 0, in, w);
         k.put_transposed(it.data(), w, rows, in, gx2 + t0 * in, in, /*add=*/false);
       }
       if (gv) {
@@ -364,12 +366,18 @@ at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& lora
     else at::mm_out(y2, hc, bv.t());
   } else {
     const at::Tensor hidden = at::mm(x2, as.t());  // transient: backward recomputes it
-    if (has_bias) at::addmm_out(y2, bias->to(acc), hidden, bc.t());
-    else at::mm_out(y2, hidden, bc.t());
     if (sh.kind != SupportKind::kColumns && sh.nnz > 0 && sh.tokens > 0) {
+      // the sparse part (and the bias) first, stored; the GEMM adds onto it
       const SparseSupportView sv = support_view(packed, sh.out_features, sh.in_features, sh.nnz);
-      if (acc == at::kDouble) sparse_forward<double>(x2, sv, vals, sh, y2);
-      else sparse_forward<float>(x2, sv, vals, sh, y2);
+      const at::Tensor b_acc = has_bias ? bias->to(acc).contiguous() : at::Tensor();
+      AT_DISPATCH_FLOATING_TYPES(acc, "sparse_lowrank_linear", [&] {
+        sparse_forward<scalar_t>(x2, sv, vals, has_bias ? b_acc.data_ptr<scalar_t>() : nullptr, sh, y2);
+      });
+      y2.addmm_(hidden, bc.t());
+    } else if (has_bias) {
+      at::addmm_out(y2, bias->to(acc), hidden, bc.t());
+    } else {
+      at::mm_out(y2, hidden, bc.t());
     }
   }
   return y.to(x.scalar_type());

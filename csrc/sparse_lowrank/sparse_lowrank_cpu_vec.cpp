@@ -10,16 +10,17 @@ namespace lrkernels::LRK_ISA_NS {
 namespace {
 
 template <typename T>
-void spmm_rows(const int32_t* ptr, const int32_t* idx, const T* val, const T* srcT, T* dstT, int64_t r0, int64_t r1,
-               int64_t w) {
+void spmm_rows(const int32_t* ptr, const int32_t* idx, const T* val, const T* init, const T* srcT, T* dstT, int64_t r0,
+               int64_t r1, int64_t w) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t p0 = ptr[r], p1 = ptr[r + 1];
+    const T i0 = init ? init[r] : T(0);
     T* d = dstT + r * w;
     int64_t j = 0;
     for (; j + 4 * L <= w; j += 4 * L) {
-      V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+      V a0(i0), a1(i0), a2(i0), a3(i0);
       for (int64_t p = p0; p < p1; ++p) {
         const V v(val[p]);
         const T* s = srcT + static_cast<int64_t>(idx[p]) * w + j;
@@ -34,13 +35,13 @@ void spmm_rows(const int32_t* ptr, const int32_t* idx, const T* val, const T* sr
       a3.store(d + j + 3 * L);
     }
     for (; j + L <= w; j += L) {
-      V a(T(0));
+      V a(i0);
       for (int64_t p = p0; p < p1; ++p)
         a = at::vec::fmadd(V(val[p]), V::loadu(srcT + static_cast<int64_t>(idx[p]) * w + j), a);
       a.store(d + j);
     }
     for (; j < w; ++j) {
-      T a = 0;
+      T a = i0;
       for (int64_t p = p0; p < p1; ++p) a += val[p] * srcT[static_cast<int64_t>(idx[p]) * w + j];
       d[j] = a;
     }

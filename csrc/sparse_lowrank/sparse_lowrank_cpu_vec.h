@@ -13,10 +13,10 @@ namespace lrkernels {
 
 template <typename T>
 struct SparseLowRankVecFns {
-  // SpMM over compressed rows r ∈ [r0, r1): dstT[r, :] = Σ_{p ∈ [ptr[r], ptr[r+1])} val[p] · srcT[idx[p], :].
-  // With CSR (ptr = row_ptr, idx = csr_col) this is (x Sᵀ)ᵀ; with CSC it is (dy S)ᵀ.
-  void (*spmm_rows)(const int32_t* ptr, const int32_t* idx, const T* val, const T* srcT, T* dstT, int64_t r0,
-                    int64_t r1, int64_t w);
+  // SpMM over compressed rows r ∈ [r0, r1): dstT[r, :] = init[r] + Σ_{p ∈ [ptr[r], ptr[r+1])} val[p] · srcT[idx[p], :]
+  // (init null: 0). With CSR (ptr = row_ptr, idx = csr_col) this is (x Sᵀ + b)ᵀ; with CSC it is (dy S)ᵀ.
+  void (*spmm_rows)(const int32_t* ptr, const int32_t* idx, const T* val, const T* init, const T* srcT, T* dstT,
+                    int64_t r0, int64_t r1, int64_t w);
   // SDDMM over CSR rows r ∈ [r0, r1): out[p] += ⟨aT[r, :], bT[idx[p], :]⟩ (dyᵀx sampled on the support).
   void (*sddmm_rows)(const int32_t* ptr, const int32_t* idx, const T* aT, const T* bT, T* out, int64_t r0, int64_t r1,
                      int64_t w);
