@@ -18,8 +18,8 @@ BWD = torch.ops.lrkernels.sparse_lowrank_linear_backward.default
 COMPRESS = torch.ops.lrkernels.sparse_support_compress.default
 
 # (tokens, in, out, r, density): in ≠ out, rank 1, odd sizes, several token tiles, empty batch,
-# several backward chunks of tokens with a partial last one (r = 200: 1310 tokens per chunk in
-# float32, 655 in float64)
+# several backward chunks of tokens with a partial last one (r = 200: 655 tokens per chunk in
+# float32, 327 in float64)
 SHAPES = [
     (1500, 24, 20, 200, 0.1),
     (7, 16, 8, 4, 0.2),
