@@ -141,11 +141,10 @@ at::Tensor random_support(const char* op, const at::Tensor& support, const Spars
 }
 
 // Tokens per chunk of the backward's low-rank products: the chunk buffer (tokens × width, the
-// rank plus the columns support's channels) stays ~1 MiB, small next to the gradients, and
-// each GEMM still has >= 64 tokens (1024 at r = 256 fp32: in interleaved runs a little faster
-// than 512, which cost its GEMMs more per flop).
+// rank plus the columns support's channels) stays ~512 KiB, small next to the gradients, and
+// each GEMM still has >= 64 tokens.
 int64_t lowrank_chunk(int64_t width, int64_t elem) {
-  const int64_t want = (1024 * 1024) / std::max<int64_t>(1, width * elem);
+  const int64_t want = (512 * 1024) / std::max<int64_t>(1, width * elem);
   return std::max<int64_t>(64, want);
 }
 
