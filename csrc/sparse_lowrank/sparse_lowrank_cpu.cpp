@@ -220,7 +220,7 @@ void sparse_forward(const at::Tensor& x2, const SparseSupportView& sv, const at:
       const int64_t t0 = t * w, rows = std::min(w, T_ - t0);
       k.load_transposed(xp + t0 * in, in, rows, in, xt.data(), w);
       k.spmm_rows(sv.row_ptr, sv.csr_col, vcsr.data(), bias, xt.data(), yt.data(), 0, out, w);
-      k.put_transposed(yt.data(), w, rows, out, yp + t0 * out, out, /*add=*/false);
+      k.put_transposed(yt.data(), w, rows, out, yp + t0 * out, out);
     }
   });
 }
@@ -257,7 +257,7 @@ void sparse_backward(const at::Tensor& dy2, const at::Tensor& x2, const SparseSu
       if (gbias) k.row_sums(dyt.data(), out, w, part_bias);  // padding tokens are zero
       if (gx2) {
         k.spmm_rows(sv.col_ptr, sv.csc_row, vcsc.data(), nullptr, dyt.data(), it.data(), 0, in, w);
-        k.put_transposed(it.data(), w, rows, in, gx2 + t0 * in, in, /*add=*/false);
+        k.put_transposed(it.data(), w, rows, in, gx2 + t0 * in, in);
       }
       if (gv) {
         k.load_transposed(xp + t0 * in, in, rows, in, it.data(), w);

@@ -82,7 +82,7 @@ void load_transposed(const T* src, int64_t ld, int64_t rows, int64_t cols, T* ds
 }
 
 template <typename T>
-void put_transposed(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst, int64_t ld, bool add) {
+void put_transposed(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst, int64_t ld) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const int64_t cf = cols / L * L, rf = rows / L * L;
@@ -91,16 +91,13 @@ void put_transposed(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst
     for (int64_t c0 = 0; c0 < cf; c0 += L) {
       for (int64_t i = 0; i < L; ++i) v[i] = V::loadu(srcT + (c0 + i) * w + j0);
       transpose_block<T>(v);
-      for (int64_t k = 0; k < L; ++k) {
-        T* d = dst + (j0 + k) * ld + c0;
-        (add ? V::loadu(d) + v[k] : v[k]).store(d);
-      }
+      for (int64_t k = 0; k < L; ++k) v[k].store(dst + (j0 + k) * ld + c0);
     }
     for (int64_t j = j0; j < j0 + L; ++j)
-      for (int64_t c = cf; c < cols; ++c) dst[j * ld + c] = (add ? dst[j * ld + c] : T(0)) + srcT[c * w + j];
+      for (int64_t c = cf; c < cols; ++c) dst[j * ld + c] = srcT[c * w + j];
   }
   for (int64_t j = rf; j < rows; ++j)
-    for (int64_t c = 0; c < cols; ++c) dst[j * ld + c] = (add ? dst[j * ld + c] : T(0)) + srcT[c * w + j];
+    for (int64_t c = 0; c < cols; ++c) dst[j * ld + c] = srcT[c * w + j];
 }
 
 template <typename T>

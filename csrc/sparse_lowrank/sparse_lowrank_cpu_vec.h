@@ -22,9 +22,9 @@ struct SparseLowRankVecFns {
                      int64_t w);
   // dstT[c, j] = src[j·ld + c] for j < rows, 0 for rows ≤ j < w; c < cols.
   void (*load_transposed)(const T* src, int64_t ld, int64_t rows, int64_t cols, T* dstT, int64_t w);
-  // dst[j·ld + c] (+)= srcT[c, j] for j < rows, c < cols: added with add, stored without (so the
-  // first writer of an output needs no zero fill before it).
-  void (*put_transposed)(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst, int64_t ld, bool add);
+  // dst[j·ld + c] = srcT[c, j] for j < rows, c < cols: stored, so the tile is its output's first
+  // writer (no zero fill before it; what comes after adds onto it).
+  void (*put_transposed)(const T* srcT, int64_t w, int64_t rows, int64_t cols, T* dst, int64_t ld);
   // out[f] += Σ_j srcT[f, j] for f < features (a transposed tile's token sums: the bias gradient
   // from dy's tile while it is in cache).
   void (*row_sums)(const T* srcT, int64_t features, int64_t w, T* out);
