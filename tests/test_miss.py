@@ -45,13 +45,14 @@ BAT_SHAPES = [
 # several W' chunks in both directions (the CPU chunks are 2 MiB: 256 rows of 2048 float32)
 MANY_CHUNKS = (33, 2048, 640, 64)
 
-MODES = ["auto", "blocked"]
+MODES = ["aten", "blocked"]
 
 
 @pytest.fixture(params=MODES)
 def cpu_path(request):
-    """balance/mini's two CPU paths: the composition x Wᵀ + b + S M (auto, the one dropout
-    always takes) and GEMMs over W' chunks built by the vectorised builders (blocked)."""
+    """balance/mini's two CPU paths: the composition x Wᵀ + b + S M (aten, and the one dropout
+    always takes) and GEMMs over W' chunks built by the vectorised builders (blocked); auto picks
+    one of the two by size."""
     with lrkernels.use_cpu_kernels(request.param):
         yield request.param
 

@@ -27,7 +27,7 @@ struct CudaMiss {
   static constexpr int64_t kChunkBytes = int64_t{64} << 20;
   // balance/mini as y = x Wᵀ + b + S M (the chunk sum is the only pass of its own; the adapter
   // GEMM is rank-r thin). bat always runs over W' chunks.
-  static bool chunked_balance() { return false; }
+  static bool chunked_balance(const MissShapes& /*sh*/) { return false; }
 
   static at::Tensor chunk_sum(const at::Tensor& x2, int64_t r, const DropoutParams& d) {
     at::Tensor s = at::empty({x2.size(0), r}, x2.options().dtype(at::kFloat));

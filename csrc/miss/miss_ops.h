@@ -2,7 +2,7 @@
 // backend kernels, shared by miss_cpu.cpp and miss_cuda.cu so both compute the same thing the
 // same way. A backend B provides (all in the accumulation dtype unless said otherwise):
 //   B::kChunkBytes                         bytes of one W' chunk buffer
-//   B::chunked_balance()                   whether balance/mini take the chunked W' path
+//   B::chunked_balance(sh)                 whether balance/mini (without dropout) take the chunked W' path
 //   B::chunk_sum(x2, r, d)                 S (T, r) = Σ_chunks drop(x)
 //   B::tiled_input_grad(g, in, d, dt)      (T, in) in dt: drop'[t, c] · g[t, c mod r]
 //   B::balance_table(macc)                 M as build_balance reads it
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> linear(const at::Tensor& x, const at::Tensor&
   const at::Tensor macc = miss_block.to(acc).contiguous();
   const at::Tensor* b = opt_ptr(bias);
   at::Tensor y;
-  if (d.threshold == 0 && B::chunked_balance()) {
+  if (d.threshold == 0 && B::chunked_balance(sh)) {
     const at::Tensor table = B::balance_table(macc);
     y = chunked_forward(B::kChunkBytes, x2, weight, b, 8, [&](int64_t o0, int64_t rows, at::Tensor& buf) {
       B::build_balance(weight, table, sh.r, sh.cols, o0, rows, 0, sh.in_features, buf);
@@ -130,7 +130,7 @@ Grads4 linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at
   if (want_w) gw = at::mm(dy2.t(), x.reshape({sh.tokens, sh.in_features}));
   if (want_bias) gbias = dy2.sum(0);
   if (!(want_x || want_m)) return {gx, gw, gbias, gm};
-  const bool chunked = d.threshold == 0 && B::chunked_balance();
+  const bool chunked = d.threshold == 0 && B::chunked_balance(sh);
   const at::Tensor macc = miss_block.to(acc).contiguous();
   const at::Tensor dya = want_m || !chunked ? dy2.to(acc) : at::Tensor();
   if (want_m) {
