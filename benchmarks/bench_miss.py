@@ -73,6 +73,17 @@ def _candidates(T, din, dout, r, variant, dtype, device, backward):
             "base_linear": step(lambda: F.linear(x, w, bias), [x]),
             "lrkernels": step(lambda: lrkernels.miss_linear(x, w, bias, m, variant=kv), [x, m]),
         }
+        if variant == "bat" and backward:
+            # the floor of any bat training step with W frozen: its three GEMMs alone, bare
+            # (y = x W'ᵀ, dx = dy W', G = dyᵀx; here with W for W'), nothing built or contracted
+            xd = x.detach()
+
+            def three_gemms():
+                y = torch.addmm(bias, xd, w.t())
+                torch.mm(gy, w)
+                torch.mm(gy.t(), xd)
+                return y
+            c["three_gemms"] = three_gemms
         try:
             model = _peft_model(din, dout, r, variant, w, bias, m.detach(), device, dtype)
             model.train(backward)
@@ -82,6 +93,11 @@ def _candidates(T, din, dout, r, variant, dtype, device, backward):
         return c
 
     return build
+
+
+def _floor(variant):
+    """bat's fwd+bwd cases also compare with their three bare GEMMs (the floor)."""
+    return ["three_gemms"] if variant == "bat" else []
 
 
 def _flops(T, din, dout, r, variant, backward):
@@ -110,11 +126,14 @@ def cases(device: str, quick: bool):
         targets = {"balance": {"base_linear": 1.10, "peft_miss": 1.0}, "mini": {"base_linear": 1.10, "peft_miss": 1.0},
                    "bat": {"peft_miss": 0.8}}
         for variant in ("balance", "mini", "bat"):
-            out.append(Case(f"{label} {variant} fp32 fwd+bwd", _candidates(T, din, dout, r, variant, dtype, device, True),
-                            "lrkernels", ["base_linear", "peft_miss"], _flops(T, din, dout, r, variant, True),
+            out.append(Case(f"{label} {variant} fp32 fwd+bwd",
+                            _candidates(T, din, dout, r, variant, dtype, device, True), "lrkernels",
+                            ["base_linear", "peft_miss"] + _floor(variant), _flops(T, din, dout, r, variant, True),
                             _bytes(T, din, dout, dtype, True), {} if quick else targets[variant],
                             note="whole layer, base weight frozen: grads for x and the block"
-                                 + (f" (mini_r = {MINI_R})" if variant == "mini" else ""),
+                                 + (f" (mini_r = {MINI_R})" if variant == "mini" else "")
+                                 + ("; three_gemms = the step's three bare GEMMs (x Wᵀ, dy W, dyᵀx), the floor"
+                                    if variant == "bat" else ""),
                             family="miss", params={"tokens": T, "in": din, "out": dout, "r": r,
                                                    "variant": variant, "pass": "fwd+bwd"}))
             out[-1].sweep = "tokens"
@@ -123,7 +142,7 @@ def cases(device: str, quick: bool):
             for variant in ("balance", "bat"):
                 c = Case(f"tokens curve {Tc}x{din}->{dout} r{r} {variant} fp32 fwd+bwd",
                          _candidates(Tc, din, dout, r, variant, dtype, device, True), "lrkernels",
-                         ["base_linear", "peft_miss"], _flops(Tc, din, dout, r, variant, True),
+                         ["base_linear", "peft_miss"] + _floor(variant), _flops(Tc, din, dout, r, variant, True),
                          _bytes(Tc, din, dout, dtype, True), family="miss", headline=False,
                          params={"tokens": Tc, "in": din, "out": dout, "r": r, "variant": variant,
                                  "pass": "fwd+bwd"})
@@ -144,7 +163,7 @@ def cases(device: str, quick: bool):
         for variant in ("balance", "mini", "bat"):
             out.append(Case(f"llama7b {T}x{din}->{dout} r{r} {variant} bf16 fwd+bwd",
                             _candidates(T, din, dout, r, variant, dtype, device, True), "lrkernels",
-                            ["base_linear", "peft_miss"], _flops(T, din, dout, r, variant, True),
+                            ["base_linear", "peft_miss"] + _floor(variant), _flops(T, din, dout, r, variant, True),
                             _bytes(T, din, dout, dtype, True), targets[variant] if T == 8192 else {},
                             note="whole layer, base weight frozen: grads for x and the block", family="miss",
                             params={"tokens": T, "in": din, "out": dout, "r": r}))
