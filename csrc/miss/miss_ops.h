@@ -13,8 +13,8 @@
 // The op entry points (*_op below) validate the same way on every backend and run the
 // compositions; a backend's kernel is one call to them (inside its device guard).
 // W' = W + ΔW is never built whole: the forward GEMM and the input-gradient GEMM run over
-// chunks of it (a few output rows, or a few input columns) built just before the GEMM reads
-// them; bat's weight gradient G = dyᵀx is formed one chunk of output blocks at a time and
+// chunks of it (a few output rows, or for dx in a narrow dtype a few input columns) built just
+// before the GEMM reads them; bat's weight gradient G = dyᵀx is formed one chunk of output blocks at a time and
 // contracted into dM there (never held whole unless W's own gradient is asked for).
 #pragma once
 
@@ -74,20 +74,38 @@ at::Tensor chunked_forward(int64_t budget, const at::Tensor& x2, const at::Tenso
   return y;
 }
 
-// dx = dy W' over chunks of input columns (a multiple of `unit`); build(c0, cols, buf) writes
-// W'[:, c0 : c0 + cols] into buf (out × cols, x's dtype).
+// dx = dy W' over chunks of W'; build(o0, rows, c0, cols, buf) writes W'[o0 : o0 + rows,
+// c0 : c0 + cols] into buf (rows × cols, dy's dtype), both ranges multiples of `unit`. In the
+// accumulation dtype (float32 / float64) the chunks are whole rows of W': the reduction over the
+// output features is split and each chunk's GEMM adds onto dx, so every GEMM has dx's full width
+// (measured 2–3 % faster than column chunks on 4096 × 1024 → 1024, as fast as one GEMM over
+// the whole of W'). In a narrower dtype dx would be rounded between chunks, so there the chunks
+// are columns of W' and each column of dx is written once.
 template <typename Build>
 at::Tensor chunked_input_grad(int64_t budget, const at::Tensor& dy2, int64_t in, int64_t unit, Build&& build) {
   const int64_t tokens = dy2.size(0), out = dy2.size(1);
   at::Tensor dx = at::empty({tokens, in}, dy2.options());
   if (in == 0) return dx;
   if (tokens == 0 || out == 0) return dx.zero_();
+  const auto dt = dy2.scalar_type();
+  if (dt == at::kFloat || dt == at::kDouble) {
+    const int64_t rows = chunk_rows(budget, in, unit, dy2.element_size(), out);
+    at::Tensor buf = at::empty({rows, in}, dy2.options());
+    for (int64_t o0 = 0; o0 < out; o0 += rows) {
+      const int64_t n = std::min(rows, out - o0);
+      at::Tensor chunk = buf.narrow(0, 0, n);
+      build(o0, n, int64_t{0}, in, chunk);
+      if (o0 == 0) at::mm_out(dx, dy2.narrow(1, 0, n), chunk);
+      else dx.addmm_(dy2.narrow(1, o0, n), chunk);
+    }
+    return dx;
+  }
   const int64_t cols = chunk_rows(budget, out, unit, dy2.element_size(), in);
   at::Tensor buf = at::empty({out * cols}, dy2.options());
   for (int64_t c0 = 0; c0 < in; c0 += cols) {
     const int64_t n = std::min(cols, in - c0);
     at::Tensor chunk = buf.narrow(0, 0, out * n).view({out, n});
-    build(c0, n, chunk);
+    build(int64_t{0}, out, c0, n, chunk);
     at::Tensor dxv = dx.narrow(1, c0, n);
     at::mm_out(dxv, dy2, chunk);
   }
@@ -143,9 +161,10 @@ Grads4 linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at
     at::Tensor dx;
     if (chunked) {
       const at::Tensor table = B::balance_table(macc);
-      dx = chunked_input_grad(B::kChunkBytes, dy2, sh.in_features, 8, [&](int64_t c0, int64_t n, at::Tensor& buf) {
-        B::build_balance(weight, table, sh.r, sh.cols, 0, sh.out_features, c0, n, buf);
-      });
+      dx = chunked_input_grad(B::kChunkBytes, dy2, sh.in_features, 8,
+                              [&](int64_t o0, int64_t rows, int64_t c0, int64_t n, at::Tensor& buf) {
+                                B::build_balance(weight, table, sh.r, sh.cols, o0, rows, c0, n, buf);
+                              });
     } else {
       // dx = drop'(tile(dy Mᵀ)) + dy W: the adapter part first, the base GEMM onto it.
       const at::Tensor g = at::mm(dya, full_block(macc, sh.out_features).t()).contiguous();
@@ -180,9 +199,11 @@ Grads4 bat_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, cons
   std::optional<at::Tensor> gx, gw, gbias, gm;
   if (want_bias) gbias = dy2.sum(0);
   if (want_x) {
-    gx = chunked_input_grad(B::kChunkBytes, dy2, sh.in_features, r, [&](int64_t c0, int64_t n, at::Tensor& buf) {
-           B::build_bat(weight, macc, r, 0, sh.out_features, c0 / r, n / r, buf);
-         }).view(x.sizes());
+    gx = chunked_input_grad(B::kChunkBytes, dy2, sh.in_features, r,
+                            [&](int64_t o0, int64_t rows, int64_t c0, int64_t n, at::Tensor& buf) {
+                              B::build_bat(weight, macc, r, o0, rows, c0 / r, n / r, buf);
+                            })
+             .view(x.sizes());
   }
   if (want_w || want_m) {
     // G = dyᵀx one chunk of output blocks at a time: dM_p = Σ_q (W_pq + I)ᵀ G_pq and
