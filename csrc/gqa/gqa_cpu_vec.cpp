@@ -89,6 +89,10 @@ struct RowPrefetch {
     if (base && j < rows && off < row_bytes && off % 64 == 0) __builtin_prefetch(base + j * ld + off, 0, 2);
   }
   inline const char* row(int64_t j) const { return base && j < rows ? base + j * ld : nullptr; }
+  inline void whole_row(int64_t j) const {  // every line of row j at once
+    if (base && j < rows)
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(base + j * ld + off, 0, 2);
+  }
 };
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -169,13 +173,14 @@ void dots(const T* A, int64_t nA, int64_t lda, const T* B, int64_t nB, int64_t l
     for (; j + 2 <= nB; j += 2) {
       const T* b = B + j * ldb;
       const T* c = b + ldb;
+      // the two rows' lines asked for before the products (no per-vector test in the loop)
+      pf.whole_row(j);
+      pf.whole_row(j + 1);
       V s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0)), t0(T(0)), t1(T(0)), t2(T(0)), t3(T(0));
       for (int64_t d = 0; d < D; d += L) {
         const int64_t n = std::min<int64_t>(L, D - d);
         const V bv = ld(b + d, n), cv = ld(c + d, n);
         const V x0 = ld(a0 + d, n), x1 = ld(a1 + d, n), x2 = ld(a2 + d, n), x3 = ld(a3 + d, n);
-        pf.line(j, d);
-        pf.line(j + 1, d);
         s0 = at::vec::fmadd(x0, bv, s0);
         t0 = at::vec::fmadd(x0, cv, t0);
         s1 = at::vec::fmadd(x1, bv, s1);
@@ -185,6 +190,22 @@ void dots(const T* A, int64_t nA, int64_t lda, const T* B, int64_t nB, int64_t l
         s3 = at::vec::fmadd(x3, bv, s3);
         t3 = at::vec::fmadd(x3, cv, t3);
       }
+#if defined(CPU_CAPABILITY_AVX2)
+      if constexpr (std::is_same_v<T, float>) {
+        // the eight sums in one tree of horizontal adds: lanes (s0, t0, s1, t1 | s2, t2, s3, t3)
+        const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(s0, t0), _mm256_hadd_ps(s1, t1));
+        const __m256 g2 = _mm256_hadd_ps(_mm256_hadd_ps(s2, t2), _mm256_hadd_ps(s3, t3));
+        const __m256 sums = _mm256_mul_ps(_mm256_set1_ps(alpha), _mm256_add_ps(_mm256_permute2f128_ps(g1, g2, 0x20),
+                                                                               _mm256_permute2f128_ps(g1, g2, 0x31)));
+        alignas(32) float out[8];
+        _mm256_store_ps(out, sums);
+        for (int r = 0; r < 4; ++r) {
+          C[r * ldc + j] = out[2 * r];
+          C[r * ldc + j + 1] = out[2 * r + 1];
+        }
+        continue;
+      }
+#endif
       C[j] = alpha * hsum(s0);
       C[j + 1] = alpha * hsum(t0);
       C[ldc + j] = alpha * hsum(s1);
