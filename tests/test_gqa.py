@@ -108,6 +108,11 @@ def test_every_isa_matches_oracle(D, cpu_capability):
     for dtype in cpu_dtypes():
         q, k, v = make_qkv(1, 8, 2, 5, 100, D, dtype)
         check_forward(q, k, v, causal=True, name=f"{cpu_capability} {dtype} D={D}")
+        # decode: one query row per head, the group's four rows against each key (odd key
+        # counts leave a last key of their own; 1000 keys take the split-KV merge)
+        for Sk in (101, 1000):
+            q, k, v = make_qkv(1, 8, 2, 1, Sk, D, dtype)
+            check_forward(q, k, v, name=f"{cpu_capability} {dtype} D={D} decode Sk={Sk}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
